@@ -28,8 +28,15 @@ from transformers import (
 )
 
 VOCAB = 259  # 3 special tokens + 256 byte tokens (see tiny_tokenizer)
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-              intermediate_size=48, max_position_embeddings=128, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 
 def _cfgs():
@@ -37,17 +44,45 @@ def _cfgs():
         "llama": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2)),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_key_value_heads=2, head_dim=8)),
-        "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=1, sliding_window=5)),
-        "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(
-            num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0,
-            final_logit_softcapping=30.0, query_pre_attn_scalar=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
-        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
-            num_key_value_heads=1, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
-        "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=48)),
-        "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, dict(
-            rotary_pct=0.5, use_parallel_residual=True, attention_bias=True)),
+        "mistral": (
+            MistralConfig,
+            MistralForCausalLM,
+            dict(num_key_value_heads=1, sliding_window=5),
+        ),
+        "gemma2": (
+            Gemma2Config,
+            Gemma2ForCausalLM,
+            dict(
+                num_key_value_heads=2,
+                head_dim=8,
+                sliding_window=4,
+                attn_logit_softcapping=5.0,
+                final_logit_softcapping=30.0,
+                query_pre_attn_scalar=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            ),
+        ),
+        "gemma3": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            dict(
+                num_key_value_heads=1,
+                head_dim=8,
+                sliding_window=4,
+                query_pre_attn_scalar=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            ),
+        ),
+        "gpt2": (
+            GPT2Config,
+            GPT2LMHeadModel,
+            dict(n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=48),
+        ),
+        "gpt_neox": (
+            GPTNeoXConfig,
+            GPTNeoXForCausalLM,
+            dict(rotary_pct=0.5, use_parallel_residual=True, attention_bias=True),
+        ),
     }
 
 

@@ -84,7 +84,10 @@ def test_mechanisms_are_exercised():
     assert any(s.attn_softcap for s in specs.values())
     assert any(w is not None for s in specs.values() for w in s.sliding_window)
     assert specs["gpt2"].positional == "learned" and specs["gpt2"].norm.kind == "layer"
-    assert specs["gpt_neox"].parallel_residual and specs["gpt_neox"].rotary_dim < specs["gpt_neox"].d_head
+    assert (
+        specs["gpt_neox"].parallel_residual
+        and specs["gpt_neox"].rotary_dim < specs["gpt_neox"].d_head
+    )
 
 
 def test_sliding_window_eager_attention_masks_far_keys():

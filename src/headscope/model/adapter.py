@@ -85,7 +85,9 @@ class ModelAdapter:
         """Load ``default``, ``gemma-3-270m``, a local HF directory, a ``.gguf`` or a hub name."""
         resolved: ResolvedModel = resolve(name)
         model, tok = load_hf(resolved, dtype=dtype, device=device)
-        return cls(model, tok, name=resolved.name, source=resolved.source, bos_token=resolved.bos_token)
+        return cls(
+            model, tok, name=resolved.name, source=resolved.source, bos_token=resolved.bos_token
+        )
 
     # ----- sizes and names -------------------------------------------------------------------
     @property
@@ -97,7 +99,9 @@ class ModelAdapter:
         return next(self.model.parameters()).dtype
 
     def head_names(self) -> list[str]:
-        return [head_name(lay, h) for lay in range(self.spec.n_layers) for h in range(self.spec.n_heads)]
+        return [
+            head_name(lay, h) for lay in range(self.spec.n_layers) for h in range(self.spec.n_heads)
+        ]
 
     def info(self) -> dict:
         """Architecture summary (what ``headscope info`` prints)."""
@@ -148,7 +152,9 @@ class ModelAdapter:
     @functools.cache  # noqa: B019
     def post_norm(self, layer: int, which: str) -> NormWeights | None:
         """Gemma's post-attention (``"attn"``) or post-MLP (``"mlp"``) norm, else None."""
-        path = self.spec.layout.post_attn_norm if which == "attn" else self.spec.layout.post_mlp_norm
+        path = (
+            self.spec.layout.post_attn_norm if which == "attn" else self.spec.layout.post_mlp_norm
+        )
         if path is None:
             return None
         return self._norm_weights(getattr(self._layers[layer], path))
@@ -191,10 +197,18 @@ class ModelAdapter:
         def head_major(wb, n):  # [d, n*D] -> [n, d, D]; bias -> [n, D]
             w_, b_ = wb
             w_ = w_.detach().reshape(d, n, D).permute(1, 0, 2).contiguous()
-            b_ = torch.zeros(n, D, dtype=w_.dtype, device=w_.device) if b_ is None else b_.detach().reshape(n, D)
+            b_ = (
+                torch.zeros(n, D, dtype=w_.dtype, device=w_.device)
+                if b_ is None
+                else b_.detach().reshape(n, D)
+            )
             return w_, b_
 
-        (wq, bq), (wk, bk), (wv, bv) = head_major(parts[0], H), head_major(parts[1], KV), head_major(parts[2], KV)
+        (wq, bq), (wk, bk), (wv, bv) = (
+            head_major(parts[0], H),
+            head_major(parts[1], KV),
+            head_major(parts[2], KV),
+        )
         wo, bo = _linear_weight(getattr(attn, lay.out))  # [H*D, d]
         wo = wo.detach().reshape(H, D, d).contiguous()
         bo = torch.zeros(d, dtype=wo.dtype, device=wo.device) if bo is None else bo.detach()
@@ -286,7 +300,11 @@ class ModelAdapter:
         emb = get_module(self.model, lay.embed)
         hooks.append(emb.register_forward_hook(keep(None, None, "embed")))
         if lay.pos_embed is not None:
-            hooks.append(get_module(self.model, lay.pos_embed).register_forward_hook(keep(None, None, "pos_embed")))
+            hooks.append(
+                get_module(self.model, lay.pos_embed).register_forward_hook(
+                    keep(None, None, "pos_embed")
+                )
+            )
         for i in range(s.n_layers):
             block = self._layers[i]
 
@@ -303,14 +321,22 @@ class ModelAdapter:
             hooks.append(attn.register_forward_pre_hook(rope_pre, with_kwargs=True))
             hooks.append(getattr(attn, lay.out).register_forward_hook(keep(out.attn_out, i)))
             if lay.post_attn_norm:
-                hooks.append(getattr(block, lay.post_attn_norm).register_forward_hook(keep(out.attn_contrib, i)))
+                hooks.append(
+                    getattr(block, lay.post_attn_norm).register_forward_hook(
+                        keep(out.attn_contrib, i)
+                    )
+                )
             mlp_src = lay.post_mlp_norm or lay.mlp
             hooks.append(getattr(block, mlp_src).register_forward_hook(keep(out.mlp_contrib, i)))
 
         def final_pre(_mod, args, kwargs):
             out.resid_final = args[0] if args else kwargs["hidden_states"]
 
-        hooks.append(get_module(self.model, lay.final_norm).register_forward_pre_hook(final_pre, with_kwargs=True))
+        hooks.append(
+            get_module(self.model, lay.final_norm).register_forward_pre_hook(
+                final_pre, with_kwargs=True
+            )
+        )
         return hooks
 
     # ----- derived per-head quantities ---------------------------------------------------------

@@ -29,7 +29,9 @@ class LayerTensors:
     k: torch.Tensor  # [B, KV, T, D] post-RoPE keys, one per key/value head
     v: torch.Tensor  # [B, KV, T, D] values
     z: torch.Tensor  # [B, T, H, D] per-head attention output before W_O
-    scores: torch.Tensor | None = None  # [B, H, T, T] pre-softmax (scaled, softcapped; masked = -inf)
+    scores: torch.Tensor | None = (
+        None  # [B, H, T, T] pre-softmax (scaled, softcapped; masked = -inf)
+    )
     pattern: torch.Tensor | None = None  # [B, H, T, T] attention weights, query-major
 
 

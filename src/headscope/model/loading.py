@@ -149,8 +149,11 @@ def _save_dequantized(model, out: Path) -> None:
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def resolve(name: str) -> ResolvedModel:
@@ -164,10 +167,14 @@ def resolve(name: str) -> ResolvedModel:
         return ResolvedModel(path.stem, dequantized_dir(path), f"gguf:{path}", None)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(
+                f"{path} is not a Hugging Face model directory (no config.json)"
+            )
         return ResolvedModel(path.name, path, f"dir:{path.resolve()}", None)
     if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path {name!r} is neither a model directory nor a .gguf file")
+        raise FileNotFoundError(
+            f"model path {name!r} is neither a model directory nor a .gguf file"
+        )
     return ResolvedModel(name, Path(name), f"hub:{name}", None)
 
 
@@ -188,6 +195,9 @@ def _load_tokenizer(directory: Path):
 
 def load_hf(resolved: ResolvedModel, *, dtype: torch.dtype, device: str):
     """Load the transformers model and tokenizer of a resolved model, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     target = str(resolved.directory)
     tok = _load_tokenizer(resolved.directory)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)

@@ -1,0 +1,248 @@
+"""Exact QK and OV attributions of one attention edge, in a basis of residual components.
+
+The residual at the query and at the key is a sum of components (token embedding, positional
+embedding, each earlier head's output, each earlier MLP's output, biases; see
+:meth:`Session.components`). With every norm's scale frozen at its actual value, everything
+between the residual and the score is linear: pre-norm, W_Q / W_K (+ biases), QK-norm and RoPE
+at the actual positions. So the pre-softmax score is exactly
+
+    score = scale * sum_{i,j} q_i . k_j
+
+over query-side components i and key-side components j (projection biases and LayerNorm biases
+folded into the ``bias`` row of each side). Softcapping (Gemma 2) is applied after this sum: the
+capped score is reported beside it. OV is linear in the key-side components in the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from headscope.analysis.inputs import InputError, check_pair
+from headscope.analysis.session import Session, TextState
+from headscope.model.spec import head_name, norm_factor, parse_head
+
+_HEAD_RE = re.compile(r"L(\d+)H(\d+)")
+
+
+def _head(session: Session, head: str) -> tuple[int, int]:
+    try:
+        return parse_head(head, session.adapter.spec)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def side_vectors(
+    session: Session, st: TextState, layer: int, head: int, pos: int, side: str
+) -> tuple[list[str], torch.Tensor]:
+    """Each residual component's contribution to the head's q (``side="q"``) or k at ``pos``.
+
+    Returns labels and ``[C, D]`` rows (post-QK-norm, post-RoPE); rows sum to the captured
+    q or k vector exactly up to float error."""
+    ad, s = session.adapter, session.adapter.spec
+    labels, X = session.components(st, layer, pos)  # [C, d]
+    x = session.resid(st, layer, pos)
+    ln = ad.ln_attn(layer)
+    Xn = ad.apply_norm_frozen(X, norm_factor(x, s.norm), ln)
+    w = ad.weights(layer)
+    if side == "q":
+        W, b = w.W_Q[head], w.b_Q[head]
+    else:
+        kv = int(w.kv_of_head[head])
+        W, b = w.W_K[kv], w.b_K[kv]
+    vec = Xn @ W  # [C, D]
+    const = b + (ln.bias @ W if ln.bias is not None else 0.0)
+    vec[labels.index("bias")] += const
+    qk = ad.qk_norm(layer)
+    if qk is not None:
+        vec = vec * norm_factor(vec.sum(0), s.norm) * qk[0 if side == "q" else 1]
+    if layer in st.cap.rope:
+        cos, sin = st.cap.rope[layer]
+        vec = ad.apply_rope(vec, cos[0, pos], sin[0, pos], s.rotary_dim)
+    return labels, vec
+
+
+def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:
+    order = torch.argsort(values.abs(), descending=True).tolist()
+    return [{"component": labels[i], "value": float(values[i])} for i in order]
+
+
+def qk_attribution(
+    session: Session, text: str, head: str, query: int, key: int, *, top: int = 200
+) -> dict:
+    """The head's pre-softmax score on (query, key) as (query component x key component) terms.
+
+    ``score`` is the model's own number (q . k * scale from the forward pass), ``total`` the sum
+    of every term (all ``n_terms`` of them; ``terms`` lists the ``top`` largest by |value|)."""
+    layer, h = _head(session, head)
+    st = session.state(text)
+    query, key = check_pair(st.n_tokens, query, key)
+    s = session.adapter.spec
+    q_labels, Q = side_vectors(session, st, layer, h, query, "q")
+    k_labels, K = side_vectors(session, st, layer, h, key, "k")
+    terms = s.attn_scale * (Q @ K.T)  # [Cq, Ck]
+    t = st.cap.layers[layer]
+    kv = int(session.adapter.weights(layer).kv_of_head[h])
+    score = float(s.attn_scale * (t.q[0, h, query] @ t.k[0, kv, key]))
+    scores, pattern = session.pattern_rows(st, layer, query)
+    flat = terms.flatten()
+    n_top = min(top, flat.numel())
+    idx = torch.topk(flat.abs(), n_top).indices
+    n_k = terms.shape[1]
+    return {
+        "head": head_name(layer, h),
+        "query": query,
+        "key": key,
+        "tokens": st.tokens,
+        "score": score,
+        "total": float(terms.sum(dtype=torch.float64)),
+        "capped_score": (
+            float(s.attn_softcap * torch.tanh(torch.tensor(score / s.attn_softcap)))
+            if s.attn_softcap is not None
+            else None
+        ),
+        "attention": float(pattern[h, key]),
+        # A key outside the layer's sliding window gets no attention whatever its score.
+        "masked": bool(torch.isinf(scores[h, key])),
+        "n_terms": flat.numel(),
+        "terms": [
+            {"query": q_labels[i // n_k], "key": k_labels[i % n_k], "value": float(flat[i])}
+            for i in idx.tolist()
+        ],
+        "query_marginals": _sorted(q_labels, terms.sum(1)),
+        "key_marginals": _sorted(k_labels, terms.sum(0)),
+    }
+
+
+def logit_readout(session: Session, st: TextState, pos: int, vec: torch.Tensor) -> torch.Tensor:
+    """Direct effect of residual vectors ``vec [..., d]`` added at ``pos`` on the logits
+    ``[..., V]``: through the final norm (scale frozen at its actual value) and unembedding."""
+    ad = session.adapter
+    x = session.resid(st, ad.spec.n_layers, pos)
+    normed = ad.apply_norm_frozen(vec, norm_factor(x, ad.spec.norm), ad.ln_final())
+    return normed @ ad.unembed()[0]
+
+
+def ov_attribution(
+    session: Session,
+    text: str,
+    head: str,
+    query: int,
+    key: int,
+    *,
+    top: int = 30,
+    n_tokens: int = 10,
+) -> dict:
+    """What the head moves from ``key`` to ``query``: attention x value path, by key component.
+
+    Each component's output vector o_j sums to the head's actual output through this edge
+    (``total_norm`` is the norm of that sum; ``value`` is each o_j projected on the total's
+    direction, so values sum to ``total_norm``). ``promoted``/``suppressed`` read the total
+    through the final norm and unembedding (logit lens)."""
+    layer, h = _head(session, head)
+    st = session.state(text)
+    query, key = check_pair(st.n_tokens, query, key)
+    ad, s = session.adapter, session.adapter.spec
+    w = ad.weights(layer)
+    kv = int(w.kv_of_head[h])
+    labels, X = session.components(st, layer, key)
+    ln = ad.ln_attn(layer)
+    Xn = ad.apply_norm_frozen(X, norm_factor(session.resid(st, layer, key), s.norm), ln)
+    vals = Xn @ w.W_V[kv]  # [C, D]
+    vals[labels.index("bias")] += w.b_V[kv] + (ln.bias @ w.W_V[kv] if ln.bias is not None else 0.0)
+    _, pattern = session.pattern_rows(st, layer, query)
+    a = pattern[h, key]
+    out = a * (vals @ w.W_O[h])  # [C, d]
+    model_out = a * (st.cap.layers[layer].v[0, kv, key] @ w.W_O[h])  # [d]
+    factor = ad.post_attn_factor(st.cap.attn_out[layer][0, query], layer)
+    if factor is not None:
+        out, model_out = out * factor, model_out * factor
+    total = out.sum(0)
+    norm = total.norm()
+    proj = out @ (total / norm) if norm > 0 else torch.zeros(len(labels))
+    logits = logit_readout(session, st, query, total)
+    order = torch.argsort(proj.abs(), descending=True)[:top].tolist()
+    comp_logits = logit_readout(session, st, query, out[order])  # [top, V]
+    toks = ad.tokens
+
+    def tok_list(values: torch.Tensor, k: int, sign: float) -> list[dict]:
+        idx = torch.topk(values * sign, k).indices.tolist()
+        return [{"token": toks.display(i), "id": i, "logit": float(values[i])} for i in idx]
+
+    return {
+        "head": head_name(layer, h),
+        "query": query,
+        "key": key,
+        "tokens": st.tokens,
+        "attention": float(a),
+        "total_norm": float(norm),
+        "model_norm": float(model_out.norm()),
+        "max_abs_diff": float((total - model_out).abs().max()),
+        "terms": [
+            {
+                "component": labels[i],
+                "value": float(proj[i]),
+                "value_norm": float(out[i].norm()),
+                "logit_top": [t["token"] for t in tok_list(comp_logits[j], 5, 1.0)],
+            }
+            for j, i in enumerate(order)
+        ],
+        "promoted": tok_list(logits, n_tokens, 1.0),
+        "suppressed": tok_list(logits, n_tokens, -1.0),
+    }
+
+
+def rank_heads(session: Session, text: str, query: int, key: int) -> dict:
+    """Every head's attention weight and pre-softmax score on (query, key), by attention."""
+    st = session.state(text)
+    query, key = check_pair(st.n_tokens, query, key)
+    rows = []
+    for layer in range(session.adapter.spec.n_layers):
+        scores, pattern = session.pattern_rows(st, layer, query)  # [H, query+1]
+        for h, (a, sc) in enumerate(
+            zip(pattern[:, key].tolist(), scores[:, key].tolist(), strict=True)
+        ):
+            rows.append({"head": head_name(layer, h), "attention": a, "score": sc})
+    rows.sort(key=lambda r: -r["attention"])
+    return {"tokens": st.tokens, "query": query, "key": key, "heads": rows}
+
+
+def composition(
+    session: Session, text: str, head: str, query: int, key: int, *, top: int = 10
+) -> dict:
+    """Which earlier heads' outputs drive this edge's score: at the key (K-composition) and at
+    the query (Q-composition), each with where that earlier head attended from that position."""
+    qk = qk_attribution(session, text, head, query, key, top=1)
+    st = session.state(text)
+
+    def side(marginals: list[dict], pos: int) -> list[dict]:
+        out = []
+        for m in marginals:
+            match = _HEAD_RE.fullmatch(m["component"])
+            if not match:
+                continue
+            lay, h = int(match.group(1)), int(match.group(2))
+            _, pattern = session.pattern_rows(st, lay, pos)
+            to = int(pattern[h].argmax())
+            out.append(
+                {
+                    "head": m["component"],
+                    "value": m["value"],
+                    "attends_to": to,
+                    "attends_to_token": st.tokens[to],
+                    "weight": float(pattern[h, to]),
+                }
+            )
+            if len(out) == top:
+                break
+        return out
+
+    return {
+        "head": qk["head"],
+        "query": qk["query"],
+        "key": qk["key"],
+        "score": qk["score"],
+        "k_composition": side(qk["key_marginals"], qk["key"]),
+        "q_composition": side(qk["query_marginals"], qk["query"]),
+    }

@@ -1,0 +1,134 @@
+"""A live-analysis session: one model, and a byte-bounded LRU cache of analysed texts.
+
+A text is run once with every layer's q, k, v, z and the residual decomposition captured (no
+full patterns: they are O(T^2) per head); pattern rows are recomputed on demand from q and k,
+with exactly the arithmetic of the forward pass. Another (query, key) pair on a cached text
+costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from headscope.analysis.inputs import MAX_TOKENS, InputError, encode_text
+from headscope.model import Capture, ModelAdapter
+from headscope.model.capture import eager_attention
+from headscope.model.spec import head_name
+
+
+@dataclass
+class TextState:
+    text: str
+    ids: torch.Tensor  # [1, T]
+    tokens: list[str]  # display strings
+    cap: Capture
+    nbytes: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.shape[1]
+
+
+def _nbytes(cap: Capture) -> int:
+    total = 0
+    for value in vars(cap).values():
+        items = value.values() if isinstance(value, dict) else [value]
+        for item in items:
+            if torch.is_tensor(item):
+                total += item.numel() * item.element_size()
+            elif isinstance(item, tuple):
+                total += sum(t.numel() * t.element_size() for t in item if torch.is_tensor(t))
+            elif item is not None and hasattr(item, "q"):
+                total += sum(t.numel() * t.element_size() for t in (item.q, item.k, item.v, item.z))
+    return total
+
+
+class Session:
+    """The model plus a cache of analysed texts; thread-safe (model calls are serialised)."""
+
+    def __init__(
+        self, adapter: ModelAdapter, *, max_tokens: int = MAX_TOKENS, cache_bytes: int = 1 << 30
+    ):
+        if adapter.dtype != torch.float32:
+            raise ValueError("live analysis needs the model in float32 (exact attributions)")
+        self.adapter = adapter
+        self.max_tokens = max_tokens
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, TextState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def state(self, text: str) -> TextState:
+        """The analysed state of ``text``, from the cache or from one forward pass."""
+        with self._lock:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                return self._cache[text]
+            ids = encode_text(self.adapter, text, self.max_tokens)
+            cap = self.adapter.run(ids, patterns=False, residuals=True, logits=True)
+            st = TextState(text, ids, self.adapter.tokens.displays(ids[0]), cap, _nbytes(cap))
+            self._cache[text] = st
+            used = sum(s.nbytes for s in self._cache.values())
+            while used > self.cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                used -= old.nbytes
+            return st
+
+    # ----- attention rows ---------------------------------------------------------------------
+    def pattern_rows(
+        self, st: TextState, layer: int, q_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and pattern of every head of ``layer`` at query ``q_pos``: ``[H, q_pos+1]`` each.
+
+        Recomputed from the captured q and k with the forward pass's own arithmetic."""
+        s = self.adapter.spec
+        t = st.cap.layers[layer]
+        q = t.q[:, :, q_pos : q_pos + 1]  # [1, H, 1, D]
+        k = t.k[:, :, : q_pos + 1]  # [1, KV, q_pos+1, D]
+        v = t.v[:, :, : q_pos + 1]
+        scores, pattern, _ = eager_attention(
+            q, k, v, None, s.attn_scale, s.attn_softcap, s.sliding_window[layer]
+        )
+        return scores[0, :, 0], pattern[0, :, 0]
+
+    # ----- residual decomposition ---------------------------------------------------------------
+    def components(self, st: TextState, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
+        """The residual stream entering ``layer`` at ``pos`` as a sum of components.
+
+        Returns labels and ``X [C, d_model]`` with rows ``embed``, ``pos_embed`` (learned
+        positions only), ``L{l}H{h}`` and ``L{l}.mlp`` for every earlier layer, and ``bias``
+        (every attention output bias, through Gemma's frozen post-norm where there is one).
+        ``layer = n_layers`` decomposes the input of the final norm. Rows sum to the residual."""
+        ad, cap = self.adapter, st.cap
+        labels: list[str] = ["embed"]
+        rows: list[torch.Tensor] = [cap.embed[0, pos][None]]
+        if cap.pos_embed is not None:
+            labels.append("pos_embed")
+            rows.append(cap.pos_embed[0, pos][None])
+        bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype)
+        for lay in range(layer):
+            heads = ad.head_outputs(cap.layers[lay].z[0, pos], lay)  # [H, d]
+            b_o = ad.weights(lay).b_O
+            factor = ad.post_attn_factor(cap.attn_out[lay][0, pos], lay)  # [d] or None
+            if factor is not None:
+                heads, b_o = heads * factor, b_o * factor
+            labels += [head_name(lay, h) for h in range(ad.spec.n_heads)]
+            rows += [heads, cap.mlp_contrib[lay][0, pos][None]]
+            labels.append(f"L{lay}.mlp")
+            bias = bias + b_o
+        labels.append("bias")
+        rows.append(bias[None])
+        return labels, torch.cat(rows)
+
+    def resid(self, st: TextState, layer: int, pos: int) -> torch.Tensor:
+        """The actual residual entering ``layer`` (``n_layers``: the final norm's input) ``[d]``."""
+        if layer == self.adapter.spec.n_layers:
+            return st.cap.resid_final[0, pos]
+        return st.cap.resid_pre[layer][0, pos]
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.adapter.spec.n_layers:
+            raise InputError(f"layer {layer} out of range 0..{self.adapter.spec.n_layers - 1}")
