@@ -62,6 +62,137 @@ def _attend(args):
         print(f"{name}: last token attends to {tops}")
 
 
+def _session(args):
+    from headscope.analysis.session import Session
+
+    return Session(_adapter(args))
+
+
+# ----- live analysis ------------------------------------------------------------------------------
+@command("rank-heads")
+def _rank_heads(args):
+    from headscope.analysis.attribution import rank_heads
+
+    out = rank_heads(_session(args), args.text, args.query, args.key)
+    rows = [
+        f"{r['head']:>8}  attention {r['attention']:.4f}  score {r['score']:+.3f}"
+        for r in out["heads"][: args.top]
+    ]
+    head = f"query {out['query']} {out['tokens'][out['query']]!r} -> key {out['key']} {out['tokens'][out['key']]!r}"
+    _emit(args, out["heads"], "\n".join([head, *rows]))
+
+
+@command("attribute qk")
+def _attribute_qk(args):
+    from headscope.analysis.attribution import qk_attribution
+
+    out = qk_attribution(_session(args), args.text, args.head, args.query, args.key, top=args.top)
+    lines = [
+        f"{out['head']} query {out['query']} {out['tokens'][out['query']]!r} -> key {out['key']} {out['tokens'][out['key']]!r}",
+        f"score (model) {out['score']:+.5f}   total of {out['n_terms']} terms {out['total']:+.5f}   attention {out['attention']:.4f}",
+    ]
+    if out["capped_score"] is not None:
+        lines.append(f"softcapped score {out['capped_score']:+.5f}")
+    lines += [f"{t['value']:+9.4f}  {t['query']:>10} x {t['key']}" for t in out["terms"][:20]]
+    _emit(args, out, "\n".join(lines))
+
+
+@command("attribute ov")
+def _attribute_ov(args):
+    from headscope.analysis.attribution import ov_attribution
+
+    out = ov_attribution(_session(args), args.text, args.head, args.query, args.key, top=args.top)
+    lines = [
+        f"{out['head']} moves |o| = {out['total_norm']:.4f} (model {out['model_norm']:.4f}) from key {out['key']} to query {out['query']}",
+        "promotes: " + ", ".join(repr(t["token"]) for t in out["promoted"]),
+        "suppresses: " + ", ".join(repr(t["token"]) for t in out["suppressed"]),
+    ]
+    lines += [
+        f"{t['value']:+9.4f}  {t['component']:>10}  -> {t['logit_top']}" for t in out["terms"][:20]
+    ]
+    _emit(args, out, "\n".join(lines))
+
+
+@command("composition")
+def _composition(args):
+    from headscope.analysis.attribution import composition
+
+    out = composition(_session(args), args.text, args.head, args.query, args.key)
+    lines = []
+    for side in ("k_composition", "q_composition"):
+        lines.append(side.replace("_", "-") + ":")
+        lines += [
+            f"  {c['value']:+8.4f} {c['head']:>8} (attends to {c['attends_to']} {c['attends_to_token']!r}, {c['weight']:.2f})"
+            for c in out[side]
+        ]
+    _emit(args, out, "\n".join(lines))
+
+
+@command("sweep")
+def _sweep(args):
+    from headscope.analysis.sweep import expand_range, sweep
+
+    values = expand_range(args.range) if args.range else list(args.values or [])
+    out = sweep(_session(args), args.template, values, args.head, args.query, args.key)
+    heads = list(out["attention"])
+    lines = ["value".ljust(12) + "".join(h.rjust(10) for h in heads)]
+    for i, v in enumerate(out["values"]):
+        lines.append(v.ljust(12) + "".join(f"{out['attention'][h][i]:10.4f}" for h in heads))
+    p0 = out["positions"][0]
+    lines.append(f"(query {p0['query_token']!r} -> key {p0['key_token']!r} for the first value)")
+    _emit(args, out, "\n".join(lines))
+
+
+@command("geometry")
+def _geometry(args):
+    from headscope.analysis.geometry import qk_geometry
+
+    def read(path):
+        return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
+
+    out = qk_geometry(_session(args), read(args.queries), read(args.keys), args.head)
+    lines = [
+        f"{h}: mean diagonal {v.get('diag_mean', float('nan')):+.3f}, off-diagonal {v.get('offdiag_mean', float('nan')):+.3f}"
+        for h, v in out["heads"].items()
+    ]
+    r = out["residual"]
+    lines.append(
+        f"residual (layer {r['layer']}): mean diagonal {r.get('diag_mean', float('nan')):+.3f}, off-diagonal {r.get('offdiag_mean', float('nan')):+.3f}"
+    )
+    _emit(args, out, "\n".join(lines))
+
+
+@command("intervene")
+def _intervene(args):
+    from headscope.analysis.intervene import intervene
+
+    out = intervene(
+        _session(args),
+        args.text,
+        args.head,
+        args.component,
+        args.side,
+        args.scale,
+        args.query,
+        args.key,
+        args.freeze_patterns,
+    )
+    lines = [
+        f"{h['head']}: attention {h['attention_before']} -> {h['attention_after']}"
+        for h in out["heads"]
+    ]
+    lines.append(
+        "next token before: "
+        + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["next_token_before"][:5])
+    )
+    lines.append(
+        "next token after:  "
+        + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["next_token_after"][:5])
+    )
+    lines.append(f"KL(before || after) = {out['kl_divergence']:.5f}")
+    _emit(args, out, "\n".join(lines))
+
+
 @command("corpus build")
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
@@ -95,6 +226,61 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text", required=True)
     sp.add_argument(
         "--head", action="append", help="a head such as L3H1 (repeatable; default: all)"
+    )
+
+    def pair_args(sp, head=True):
+        model_args(sp, dtype=False)
+        sp.add_argument("--text", required=True)
+        if head:
+            sp.add_argument("--head", required=True, help="e.g. L5H3")
+        sp.add_argument(
+            "--query", type=int, required=True, help="query position (negative: from the end)"
+        )
+        sp.add_argument("--key", type=int, required=True, help="key position (<= query)")
+
+    sp = sub.add_parser("rank-heads", help="every head's attention on one (query, key) pair")
+    pair_args(sp, head=False)
+    sp.add_argument("--top", type=int, default=20, help="rows to print (JSON has all)")
+
+    attribute = sub.add_parser("attribute", help="exact QK / OV attributions").add_subparsers(
+        dest="attribute_cmd", required=True
+    )
+    for kind in ("qk", "ov"):
+        sp = attribute.add_parser(kind, help=f"{kind.upper()} attribution of one edge")
+        pair_args(sp)
+        sp.add_argument("--top", type=int, default=200 if kind == "qk" else 30)
+
+    sp = sub.add_parser("composition", help="earlier heads driving an edge (K- and Q-composition)")
+    pair_args(sp)
+
+    sp = sub.add_parser("sweep", help="attention on a pair while one template slot varies")
+    model_args(sp, dtype=False)
+    sp.add_argument("--template", required=True, help="text with one {} slot")
+    sp.add_argument("--range", help="numeric values START:STOP[:STEP], e.g. 1000:2000")
+    sp.add_argument("--values", nargs="*", help="explicit values")
+    sp.add_argument("--head", action="append", required=True)
+    sp.add_argument("--query", default="slot:-1", help="int, 'last' or slot:i (default slot:-1)")
+    sp.add_argument("--key", default="slot:0", help="int, 'last' or slot:i (default slot:0)")
+
+    sp = sub.add_parser("geometry", help="QK geometry: cosine of mean-subtracted queries vs keys")
+    model_args(sp, dtype=False)
+    sp.add_argument(
+        "--queries", required=True, help="file: one prompt per line, token marked [[x]]"
+    )
+    sp.add_argument("--keys", required=True, help="file: one prompt per line, token marked [[x]]")
+    sp.add_argument("--head", action="append")
+
+    sp = sub.add_parser("intervene", help="scale a component inside chosen heads' QK circuit")
+    model_args(sp, dtype=False)
+    sp.add_argument("--text", required=True)
+    sp.add_argument("--head", action="append", required=True)
+    sp.add_argument("--component", required=True, help="embed, pos_embed, bias, L3H1 or L3.mlp")
+    sp.add_argument("--side", choices=["query", "key"], required=True)
+    sp.add_argument("--scale", type=float, default=0.0)
+    sp.add_argument("--query", type=int, default=-1)
+    sp.add_argument("--key", type=int)
+    sp.add_argument(
+        "--freeze-patterns", action="store_true", help="freeze every other head's pattern"
     )
 
     corpus = sub.add_parser("corpus", help="the default corpus").add_subparsers(

@@ -96,3 +96,11 @@ def test_sliding_window_eager_attention_masks_far_keys():
     _, pattern, _ = eager_attention(q, k, k, None, 0.5, window=3)
     far = torch.tril(torch.ones(8, 8), diagonal=-3).bool()
     assert pattern[..., far].abs().max() == 0
+
+
+def test_token_display_keeps_spaces_newlines_and_partial_bytes():
+    ad = tiny_adapter("llama")
+    ids = ad.tokens.encode("a b\né")  # the byte tokenizer splits é into two byte tokens
+    shown = ad.tokens.displays(ids)
+    assert shown == ["<bos>", "a", " ", "b", "\n", "\\xc3", "\\xa9"]
+    assert ids[0] == ad.tokens.bos_id

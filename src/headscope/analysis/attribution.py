@@ -33,6 +33,42 @@ def _head(session: Session, head: str) -> tuple[int, int]:
         raise InputError(str(err)) from None
 
 
+def project_side(
+    session: Session,
+    st: TextState,
+    layer: int,
+    head: int,
+    side: str,
+    X: torch.Tensor,  # [..., d_model] residual-stream vectors
+    pos: torch.Tensor,  # [...] long: the position each vector sits at
+    bias: torch.Tensor | None = None,  # [...] 0/1: where to add the projection's constant part
+) -> torch.Tensor:  # [..., D]
+    """Map residual vectors into the head's post-QK-norm, post-RoPE query (``side="q"``) or key
+    space, linearly: every norm's scale is frozen at its actual value at ``pos``."""
+    ad, s = session.adapter, session.adapter.spec
+    x_full = st.cap.resid_pre[layer][0][pos]  # [..., d]
+    ln = ad.ln_attn(layer)
+    f = norm_factor(x_full, s.norm)
+    w = ad.weights(layer)
+    if side == "q":
+        W, b = w.W_Q[head], w.b_Q[head]
+    else:
+        kv = int(w.kv_of_head[head])
+        W, b = w.W_K[kv], w.b_K[kv]
+    const = b + (ln.bias @ W if ln.bias is not None else 0.0)  # [D]
+    vec = ad.apply_norm_frozen(X, f, ln) @ W
+    if bias is not None:
+        vec = vec + bias[..., None] * const
+    qk = ad.qk_norm(layer)
+    if qk is not None:
+        full = ad.apply_norm_frozen(x_full, f, ln) @ W + const  # [..., D] the actual pre-norm q/k
+        vec = vec * norm_factor(full, s.norm) * qk[0 if side == "q" else 1]
+    if layer in st.cap.rope:
+        cos, sin = st.cap.rope[layer]
+        vec = ad.apply_rope(vec, cos[0][pos], sin[0][pos], s.rotary_dim)
+    return vec
+
+
 def side_vectors(
     session: Session, st: TextState, layer: int, head: int, pos: int, side: str
 ) -> tuple[list[str], torch.Tensor]:
@@ -40,27 +76,11 @@ def side_vectors(
 
     Returns labels and ``[C, D]`` rows (post-QK-norm, post-RoPE); rows sum to the captured
     q or k vector exactly up to float error."""
-    ad, s = session.adapter, session.adapter.spec
     labels, X = session.components(st, layer, pos)  # [C, d]
-    x = session.resid(st, layer, pos)
-    ln = ad.ln_attn(layer)
-    Xn = ad.apply_norm_frozen(X, norm_factor(x, s.norm), ln)
-    w = ad.weights(layer)
-    if side == "q":
-        W, b = w.W_Q[head], w.b_Q[head]
-    else:
-        kv = int(w.kv_of_head[head])
-        W, b = w.W_K[kv], w.b_K[kv]
-    vec = Xn @ W  # [C, D]
-    const = b + (ln.bias @ W if ln.bias is not None else 0.0)
-    vec[labels.index("bias")] += const
-    qk = ad.qk_norm(layer)
-    if qk is not None:
-        vec = vec * norm_factor(vec.sum(0), s.norm) * qk[0 if side == "q" else 1]
-    if layer in st.cap.rope:
-        cos, sin = st.cap.rope[layer]
-        vec = ad.apply_rope(vec, cos[0, pos], sin[0, pos], s.rotary_dim)
-    return labels, vec
+    is_bias = torch.zeros(len(labels), dtype=X.dtype)
+    is_bias[labels.index("bias")] = 1.0
+    positions = torch.full((len(labels),), pos, dtype=torch.long)
+    return labels, project_side(session, st, layer, head, side, X, positions, is_bias)
 
 
 def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:

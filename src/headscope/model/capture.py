@@ -47,6 +47,9 @@ class CaptureRequest:
     patterns: bool = True
     on_layer: Callable[[LayerTensors], None] | None = None
     store: bool = True
+    # Replaces the attention computation of a layer (interventions): called as
+    # override(layer, query, key, value, mask, scaling, softcap, window) -> (out [B,T,H,D], pattern)
+    override: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     results: dict[int, LayerTensors] = field(default_factory=dict)
 
     def wants(self, layer: int) -> bool:
@@ -80,9 +83,11 @@ def eager_attention(
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [B,H,T,S], pattern [B,H,T,S] and output [B,T,H,D], computed explicitly."""
-    rep = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(rep, dim=1) if rep > 1 else key  # query head h uses kv head h // rep
-    v = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+    # Query head h reads key/value head h // rep (GQA/MQA); callers may pass keys or values
+    # already expanded to one per query head.
+    rep_k, rep_v = query.shape[1] // key.shape[1], query.shape[1] // value.shape[1]
+    k = key.repeat_interleave(rep_k, dim=1) if rep_k > 1 else key
+    v = value.repeat_interleave(rep_v, dim=1) if rep_v > 1 else value
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -117,7 +122,12 @@ def headscope_attention(
     layer = int(getattr(module, "layer_idx", -1))
     captured = request is not None and request.wants(layer)
     need_pattern = captured and request is not None and request.patterns
-    if need_pattern or softcap is not None:
+    if captured and request is not None and request.override is not None:
+        out, pattern = request.override(
+            layer, query, key, value, attention_mask, scaling, softcap, sliding_window
+        )
+        scores = None
+    elif need_pattern or softcap is not None:
         scores, pattern, out = eager_attention(
             query, key, value, attention_mask, scaling, softcap, sliding_window
         )

@@ -59,10 +59,10 @@ class Tokens:
             raise ValueError(f"BOS token {name!r} is not in the vocabulary")
         self.bos_token = name
         self.bos_id = int(bos_id)
-        vocab = tokenizer.get_vocab()
-        self.byte_level = "Ġ" in "".join(list(vocab)[:5000]) or any(
-            p.startswith("Ġ") for p in vocab
-        )
+        # Byte-level BPE (GPT-2 style) spells a leading space "Ġ"; SentencePiece spells it "▁".
+        probe = tokenizer(" a", add_special_tokens=False)["input_ids"]
+        first = tokenizer.convert_ids_to_tokens(probe[0]) if probe else ""
+        self.byte_level = first.startswith("Ġ") or first == "Ġ"
         self.special_ids = set(tokenizer.all_special_ids)
         self._cache: dict[int, str] = {}
 
@@ -74,6 +74,17 @@ class Tokens:
         """Token ids of ``text`` with the BOS in front."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [self.bos_id, *ids]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids (BOS first) and each token's character span in ``text`` (BOS: (0, 0))."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [self.bos_id, *enc["input_ids"]], [(0, 0), *map(tuple, enc["offset_mapping"])]
+
+    def span_positions(self, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and the positions of tokens overlapping characters [start, end)."""
+        ids, offsets = self.encode_with_offsets(text)
+        inside = [i for i, (a, b) in enumerate(offsets) if i > 0 and a < end and b > start]
+        return ids, inside
 
     def encode_tensor(self, text: str) -> torch.Tensor:
         return torch.tensor([self.encode(text)], dtype=torch.long)  # [1, T]

@@ -1,0 +1,245 @@
+// The data contract, JS side. Every read of a run file and every live-server call goes through
+// this module; views never call fetch(). Shapes are documented in docs/run-format.md (run files)
+// and docs/app.md (live API). Responses are normalised here once (token ids decoded to strings,
+// metric columns split out) so views only deal with ready-to-draw data.
+
+import { HEAD_RE } from './lib/dom.js';
+
+/** Thrown for HTTP errors; `message` is the server's `detail` when it sent one. */
+export class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status;
+  }
+}
+
+/** Thrown by live calls when no live server is reachable (static hosting). */
+export class NeedsServerError extends Error {
+  constructor() {
+    super('This view needs a live server: run `headscope serve RUN --model M`');
+    this.name = 'NeedsServerError';
+  }
+}
+
+function hashParam(name) {
+  const q = location.hash.indexOf('?');
+  return q < 0 ? null : new URLSearchParams(location.hash.slice(q + 1)).get(name);
+}
+
+function initialRunBase() {
+  const raw = hashParam('run') || new URLSearchParams(location.search).get('run') || 'run/';
+  return raw.endsWith('/') ? raw : `${raw}/`;
+}
+
+/** Relative URL of the run directory: `run/` unless the page URL says `?run=` (or `#…?run=`). */
+export const RUN_BASE = initialRunBase();
+export const runUrl = (rel) => RUN_BASE + rel;
+
+async function fetchJSON(url, init) {
+  let resp;
+  try {
+    resp = await fetch(url, init);
+  } catch (err) {
+    throw new ApiError(`Could not reach ${url} (${err.message})`);
+  }
+  if (!resp.ok) {
+    let detail = null;
+    try {
+      const body = await resp.json();
+      detail = typeof body.detail === 'string' ? body.detail : body.detail ? JSON.stringify(body.detail) : null;
+    } catch {
+      detail = null;
+    }
+    throw new ApiError(detail || `${url}: HTTP ${resp.status} ${resp.statusText}`, resp.status);
+  }
+  try {
+    return await resp.json();
+  } catch {
+    throw new ApiError(`${url} is not valid JSON`);
+  }
+}
+
+const cache = new Map();
+/** Memoise a promise; a failed load is forgotten so the next call retries. */
+function cached(key, load, cap = 0) {
+  if (cache.has(key)) {
+    const v = cache.get(key);
+    if (cap) { cache.delete(key); cache.set(key, v); }
+    return v;
+  }
+  const p = load().catch((err) => { cache.delete(key); throw err; });
+  cache.set(key, p);
+  if (cap) {
+    const keys = [...cache.keys()].filter((k) => k.startsWith('head:'));
+    if (keys.length > cap) cache.delete(keys[0]);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------- run files (static)
+
+/** manifest.json as written (see docs/run-format.md). */
+export const manifest = () => cached('manifest', () => fetchJSON(runUrl('manifest.json')));
+
+/**
+ * metrics.json, normalised: {columns, metricNames, docs, names, layer, head, nLayers, nHeads,
+ * index: Map(name → row), col(name) → Float64Array}. `layer` and `head` are columns too.
+ */
+export const metrics = () => cached('metrics', async () => {
+  const raw = await fetchJSON(runUrl('metrics.json'));
+  const { columns, rows } = raw;
+  const n = rows.length;
+  const colIndex = new Map(columns.map((c, i) => [c, i]));
+  const arrays = new Map();
+  const col = (name) => {
+    if (!arrays.has(name)) {
+      const j = colIndex.get(name);
+      const a = new Float64Array(n);
+      if (j !== undefined) for (let i = 0; i < n; i++) a[i] = Number(rows[i][j]);
+      arrays.set(name, a);
+    }
+    return arrays.get(name);
+  };
+  const layer = col('layer');
+  const head = col('head');
+  const names = Array.from({ length: n }, (_, i) => `L${layer[i]}H${head[i]}`);
+  return {
+    columns,
+    metricNames: columns.filter((c) => c !== 'layer' && c !== 'head' && c !== 'name'),
+    docs: raw.docs || {},
+    names,
+    layer,
+    head,
+    nLayers: n ? Math.max(...layer) + 1 : 0,
+    nHeads: n ? Math.max(...head) + 1 : 0,
+    index: new Map(names.map((nm, i) => [nm, i])),
+    col,
+    has: (name) => colIndex.has(name),
+  };
+});
+
+/** vocab.json (an object id → string, or an array indexed by id) as a decode function. */
+export const vocab = () => cached('vocab', async () => {
+  const table = await fetchJSON(runUrl('vocab.json'));
+  return (id) => {
+    const v = table[id];
+    return v === undefined ? `<${id}>` : v;
+  };
+});
+
+/** heads/L{l}H{h}.json with every example's token ids decoded into `strs`. */
+export function head(name) {
+  if (!HEAD_RE.test(name)) return Promise.reject(new ApiError(`"${name}" is not a head name (expected L<layer>H<head>)`));
+  return cached(`head:${name}`, async () => {
+    const [payload, decode] = await Promise.all([
+      fetchJSON(runUrl(`heads/${name}.json`)).catch((err) => {
+        throw err.status === 404 ? new ApiError(`This run has no data for ${name}.`, 404) : err;
+      }),
+      vocab(),
+    ]);
+    for (const ex of payload.examples || []) ex.strs = ex.tokens.map(decode);
+    return payload;
+  }, 48);
+}
+
+/** motifs/map.json: {heads, isomap, tsne, nearest}. */
+export const motifMap = () => cached('map', () => fetchJSON(runUrl('motifs/map.json')));
+
+/**
+ * Precomputed attribution files, from the manifest's optional `attributions` list (paths
+ * relative to `attributions/`, e.g. "L5H3/17_12_11_qk.json"). Listing them in the manifest lets
+ * the app know which files exist without probing for 404s.
+ */
+async function precomputed() {
+  const m = await manifest();
+  return new Set(Array.isArray(m.attributions) ? m.attributions : []);
+}
+
+// ---------------------------------------------------------------- live server
+
+/**
+ * {live: boolean, health: object|null}. `GET api/health` is answered by `headscope serve`; a
+ * static export answers it from the app's own `api/health` file ({"static": true}), so
+ * detecting "no server" never produces a failed request in the console.
+ */
+export const liveStatus = () => cached('health', async () => {
+  try {
+    const resp = await fetch('api/health', { headers: { accept: 'application/json' } });
+    if (!resp.ok) return { live: false, health: null };
+    const body = await resp.json();
+    const live = Boolean(body && !body.static && Number.isFinite(body.n_layers));
+    return { live, health: live ? body : null };
+  } catch {
+    return { live: false, health: null };
+  }
+});
+
+async function post(path, body) {
+  const st = await liveStatus();
+  if (!st.live) throw new NeedsServerError();
+  return fetchJSON(path, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', accept: 'application/json' },
+    body: JSON.stringify(body),
+  });
+}
+
+/** The live API (docs/app.md lists request and response shapes). */
+export const api = {
+  tokenize: (text) => post('api/tokenize', { text }),
+  attend: (text, heads = null) => post('api/attend', { text, heads }),
+  rankHeads: (text, query, key) => post('api/rank-heads', { text, query, key }),
+  attributeQK: (req) => post('api/attribute/qk', req),
+  attributeOV: (req) => post('api/attribute/ov', req),
+  composition: (req) => post('api/composition', req),
+  sweep: (req) => post('api/sweep', req),
+  geometry: (req) => post('api/geometry', req),
+};
+
+const SPECIAL = /^<\|?[^<>]*\|?>$/;
+
+/**
+ * Map run-example positions onto the server's tokenisation of the example's text. The live API
+ * takes text, so the text is rebuilt from the decoded tokens (a leading special token is left
+ * to the server's tokenizer) and re-tokenised; positions map 1:1 when the strings agree.
+ */
+async function alignExample(strs) {
+  const body = SPECIAL.test(strs[0] || '') ? strs.slice(1) : strs;
+  const text = body.join('');
+  const { tokens } = await api.tokenize(text);
+  const map = new Array(strs.length).fill(null);
+  let j = 0;
+  for (let i = 0; i < strs.length; i++) {
+    while (j < tokens.length && tokens[j] !== strs[i] && SPECIAL.test(tokens[j])) j++;
+    if (j < tokens.length && tokens[j] === strs[i]) { map[i] = j; j++; }
+    else if (!SPECIAL.test(strs[i])) return { text, map: null };
+  }
+  return { text, map };
+}
+
+/**
+ * QK or OV attribution for (head, query, key) on a run example: the precomputed file when the
+ * run lists one, else the live server, else {source: "none"}.
+ * @returns {Promise<{source: "precomputed"|"live"|"none", result?: object}>}
+ */
+export async function exampleAttribution(kind, { head: name, sequence, query, key, strs, basis = 'components' }) {
+  const rel = `${name}/${sequence}_${query}_${key}_${kind}.json`;
+  if ((await precomputed()).has(rel)) {
+    return { source: 'precomputed', result: await cached(`attr:${rel}`, () => fetchJSON(runUrl(`attributions/${rel}`))) };
+  }
+  if (!(await liveStatus()).live) return { source: 'none' };
+  const { text, map } = await cached(`align:${sequence}`, () => alignExample(strs));
+  if (!map || map[query] === null || map[key] === null) {
+    throw new ApiError('The live server tokenises this example differently from the run, so positions would not match; paste its text into Custom text instead.');
+  }
+  const req = { text, head: name, query: map[query], key: map[key], basis };
+  const result = await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
+  return { source: 'live', result };
+}
+
+/** Attribution for free text (custom view): always live. */
+export async function textAttribution(kind, req) {
+  const result = await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
+  return { source: 'live', result };
+}

@@ -1,0 +1,233 @@
+// Token rendering: visible whitespace, document-start markers, the interactive attention view
+// used by head examples and custom text (hover shows attention, click picks a query/key pair),
+// and an SVG re-draw of a token sequence for export.
+
+import { h, fmt } from './dom.js';
+import { blues, oranges, textOn } from './color.js';
+import { showTip, hideTip } from './tooltip.js';
+import { s, svgRoot, textWidth } from './svg.js';
+
+const SPECIAL = /^<\|?[^<>]*\|?>$|^\[[A-Z]+\]$/;
+
+/** How a token string is drawn: visible text, number of line breaks after it, CSS classes. */
+export function displayToken(str) {
+  const t = String(str ?? '');
+  if (t === '') return { text: '∅', breaks: 0, cls: 'ws' };
+  if (SPECIAL.test(t)) return { text: t, breaks: 0, cls: 'special' };
+  const breaks = Math.min(2, (t.match(/\n/g) || []).length);
+  let text = t.replace(/\r/g, '').replace(/\t/g, '⇥');
+  if (/^[ \n⇥]+$/.test(text)) {
+    text = text.replace(/ /g, '·').replace(/\n/g, '↵');
+    return { text, breaks, cls: 'ws' };
+  }
+  return { text: text.replace(/\n/g, '↵'), breaks, cls: '' };
+}
+
+/** A token as a one-line label for tables and tooltips: ␣ for edge spaces, ↵ for newlines. */
+export function labelToken(str) {
+  return String(str ?? '')
+    .replace(/\n/g, '↵').replace(/\t/g, '⇥')
+    .replace(/^ +| +$/g, (m) => '␣'.repeat(m.length));
+}
+
+/** Index sparse [q, k, w] triples by query and by key. */
+export function indexSparse(sparse) {
+  const byQuery = new Map();
+  const byKey = new Map();
+  for (const [q, k, w] of sparse || []) {
+    if (!byQuery.has(q)) byQuery.set(q, []);
+    if (!byKey.has(k)) byKey.set(k, []);
+    byQuery.get(q).push([k, w]);
+    byKey.get(k).push([q, w]);
+  }
+  for (const m of [byQuery, byKey]) for (const v of m.values()) v.sort((a, b) => b[1] - a[1]);
+  return { byQuery, byKey };
+}
+
+/** Per-position max attention as query/key and sparse triples from a dense pattern [T][T]. */
+export function summarisePattern(pattern, threshold = 0.02, topK = 8) {
+  const T = pattern.length;
+  const maxAsQuery = new Array(T).fill(0);
+  const maxAsKey = new Array(T).fill(0);
+  const sparse = [];
+  for (let q = 0; q < T; q++) {
+    const row = pattern[q];
+    const cand = [];
+    for (let k = 0; k <= q && k < row.length; k++) {
+      const w = row[k];
+      if (k > 0 && w > maxAsQuery[q]) maxAsQuery[q] = w;
+      if (k !== q && w > maxAsKey[k]) maxAsKey[k] = w;
+      if (w >= threshold) cand.push([k, w]);
+    }
+    cand.sort((a, b) => b[1] - a[1]);
+    for (const [k, w] of cand.slice(0, topK)) sparse.push([q, k, Math.round(w * 1000) / 1000]);
+  }
+  return { maxAsQuery, maxAsKey, sparse };
+}
+
+/**
+ * Interactive token view. Colours each token by its max attention as a query (blue) or as a
+ * key (orange); hovering a token outlines the keys it attends to (query mode) or the queries
+ * attending to it (key mode), with intensity = weight; clicking picks a query then an
+ * earlier-or-equal key and calls onSelect(q, k).
+ */
+export class TokenView {
+  constructor({ strs, docStarts = [], maxAsQuery, maxAsKey, sparse, mode = 'query', onSelect = null, query = null, key = null }) {
+    this.strs = strs;
+    this.maxAsQuery = maxAsQuery;
+    this.maxAsKey = maxAsKey;
+    this.sparse = indexSparse(sparse);
+    this.mode = mode;
+    this.onSelect = onSelect;
+    this.query = query;
+    this.key = key;
+    this.touched = [];
+    this.el = h('div', { class: 'tokens', 'data-mode': mode });
+    const starts = new Set(docStarts);
+    this.spans = strs.map((str, i) => {
+      const d = displayToken(str);
+      const span = h('span', { class: `tok ${d.cls}`, 'data-i': i }, d.text);
+      if (starts.has(i)) {
+        span.classList.add('doc-start');
+        this.el.append(h('span', { class: 'doc-mark', title: `document starts at position ${i}`, 'aria-hidden': 'true' }, '¶'));
+      }
+      this.el.append(span);
+      for (let b = 0; b < d.breaks; b++) this.el.append(h('br'));
+      return span;
+    });
+    this.el.addEventListener('mouseover', (ev) => this.hover(ev));
+    this.el.addEventListener('mousemove', (ev) => this.moveTip(ev));
+    this.el.addEventListener('mouseleave', () => this.unhover());
+    this.el.addEventListener('click', (ev) => this.click(ev));
+    this.recolor();
+    this.markSelection();
+  }
+
+  baseColor(i) {
+    return this.mode === 'key' ? oranges(this.maxAsKey[i]) : blues(this.maxAsQuery[i]);
+  }
+
+  paint(i, bg) {
+    const sp = this.spans[i];
+    sp.style.backgroundColor = bg;
+    sp.style.color = sp.classList.contains('ws') || sp.classList.contains('special') ? '' : textOn(bg);
+  }
+
+  recolor() {
+    this.el.dataset.mode = this.mode;
+    for (let i = 0; i < this.spans.length; i++) this.paint(i, this.baseColor(i));
+  }
+
+  setMode(mode) {
+    if (mode === this.mode) return;
+    this.unhover();
+    this.mode = mode;
+    this.recolor();
+  }
+
+  targets(i) {
+    return (this.mode === 'key' ? this.sparse.byKey.get(i) : this.sparse.byQuery.get(i)) || [];
+  }
+
+  hover(ev) {
+    const span = ev.target.closest('.tok');
+    if (!span || !this.el.contains(span)) return;
+    const i = Number(span.dataset.i);
+    if (i === this.hovered) return;
+    this.unhover(false);
+    this.hovered = i;
+    span.classList.add('hovered');
+    const scale = this.mode === 'key' ? blues : oranges;
+    const cls = this.mode === 'key' ? 'hl-query' : 'hl-key';
+    for (const [j, w] of this.targets(i)) {
+      const sp = this.spans[j];
+      if (!sp) continue;
+      sp.classList.add(cls);
+      sp.style.setProperty('--w', String(w));
+      sp.style.outlineColor = `rgba(30, 30, 30, ${0.35 + 0.65 * Math.min(1, w)})`;
+      this.paint(j, scale(0.15 + 0.85 * w));
+      this.touched.push(j);
+    }
+    this.moveTip(ev);
+  }
+
+  moveTip(ev) {
+    if (this.hovered === undefined || this.hovered === null) return;
+    const i = this.hovered;
+    const list = this.targets(i).slice(0, 8);
+    const isKey = this.mode === 'key';
+    showTip([
+      h('div', { class: 'tip-title' }, `“${labelToken(this.strs[i])}” · position ${i}`),
+      h('div', {}, isKey ? `max attention as key ${fmt(this.maxAsKey[i], 3)}` : `max attention as query ${fmt(this.maxAsQuery[i], 3)}`),
+      list.length
+        ? h('table', { class: 'tip-table' },
+          h('tr', {}, h('th', {}, isKey ? 'query' : 'key'), h('th', {}, 'pos'), h('th', {}, 'weight')),
+          list.map(([j, w]) => h('tr', {}, h('td', {}, `“${labelToken(this.strs[j])}”`), h('td', { class: 'num' }, j), h('td', { class: 'num' }, fmt(w, 3)))))
+        : h('div', { class: 'muted' }, isKey ? 'no query attends to it above the threshold' : 'no key above the threshold'),
+    ], ev.clientX, ev.clientY);
+  }
+
+  unhover(hide = true) {
+    for (const j of this.touched) {
+      const sp = this.spans[j];
+      sp.classList.remove('hl-key', 'hl-query');
+      sp.style.removeProperty('--w');
+      sp.style.outlineColor = '';
+      this.paint(j, this.baseColor(j));
+    }
+    this.touched = [];
+    if (this.hovered !== undefined && this.hovered !== null) this.spans[this.hovered]?.classList.remove('hovered');
+    this.hovered = null;
+    if (hide) hideTip();
+  }
+
+  click(ev) {
+    const span = ev.target.closest('.tok');
+    if (!span || !this.onSelect) return;
+    const i = Number(span.dataset.i);
+    if (this.query === null || this.key !== null) {
+      this.query = i;
+      this.key = null;
+    } else if (i <= this.query) {
+      this.key = i;
+    } else {
+      this.query = i;
+    }
+    this.markSelection();
+    this.onSelect(this.query, this.key);
+  }
+
+  setSelection(q, k) {
+    this.query = q ?? null;
+    this.key = k ?? null;
+    this.markSelection();
+  }
+
+  markSelection() {
+    for (const sp of this.el.querySelectorAll('.sel-query, .sel-key')) sp.classList.remove('sel-query', 'sel-key');
+    if (this.query !== null && this.spans[this.query]) this.spans[this.query].classList.add('sel-query');
+    if (this.key !== null && this.spans[this.key]) this.spans[this.key].classList.add('sel-key');
+  }
+
+  /** SVG re-draw of the tokens with their current base colours. */
+  toSVG(title = '', width = 900) {
+    const px = 13;
+    const lineH = 22;
+    const pad = 10;
+    const marks = [];
+    let x = pad;
+    let y = title ? 44 : 14;
+    this.strs.forEach((str, i) => {
+      const d = displayToken(str);
+      const w = textWidth(d.text, px) + 4;
+      if (x + w > width - pad) { x = pad; y += lineH; }
+      const bg = this.baseColor(i);
+      marks.push(s('rect', { x, y, width: w, height: lineH - 4, fill: bg, rx: 2 }));
+      marks.push(s('text', { x: x + 2, y: y + 13, 'font-size': px, fill: d.cls ? '#777' : textOn(bg), 'xml:space': 'preserve' }, d.text));
+      x += w + 1;
+      if (d.breaks) { x = pad; y += lineH * d.breaks; }
+    });
+    const height = y + lineH + pad;
+    return svgRoot(width, height, title ? s('text', { x: pad, y: 24, 'font-size': 14, 'font-weight': 600 }, title) : null, marks);
+  }
+}

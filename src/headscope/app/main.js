@@ -1,0 +1,163 @@
+// Router and URL state. Everything a view shows is derived from the hash
+// (#/<view>/<args>?<params>), so reload, back/forward and shared links restore it. Views are
+// modules exporting mount(root, ctx) → {update?(ctx) → bool, unmount?()}: when only the params
+// change, update() is tried first so views can redraw without re-fetching.
+
+import * as data from './data.js';
+import { h, clear, errorBox } from './lib/dom.js';
+import { hideTip } from './lib/tooltip.js';
+import * as scatter from './views/scatter.js';
+import * as headView from './views/head.js';
+import * as custom from './views/custom.js';
+import * as sweep from './views/sweep.js';
+import * as geometry from './views/geometry.js';
+
+/** Test and debugging hooks (read by tests/browser). */
+const hooks = {
+  view: null,
+  ready: null,
+  readyMs: null,
+  markCount: 0,
+  lastHoverMs: null,
+  live: null,
+};
+window.__headscope = hooks;
+
+const ROUTES = [
+  { name: 'heads', nav: 'heads', match: (p) => p.length === 0 || p[0] === 'heads', key: () => 'heads', view: scatter },
+  { name: 'head', nav: 'heads', match: (p) => p[0] === 'head' && p.length >= 2, key: (p) => `head/${p[1]}`, view: headView },
+  { name: 'custom', nav: 'custom', match: (p) => p[0] === 'custom', key: () => 'custom', view: custom },
+  { name: 'sweep', nav: 'sweep', match: (p) => p[0] === 'sweep', key: () => 'sweep', view: sweep },
+  { name: 'geometry', nav: 'geometry', match: (p) => p[0] === 'geometry', key: () => 'geometry', view: geometry },
+];
+
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, '');
+  const q = raw.indexOf('?');
+  const path = q < 0 ? raw : raw.slice(0, q);
+  const params = new URLSearchParams(q < 0 ? '' : raw.slice(q + 1));
+  return { parts: path.split('/').filter(Boolean).map(decodeURIComponent), params };
+}
+
+/** Build a hash for `parts` and `params` (an object or URLSearchParams); keeps ?run= if set. */
+export function hashFor(parts, params = {}) {
+  const p = params instanceof URLSearchParams ? new URLSearchParams(params) : new URLSearchParams();
+  if (!(params instanceof URLSearchParams)) {
+    for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined && v !== '') p.set(k, String(v));
+  }
+  const run = parseHash().params.get('run');
+  if (run && !p.has('run')) p.set('run', run);
+  const qs = p.toString();
+  return `#/${parts.map(encodeURIComponent).join('/')}${qs ? `?${qs}` : ''}`;
+}
+
+let navStart = performance.now();
+let current = null;
+let routing = false;
+
+function makeCtx(parts, params, routeName) {
+  return {
+    parts,
+    params,
+    route: routeName,
+    get: (name, dflt = null) => (params.has(name) ? params.get(name) : dflt),
+    /** Navigate to another view (a history entry). */
+    go(parts2, params2 = {}) {
+      location.hash = hashFor(parts2, params2);
+    },
+    /** Merge `patch` into the current params; null/'' deletes. `replace` skips history. */
+    set(patch, { replace = false } = {}) {
+      const { parts: cur, params: p } = parseHash();
+      for (const [k, v] of Object.entries(patch)) {
+        if (v === null || v === undefined || v === '') p.delete(k);
+        else p.set(k, String(v));
+      }
+      const next = hashFor(cur, p);
+      if (next === location.hash) return;
+      if (replace) {
+        history.replaceState(null, '', next);
+        route();
+      } else {
+        location.hash = next;
+      }
+    },
+    href: (parts2, params2 = {}) => hashFor(parts2, params2),
+    /** Views call this once interactive; tests and the perf check read it. */
+    ready(name) {
+      hooks.ready = name;
+      hooks.readyMs = performance.now() - navStart;
+    },
+    hooks,
+  };
+}
+
+function setNav(name) {
+  for (const a of document.querySelectorAll('[data-nav]')) {
+    if (a.dataset.nav === name) a.setAttribute('aria-current', 'page');
+    else a.removeAttribute('aria-current');
+  }
+}
+
+function route() {
+  if (routing) return;
+  routing = true;
+  try {
+    hideTip();
+    const { parts, params } = parseHash();
+    const r = ROUTES.find((x) => x.match(parts));
+    const root = document.getElementById('view');
+    if (!r) {
+      if (current?.instance?.unmount) current.instance.unmount();
+      current = null;
+      clear(root).append(errorBox(`Unknown page “${location.hash}”.`), h('p', {}, h('a', { href: hashFor(['heads']) }, 'Go to the head selector')));
+      return;
+    }
+    const key = r.key(parts);
+    const ctx = makeCtx(parts, params, r.name);
+    setNav(r.nav);
+    hooks.view = r.name;
+    if (current && current.key === key && current.instance.update && current.instance.update(ctx) !== false) return;
+    if (current?.instance?.unmount) current.instance.unmount();
+    hooks.ready = null;
+    clear(root);
+    window.scrollTo(0, 0);
+    current = { key, instance: r.view.mount(root, ctx) || {} };
+  } finally {
+    routing = false;
+  }
+}
+
+async function header() {
+  for (const a of document.querySelectorAll('[data-nav]')) a.setAttribute('href', hashFor([a.dataset.nav]));
+  const runEl = document.getElementById('run-name');
+  const statusEl = document.getElementById('server-status');
+  try {
+    const m = await data.manifest();
+    const model = m.model || {};
+    const name = (m.config && (m.config.name || m.config.run_name)) || data.RUN_BASE.replace(/\/$/, '');
+    runEl.textContent = '';
+    runEl.append(
+      h('span', { class: 'run-label' }, name),
+      h('span', { class: 'muted' }, ` · ${model.name || 'model'} · ${model.n_layers ?? '?'} layers × ${model.n_heads ?? '?'} heads`),
+    );
+    if (m.status && m.status !== 'complete') runEl.append(h('span', { class: 'badge warn', title: 'the run did not finish; some heads may be missing' }, m.status));
+    document.title = `${name} · headscope`;
+  } catch (err) {
+    runEl.textContent = `run not found at ${data.RUN_BASE}`;
+    runEl.classList.add('error-text');
+  }
+  const st = await data.liveStatus();
+  hooks.live = st.live;
+  statusEl.textContent = '';
+  statusEl.append(st.live
+    ? h('span', { class: 'badge live', title: `live server: ${JSON.stringify(st.health)}` }, `live · ${st.health.model}`)
+    : h('span', { class: 'badge', title: 'no live server: precomputed views only' }, 'static'));
+}
+
+window.addEventListener('hashchange', () => {
+  navStart = performance.now();
+  route();
+});
+
+header();
+route();

@@ -1,0 +1,203 @@
+// Attribution panel for one (query, key) pair of one head: QK terms (query component × key
+// component), query and key marginals, the check line "total = … · model score = …", the OV
+// terms with promoted / suppressed tokens, and the circuit diagram. Precomputed files first,
+// then the live server (data.exampleAttribution); custom text goes straight to the server.
+
+import * as data from '../data.js';
+import { h, clear, fmt, fixed, errorBox, loading, select } from '../lib/dom.js';
+import { s, svgRoot, fitText } from '../lib/svg.js';
+import { describeComponent } from '../lib/components.js';
+import { labelToken } from '../lib/tokens.js';
+import { showTip, hideTip } from '../lib/tooltip.js';
+import { exportButtons } from '../lib/export.js';
+import { circuitDiagram } from './circuit.js';
+
+function bar(value, maxAbs) {
+  const f = Math.min(1, Math.abs(value) / (maxAbs || 1));
+  const pos = value >= 0;
+  return h('div', { class: 'vbar', title: String(value) },
+    h('div', { class: `vbar-fill ${pos ? 'pos' : 'neg'}`, style: { width: `${(f * 50).toFixed(1)}%`, [pos ? 'left' : 'right']: '50%' } }));
+}
+
+function componentCell(name, features, ctx) {
+  const d = describeComponent(name, features);
+  const tag = ['bias', 'error'].includes(d.kind) ? h('span', { class: `tag tag-${d.kind}` }, d.kind === 'error' ? 'error' : 'bias') : null;
+  const text = d.kind === 'head' && ctx ? h('a', { href: ctx.href(['head', d.head]) }, d.text) : d.text;
+  const cell = h('td', { class: `comp comp-${d.kind}`, title: name }, tag, text);
+  const f = features && features[name];
+  if (d.kind === 'feature' && f) {
+    cell.classList.add('has-card');
+    cell.tabIndex = 0;
+    const card = () => [
+      h('div', { class: 'tip-title' }, d.text),
+      f.density !== undefined ? h('div', { class: 'muted' }, `density ${fmt(f.density, 3)}`) : null,
+      f.top_contexts && f.top_contexts.length ? [h('div', { class: 'tip-sub' }, 'top contexts'), h('ul', { class: 'tip-list' }, f.top_contexts.slice(0, 6).map((t) => h('li', {}, labelToken(t))))] : null,
+      f.promoted && f.promoted.length ? [h('div', { class: 'tip-sub' }, 'promoted tokens'), h('div', {}, f.promoted.slice(0, 10).map((t) => h('span', { class: 'chip' }, labelToken(typeof t === 'string' ? t : t.token))))] : null,
+    ];
+    cell.addEventListener('mouseenter', (ev) => showTip(card(), ev.clientX, ev.clientY));
+    cell.addEventListener('mousemove', (ev) => showTip(card(), ev.clientX, ev.clientY));
+    cell.addEventListener('mouseleave', hideTip);
+    cell.addEventListener('focus', () => { const r = cell.getBoundingClientRect(); showTip(card(), r.right, r.top); });
+    cell.addEventListener('blur', hideTip);
+  }
+  const kindClass = d.kind === 'bias' || d.kind === 'error' ? `row-${d.kind}` : '';
+  return { cell, kindClass };
+}
+
+function qkBlock(qk, ctx) {
+  const features = qk.features || {};
+  const terms = qk.terms || [];
+  const maxAbs = Math.max(1e-12, ...terms.map((t) => Math.abs(t.value)));
+  const termRows = terms.map((t, i) => {
+    const a = componentCell(t.query, features, ctx);
+    const b = componentCell(t.key, features, ctx);
+    return h('tr', { class: [a.kindClass, b.kindClass].filter(Boolean).join(' ') },
+      h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(t.value)), h('td', { class: 'barcell' }, bar(t.value, maxAbs)));
+  });
+  const marg = (rows, title) => {
+    const mx = Math.max(1e-12, ...(rows || []).map((r) => Math.abs(r.value)));
+    return h('div', { class: 'marg' }, h('h4', {}, title), h('div', { class: 'table-scroll' }, h('table', { class: 'data compact' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
+      h('tbody', {}, (rows || []).map((r) => {
+        const c = componentCell(r.component, features, ctx);
+        return h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(r.value)), h('td', { class: 'barcell' }, bar(r.value, mx)));
+      })))));
+  };
+  const capped = qk.capped_score !== null && qk.capped_score !== undefined;
+  return h('section', { class: 'attr-block' },
+    h('h3', {}, 'QK attribution', h('span', { class: 'muted small' }, ` · basis: ${qk.basis || 'components'} · attention ${fixed(qk.attention, 4)}`)),
+    h('div', { class: 'check-line', 'data-total': qk.total, 'data-score': qk.score },
+      h('span', { class: 'total' }, `total = ${fixed(qk.total)}`), ' · ',
+      h('span', { class: 'score' }, `model score = ${fixed(qk.score)}`),
+      capped ? [' · ', h('span', { class: 'capped' }, `capped score = ${fixed(qk.capped_score)}`)] : null,
+      h('span', { class: 'muted small' }, '  (total is the sum of all terms; model score is the pre-softmax score the model computed)')),
+    h('div', { class: 'attr-grid' },
+      h('div', { class: 'terms' }, h('h4', {}, `Top ${terms.length} terms (query component × key component)`), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
+        h('thead', {}, h('tr', {}, h('th', { class: 'num' }, '#'), h('th', {}, 'query component'), h('th', {}, 'key component'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
+        h('tbody', {}, termRows)))),
+      marg(qk.query_marginals, 'Query marginals'),
+      marg(qk.key_marginals, 'Key marginals')));
+}
+
+function ovBlock(ov, ctx, features) {
+  const terms = ov.terms || [];
+  const mx = Math.max(1e-12, ...terms.map((t) => t.value_norm));
+  const logitList = (rows, cls) => h('div', { class: 'table-scroll' }, h('table', { class: 'data compact' },
+    h('thead', {}, h('tr', {}, h('th', {}, 'token'), h('th', { class: 'num' }, 'logit'))),
+    h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: `tokcell ${cls}` }, labelToken(r.token)), h('td', { class: 'num' }, fixed(r.logit, 3)))))));
+  return h('section', { class: 'attr-block' },
+    h('h3', {}, 'OV attribution', h('span', { class: 'muted small' }, ` · attention ${fixed(ov.attention, 4)} · total ‖output‖ ${fixed(ov.total_norm, 4)}`)),
+    h('div', { class: 'attr-grid' },
+      h('div', { class: 'terms' }, h('h4', {}, 'Value-side components'), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num' }, '‖value‖'), h('th', {}, ''), h('th', {}, 'top logits'))),
+        h('tbody', {}, terms.map((t) => {
+          const c = componentCell(t.component, features, ctx);
+          const tops = (t.logit_top || []).map((x) => (typeof x === 'string' ? x : x.token));
+          return h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(t.value_norm, 4)),
+            h('td', { class: 'barcell' }, bar(t.value_norm, mx)), h('td', { class: 'tokcell' }, tops.map((x) => h('span', { class: 'chip' }, labelToken(x)))));
+        }))))),
+      h('div', { class: 'marg' }, h('h4', {}, 'Promoted'), logitList(ov.promoted, 'pos')),
+      h('div', { class: 'marg' }, h('h4', {}, 'Suppressed'), logitList(ov.suppressed, 'neg'))));
+}
+
+/** SVG summary of the panel (for export): check line, top QK terms and top OV terms. */
+function attributionSVG(title, qk, ov) {
+  const W = 820;
+  const parts = [s('text', { x: 12, y: 22, 'font-size': 14, 'font-weight': 600 }, title)];
+  let y = 44;
+  const rowsOut = (rows, head) => {
+    parts.push(s('text', { x: 12, y, 'font-size': 13, 'font-weight': 600 }, head));
+    y += 8;
+    const mx = Math.max(1e-12, ...rows.map((r) => Math.abs(r.value)));
+    for (const r of rows) {
+      y += 18;
+      parts.push(s('text', { x: 12, y, 'font-size': 11.5 }, fitText(r.label, 520, 11.5)));
+      parts.push(s('text', { x: 620, y, 'font-size': 11.5, 'text-anchor': 'end' }, r.text));
+      const w = (Math.abs(r.value) / mx) * 90;
+      parts.push(s('rect', { x: r.value >= 0 ? 720 : 720 - w, y: y - 10, width: w, height: 11, fill: r.value >= 0 ? '#d6604d' : '#4393c3' }));
+    }
+    parts.push(s('line', { x1: 720, x2: 720, y1: y - rows.length * 18 - 8, y2: y + 4, stroke: '#999' }));
+    y += 28;
+  };
+  if (qk) {
+    parts.push(s('text', { x: 12, y, 'font-size': 12.5 }, `total = ${fixed(qk.total)} · model score = ${fixed(qk.score)} · attention = ${fixed(qk.attention)}`));
+    y += 26;
+    rowsOut((qk.terms || []).slice(0, 20).map((t) => ({
+      label: `${describeComponent(t.query, qk.features).text}  ×  ${describeComponent(t.key, qk.features).text}`, value: t.value, text: fixed(t.value),
+    })), 'QK terms (query × key)');
+  }
+  if (ov) {
+    rowsOut((ov.terms || []).slice(0, 12).map((t) => ({
+      label: describeComponent(t.component, qk && qk.features).text, value: t.value_norm, text: fixed(t.value_norm),
+    })), `OV value components (total ‖output‖ ${fixed(ov.total_norm)})`);
+  }
+  return svgRoot(W, y, parts);
+}
+
+/**
+ * Render the panel into `el`. For run examples pass {sequence, strs}; for custom text pass
+ * {text}. Returns {unmount}.
+ */
+export function renderAttribution(el, { ctx, head, query, key, strs = null, sequence = null, text = null, basis = 'components', onBasis = null, onClose = null }) {
+  let alive = true;
+  const qTok = strs ? labelToken(strs[query]) : '';
+  const kTok = strs ? labelToken(strs[key]) : '';
+  const body = h('div', { class: 'attr-body' }, loading('Loading attributions…'));
+  const srcEl = h('span', { class: 'badge' }, '…');
+  let results = { qk: null, ov: null };
+  const title = `${head} · query ${query}${qTok ? ` “${qTok}”` : ''} → key ${key}${kTok ? ` “${kTok}”` : ''}`;
+  const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], basis, onBasis, { 'aria-label': 'attribution basis' }) : null;
+  const panel = h('section', { class: 'panel attribution', 'aria-label': 'attribution' },
+    h('div', { class: 'panel-head' },
+      h('h3', {}, `Attribution · ${title}`),
+      srcEl,
+      h('span', { class: 'grow' }),
+      basisSel ? h('label', { class: 'small' }, 'basis ', basisSel) : null,
+      exportButtons(`${head}_attribution_${query}_${key}`, { svg: () => attributionSVG(title, results.qk, results.ov) }),
+      onClose ? h('button', { type: 'button', class: 'small', title: 'close (Esc)', onclick: onClose }, '×') : null),
+    body);
+  el.append(panel);
+
+  const load = (kind) => (text !== null
+    ? data.textAttribution(kind, { text, head, query, key, basis })
+    : data.exampleAttribution(kind, { head, sequence, query, key, strs, basis }));
+
+  Promise.allSettled([load('qk'), load('ov')]).then(([qkR, ovR]) => {
+    if (!alive) return;
+    clear(body);
+    const sources = [qkR, ovR].filter((r) => r.status === 'fulfilled').map((r) => r.value.source);
+    if (sources.length === 2 && sources.every((x) => x === 'none')) {
+      srcEl.textContent = 'not available';
+      body.append(h('div', { class: 'note needs-server' },
+        h('strong', {}, 'No precomputed attribution for this pair.'), ' ',
+        'Attributions for any pair are computed by the live server: this view needs a live server — run ',
+        h('code', {}, 'headscope serve RUN --model M'), '. ',
+        'Precomputed pairs are listed in the run manifest under ', h('code', {}, 'attributions'), '.'));
+      return;
+    }
+    srcEl.textContent = sources.includes('live') ? 'live server' : 'precomputed';
+    srcEl.classList.add(sources.includes('live') ? 'live' : 'pre');
+    const qk = qkR.status === 'fulfilled' && qkR.value.result ? qkR.value.result : null;
+    const ov = ovR.status === 'fulfilled' && ovR.value.result ? ovR.value.result : null;
+    results = { qk, ov };
+    if (qk) body.append(qkBlock(qk, ctx));
+    else body.append(errorBox(qkR.status === 'rejected' ? qkR.reason : 'No QK attribution for this pair.'));
+    if (ov) body.append(ovBlock(ov, ctx, qk && qk.features));
+    else body.append(errorBox(ovR.status === 'rejected' ? ovR.reason : 'No OV attribution for this pair.'));
+    if (qk || ov) {
+      const diagram = () => circuitDiagram({ qk, ov });
+      body.append(h('section', { class: 'attr-block circuit' },
+        h('div', { class: 'panel-head' }, h('h3', {}, 'Circuit'), h('span', { class: 'muted small' }, 'top components by marginal attribution; edge width ∝ |term|, red positive, blue negative'), h('span', { class: 'grow' }),
+          exportButtons(`${head}_circuit_${query}_${key}`, { svg: diagram })),
+        h('div', { class: 'figure-scroll' }, diagram())));
+    }
+    if (ctx && ctx.hooks) ctx.hooks.attribution = { total: qk && qk.total, score: qk && qk.score, source: srcEl.textContent };
+  });
+
+  return {
+    unmount() {
+      alive = false;
+      hideTip();
+    },
+  };
+}

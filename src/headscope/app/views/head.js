@@ -1,0 +1,269 @@
+// Head page (#/head/L5H3[/pca|/similar]): metrics with their explanations, the max-attention
+// histogram, top query/key tokens, curves, and the tabs: dataset examples grouped by decile
+// bucket (the central HeadVis view), PCA of Q/K/O, and similar heads. State in the URL:
+// color=key, ex (example index), q, k (the selected pair), basis.
+
+import * as data from '../data.js';
+import { h, clear, fmt, errorBox, loading, typingTarget } from '../lib/dom.js';
+import { blues, oranges, gradient } from '../lib/color.js';
+import { histogram, lineChart } from '../lib/svg.js';
+import { TokenView, labelToken } from '../lib/tokens.js';
+import { exportButtons } from '../lib/export.js';
+import { hideTip } from '../lib/tooltip.js';
+import { renderPCA } from './pca.js';
+import { renderSimilar } from './similar.js';
+import { renderAttribution } from './attribution.js';
+
+const TABS = [['', 'Examples'], ['pca', 'PCA'], ['similar', 'Similar heads']];
+const label = (c) => c.replace(/_/g, ' ');
+
+function intParam(ctx, name) {
+  const v = ctx.get(name);
+  if (v === null || v === '') return null;
+  const n = Number.parseInt(v, 10);
+  return Number.isFinite(n) ? n : null;
+}
+
+export function mount(root, ctx) {
+  const name = ctx.parts[1];
+  const container = h('div', { class: 'view view-head' }, loading(`Loading ${name}…`));
+  root.append(container);
+  let payload = null;
+  let m = null;
+  let tabEl = null;
+  let tabInstance = null;
+  let tabName = null;
+  let tabsNav = null;
+  let layout = null;
+
+  function renderTab(c) {
+    const t = c.parts[2] || '';
+    if (t === tabName && tabInstance && tabInstance.update) { tabInstance.update(c); return; }
+    if (tabInstance && tabInstance.unmount) tabInstance.unmount();
+    tabName = t;
+    for (const a of tabsNav.querySelectorAll('a')) {
+      if (a.dataset.tab === t) a.setAttribute('aria-current', 'page');
+      else a.removeAttribute('aria-current');
+    }
+    clear(tabEl);
+    // PCA and the head map need the width; the overview column stays on the examples tab.
+    layout.classList.toggle('wide', t !== '');
+    if (t === 'pca') tabInstance = renderPCA(tabEl, { payload, ctx: c, name });
+    else if (t === 'similar') tabInstance = renderSimilar(tabEl, { payload, ctx: c, name, metrics: m });
+    else tabInstance = renderExamples(tabEl, { payload, ctx: c, name });
+  }
+
+  Promise.all([data.head(name), data.metrics()]).then(([p, metrics]) => {
+    payload = p;
+    m = metrics;
+    const idx = m.index.get(name);
+    const prev = idx > 0 ? m.names[idx - 1] : null;
+    const next = idx !== undefined && idx < m.names.length - 1 ? m.names[idx + 1] : null;
+    tabsNav = h('nav', { class: 'tabs', 'aria-label': 'head page sections' },
+      TABS.map(([t, lab]) => h('a', { href: ctx.href(t ? ['head', name, t] : ['head', name]), 'data-tab': t }, lab)));
+    tabEl = h('div', { class: 'tab-body' });
+    layout = h('div', { class: 'head-layout' }, overview(p, m, name), h('div', { class: 'head-main' }, tabEl));
+    clear(container).append(
+      h('div', { class: 'head-title' },
+        h('a', { class: 'back', href: ctx.href(['heads']) }, '← all heads'),
+        h('h1', {}, name),
+        h('span', { class: 'muted' }, `layer ${p.layer} · head ${p.index}`),
+        h('span', { class: 'grow' }),
+        prev ? h('a', { class: 'button-link', href: ctx.href(['head', prev, ...(ctx.parts[2] ? [ctx.parts[2]] : [])]), title: 'previous head' }, `‹ ${prev}`) : null,
+        next ? h('a', { class: 'button-link', href: ctx.href(['head', next, ...(ctx.parts[2] ? [ctx.parts[2]] : [])]), title: 'next head' }, `${next} ›`) : null),
+      tabsNav,
+      layout);
+    renderTab(ctx);
+    ctx.ready(`head:${name}`);
+  }).catch((err) => clear(container).append(errorBox(err), h('p', {}, h('a', { href: ctx.href(['heads']) }, 'Back to the head selector'))));
+
+  return {
+    update(c) {
+      if (!payload) return false;
+      ctx = c;
+      renderTab(c);
+      return true;
+    },
+    unmount() {
+      if (tabInstance && tabInstance.unmount) tabInstance.unmount();
+      hideTip();
+    },
+  };
+}
+
+/** The left column: metrics (+ rank among all heads), histogram, curves, top tokens. */
+function overview(p, m, name) {
+  const i = m.index.get(name);
+  const metricRows = Object.entries(p.metrics || {}).map(([k, v]) => {
+    let rank = null;
+    if (i !== undefined && m.has(k)) {
+      const col = m.col(k);
+      let below = 0;
+      for (let j = 0; j < col.length; j++) if (col[j] < v) below++;
+      rank = below / Math.max(1, col.length - 1);
+    }
+    return h('tr', {},
+      h('td', {}, h('div', { class: 'metric-name' }, label(k)), m.docs[k] ? h('div', { class: 'metric-doc' }, m.docs[k]) : null),
+      h('td', { class: 'num' }, fmt(v)),
+      h('td', { class: 'rank', title: rank === null ? '' : `higher than ${Math.round(rank * 100)}% of heads` },
+        rank === null ? '' : h('div', { class: 'rankbar' }, h('div', { style: { width: `${Math.round(rank * 100)}%` } }))));
+  });
+  const section = (title, body, exp) => h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, h('h3', {}, title), exp || null), body);
+  const hist = p.histogram && p.histogram.counts
+    ? () => histogram({ edges: p.histogram.edges, counts: p.histogram.counts, width: 330, height: 170, xLabel: 'max attention in the sequence' })
+    : null;
+  const curves = Object.entries(p.curves || {});
+  const curveSvg = (cname, ys) => lineChart({
+    series: [{ name: label(cname), x: ys.map((_, j) => j + 1), y: ys, color: '#b63b04' }],
+    width: 330, height: 160, xLabel: 'prefix length', yLabel: 'score', xTicks: ys.map((_, j) => j + 1),
+    yDomain: [0, Math.max(0.05, ...ys) * 1.1],
+  });
+  const tokTable = (rows, what) => h('div', { class: 'table-scroll short' }, h('table', { class: 'data compact' },
+    h('thead', {}, h('tr', {}, h('th', {}, what), h('th', { class: 'num', title: 'mean max attention' }, 'mass'), h('th', { class: 'num' }, 'count'))),
+    h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: 'tokcell' }, labelToken(r.token)), h('td', { class: 'num' }, fmt(r.mass, 3)), h('td', { class: 'num' }, r.count))))));
+  return h('aside', { class: 'head-overview' },
+    section('Metrics', h('table', { class: 'data metrics' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'metric'), h('th', { class: 'num' }, 'value'), h('th', {}, 'rank'))), h('tbody', {}, metricRows))),
+    hist ? section('Max attention per sequence', hist(), exportButtons(`${name}_histogram`, { svg: hist })) : null,
+    curves.map(([cname, ys]) => section(label(cname), curveSvg(cname, ys), exportButtons(`${name}_${cname}`, { svg: () => curveSvg(cname, ys) }))),
+    section('Top tokens', h('div', {},
+      h('h4', {}, 'as query'), tokTable(p.top_query_tokens, 'query token'),
+      h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token'))));
+}
+
+/** Dataset examples grouped by decile bucket; see TokenView for hover/click behaviour. */
+function renderExamples(el, { payload, ctx, name }) {
+  const exs = payload.examples || [];
+  const buckets = (payload.buckets || []).filter((b) => b.examples && b.examples.length);
+  const views = new Map();
+  const slots = new Map();
+  let mode = ctx.get('color') === 'key' ? 'key' : 'query';
+  let attrKey = null;
+  let attrInstance = null;
+
+  const modeBtn = (m2, text) => h('button', {
+    type: 'button', class: 'toggle', 'data-mode': m2, 'aria-pressed': String(mode === m2),
+    onclick: () => ctx.set({ color: m2 === 'key' ? 'key' : null }, { replace: true }),
+  }, text);
+  const bar = h('span', { class: 'legend-bar' });
+  const modeLabel = h('span', { class: 'mode-label', id: 'mode-label', 'aria-live': 'polite' });
+  const modeBar = h('div', { class: 'toolbar sticky' },
+    h('span', {}, 'Colour tokens by '),
+    modeBtn('query', 'max attention as query'), modeBtn('key', 'max attention as key'),
+    h('kbd', { title: 'keyboard shortcut' }, 't'),
+    h('span', { class: 'legend' }, '0 ', bar, ' 1'),
+    modeLabel,
+    h('span', { class: 'grow' }),
+    h('span', { class: 'muted small' }, 'Click a query token, then an earlier (or the same) key token for QK/OV attribution · Esc clears'));
+
+  function showMode() {
+    modeLabel.textContent = mode === 'key'
+      ? 'Key mode: each token shows the most attention it receives; hover to see the queries attending to it.'
+      : 'Query mode: each token shows its largest attention to any key; hover to see its keys.';
+    bar.style.background = gradient(mode === 'key' ? oranges : blues);
+    for (const b of modeBar.querySelectorAll('button.toggle')) b.setAttribute('aria-pressed', String(b.dataset.mode === mode));
+  }
+
+  function exampleCard(i) {
+    const ex = exs[i];
+    const tv = new TokenView({
+      strs: ex.strs, docStarts: ex.doc_starts || [], maxAsQuery: ex.max_as_query, maxAsKey: ex.max_as_key,
+      sparse: ex.sparse, mode,
+      onSelect: (q, k) => ctx.set({ ex: i, q, k }, { replace: k === null }),
+    });
+    tv.el.dataset.example = String(i);
+    views.set(i, tv);
+    const slot = h('div', { class: 'attr-slot' });
+    slots.set(i, slot);
+    return h('article', { class: 'example', id: `ex-${i}` },
+      h('div', { class: 'example-head' },
+        h('span', {}, h('strong', {}, `sequence ${ex.sequence}`), h('span', { class: 'muted' }, ` · max attention ${fmt(ex.max_attention, 3)} · ${ex.strs.length} tokens`)),
+        h('span', { class: 'grow' }),
+        exportButtons(`${name}_seq${ex.sequence}`, { svg: () => tv.toSVG(`${name} · sequence ${ex.sequence} · coloured by max attention as ${tv.mode}`) })),
+      tv.el, slot);
+  }
+
+  const wanted = () => intParam(ctx, 'ex');
+  const bucketEls = buckets.map((b, bi) => {
+    const body = h('div', { class: 'bucket-body' });
+    const hasWanted = b.examples.includes(wanted());
+    const det = h('details', { class: 'bucket', open: bi < 2 || hasWanted },
+      h('summary', {}, h('strong', {}, `max attention ${fmt(b.lo, 2)} – ${fmt(b.hi, 2)}`), h('span', { class: 'muted' }, ` · ${b.examples.length} example${b.examples.length === 1 ? '' : 's'}`)),
+      body);
+    const fill = () => {
+      if (body.childElementCount) return;
+      for (const i of b.examples) if (exs[i]) body.append(exampleCard(i));
+      apply();
+    };
+    if (det.open) fill();
+    det.addEventListener('toggle', () => { if (det.open) fill(); });
+    return det;
+  });
+
+  function apply() {
+    const exI = wanted();
+    const q = intParam(ctx, 'q');
+    const k = intParam(ctx, 'k');
+    for (const [i, tv] of views) {
+      tv.setMode(mode);
+      if (i === exI) tv.setSelection(q, k);
+      else tv.setSelection(null, null);
+    }
+    const key = exI !== null && q !== null && k !== null && exs[exI] ? `${exI}:${q}:${k}:${ctx.get('basis', 'components')}` : null;
+    if (key !== attrKey) {
+      if (attrInstance && attrInstance.unmount) attrInstance.unmount();
+      for (const s of slots.values()) clear(s);
+      attrInstance = null;
+      attrKey = key;
+      const slot = key ? slots.get(exI) : null;
+      if (slot) {
+        const ex = exs[exI];
+        attrInstance = renderAttribution(slot, {
+          ctx, head: name, query: q, key: k, strs: ex.strs, sequence: ex.sequence,
+          basis: ctx.get('basis', 'components'),
+          onBasis: (b) => ctx.set({ basis: b === 'components' ? null : b }),
+          onClose: () => ctx.set({ ex: null, q: null, k: null }),
+        });
+      }
+    }
+  }
+
+  function onKey(ev) {
+    if (typingTarget(ev) || ev.metaKey || ev.ctrlKey || ev.altKey) return;
+    if (ev.key === 't' || ev.key === 'T') {
+      ev.preventDefault();
+      ctx.set({ color: mode === 'key' ? null : 'key' }, { replace: true });
+    } else if (ev.key === 'Escape') {
+      ctx.set({ ex: null, q: null, k: null });
+    }
+  }
+  document.addEventListener('keydown', onKey);
+
+  el.append(modeBar, exs.length
+    ? h('div', { class: 'buckets' }, bucketEls)
+    : h('div', { class: 'note' }, 'This head has no stored examples.'));
+  showMode();
+  apply();
+  const exI = wanted();
+  if (exI !== null && document.getElementById(`ex-${exI}`)) {
+    requestAnimationFrame(() => document.getElementById(`ex-${exI}`)?.scrollIntoView({ block: 'start' }));
+  }
+
+  return {
+    update(c) {
+      ctx = c;
+      const newMode = c.get('color') === 'key' ? 'key' : 'query';
+      if (newMode !== mode) { mode = newMode; showMode(); }
+      const exI2 = wanted();
+      if (exI2 !== null) {
+        const det = bucketEls.find((d, bi) => buckets[bi].examples.includes(exI2));
+        if (det && !det.open) det.open = true;
+      }
+      apply();
+    },
+    unmount() {
+      document.removeEventListener('keydown', onKey);
+      if (attrInstance && attrInstance.unmount) attrInstance.unmount();
+    },
+  };
+}

@@ -1,0 +1,151 @@
+// Sweep (#/sweep, live server): fill a template's {} with each value and plot the chosen heads'
+// attention from the query to the key as a function of the value (line chart for numbers, bar
+// chart otherwise) — seed 000, Figure 7. URL params: tpl, vals, heads, q, k.
+
+import * as data from '../data.js';
+import { h, clear, errorBox, loading, needsServer, parseHead, fixed } from '../lib/dom.js';
+import { categorical } from '../lib/color.js';
+import { lineChart, barChart } from '../lib/svg.js';
+import { labelToken } from '../lib/tokens.js';
+import { exportButtons } from '../lib/export.js';
+
+const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000..2000:25', heads: 'L0H0', q: 'last', k: '' };
+
+/** Parse "a, b, c", one per line, or numeric ranges "1000..2000" / "1000..2000:10". */
+export function parseValues(text) {
+  const out = [];
+  for (const part of String(text).split(/[\n,]+/).map((x) => x.trim()).filter(Boolean)) {
+    const m = part.match(/^(-?\d+)\s*\.\.\s*(-?\d+)(?:\s*:\s*(\d+))?$/);
+    if (m) {
+      const a = +m[1];
+      const b = +m[2];
+      const step = Math.max(1, +(m[3] || 1));
+      const n = Math.floor(Math.abs(b - a) / step) + 1;
+      if (n > 2000) throw new Error(`range ${part} has ${n} values; use a step (a..b:step) to stay under 2000`);
+      for (let i = 0; i < n; i++) out.push(String(a + Math.sign(b - a || 1) * i * step));
+    } else {
+      out.push(part);
+    }
+  }
+  return out;
+}
+
+export function mount(root, ctx) {
+  let alive = true;
+  const container = h('div', { class: 'view view-sweep' }, h('h1', {}, 'Sweep'), loading('Checking for a live server…'));
+  root.append(container);
+  let inst = null;
+  data.liveStatus().then((st) => {
+    if (!alive) return;
+    if (!st.live) {
+      clear(container).append(h('h1', {}, 'Sweep'), needsServer('The sweep'));
+      ctx.ready('sweep');
+      return;
+    }
+    inst = build(container, ctx, st.health);
+    inst.update(ctx);
+    ctx.ready('sweep');
+  });
+  return {
+    update(c) { ctx = c; if (!inst) return false; inst.update(c); return true; },
+    unmount() { alive = false; },
+  };
+}
+
+function build(container, ctx0, health) {
+  let ctx = ctx0;
+  const field = (id, lab, el, hint) => h('div', { class: 'field' }, h('label', { for: id }, lab), el, hint ? h('div', { class: 'muted small' }, hint) : null);
+  const tpl = h('input', { id: 'sweep-template', type: 'text', spellcheck: 'false' });
+  const vals = h('textarea', { id: 'sweep-values', rows: 2, spellcheck: 'false' });
+  const heads = h('input', { id: 'sweep-heads', type: 'text', spellcheck: 'false' });
+  const q = h('input', { id: 'sweep-query', type: 'text', size: 6 });
+  const k = h('input', { id: 'sweep-key', type: 'number', min: 0, size: 6 });
+  const msg = h('span', { class: 'error-text small', 'aria-live': 'polite' });
+  const preview = h('div', { class: 'token-preview' });
+  const result = h('div', {});
+  let lastKey = null;
+
+  async function showTokens() {
+    const values = (() => { try { return parseValues(vals.value); } catch { return []; } })();
+    const text = tpl.value.replace('{}', values[0] ?? '');
+    clear(preview).append(loading('Tokenising…'));
+    try {
+      const { tokens } = await data.api.tokenize(text);
+      clear(preview).append(h('div', { class: 'muted small' }, `Tokens of “${text}” — click one to use it as the key:`),
+        h('div', { class: 'chips' }, tokens.map((t, i) => h('button', { type: 'button', class: `chip-btn${String(i) === k.value ? ' on' : ''}`, onclick: () => { k.value = String(i); showTokens(); } },
+          h('span', { class: 'muted' }, `${i} `), labelToken(t)))));
+    } catch (err) {
+      clear(preview).append(errorBox(err));
+    }
+  }
+
+  const form = h('form', { class: 'panel form-grid', onsubmit: (ev) => {
+    ev.preventDefault();
+    const names = heads.value.split(/[\s,]+/).filter(Boolean).map((x) => parseHead(x));
+    if (!names.length || names.some((x) => !x)) { msg.textContent = 'heads: a comma-separated list like L0H1, L5H3'; return; }
+    if (!tpl.value.includes('{}')) { msg.textContent = 'the template needs a {} where each value goes'; return; }
+    try { parseValues(vals.value); } catch (err) { msg.textContent = err.message; return; }
+    if (k.value === '') { msg.textContent = 'pick a key position (Show tokens helps)'; return; }
+    msg.textContent = '';
+    ctx.set({ tpl: tpl.value, vals: vals.value, heads: names.map((x) => x.name).join(','), q: q.value || 'last', k: k.value });
+  } },
+  field('sweep-template', 'Template ({} is replaced by each value)', tpl),
+  field('sweep-values', 'Values', vals, 'comma or newline separated; numeric ranges as 1000..2000 or 1000..2000:10'),
+  h('div', { class: 'form-row' },
+    field('sweep-heads', 'Heads', heads),
+    field('sweep-query', 'Query position', q, 'an index or “last”'),
+    field('sweep-key', 'Key position', k),
+    h('button', { type: 'button', onclick: showTokens }, 'Show tokens'),
+    h('button', { type: 'submit', class: 'primary' }, 'Run sweep'), msg),
+  preview);
+  container.replaceChildren(h('h1', {}, 'Sweep'), h('p', { class: 'muted' }, `Attention from the query to the key as one slot of a template varies (model: ${health.model}).`), form, result);
+
+  async function run(c) {
+    const req = {
+      template: c.get('tpl'),
+      values: parseValues(c.get('vals')),
+      heads: c.get('heads').split(',').filter(Boolean),
+      query: c.get('q') === 'last' || c.get('q') === null ? 'last' : Number.parseInt(c.get('q'), 10),
+      key: Number.parseInt(c.get('k'), 10),
+    };
+    clear(result).append(loading(`Running ${req.values.length} × ${req.heads.length}…`));
+    try {
+      const res = await data.api.sweep(req);
+      const values = res.values || req.values;
+      const numeric = values.every((v) => /^\s*-?\d+(\.\d+)?\s*$/.test(String(v)));
+      const series = Object.entries(res.attention || {}).map(([hn, ys], i) => ({ name: hn, values: ys, color: categorical(i) }));
+      const width = Math.max(600, Math.min(1100, container.clientWidth - 40));
+      const chart = () => (numeric
+        ? lineChart({ series: series.map((sr) => ({ name: sr.name, x: values.map(Number), y: sr.values, color: sr.color })), width, height: 360, xLabel: 'value', yLabel: 'attention', yDomain: [0, 1], xFormat: (v) => String(v) })
+        : barChart({ categories: values.map(String), series, width, height: 360, yLabel: 'attention', yDomain: [0, 1] }));
+      const toks = res.tokens || [];
+      const kk = req.key;
+      clear(result).append(h('section', { class: 'panel' },
+        h('div', { class: 'panel-head' }, h('h3', {}, `Attention to key ${kk}${toks[kk] !== undefined ? ` “${labelToken(toks[kk])}”` : ''} from the ${req.query === 'last' ? 'last token' : `token at ${req.query}`}`),
+          h('span', { class: 'grow' }), exportButtons('sweep', { svg: chart })),
+        h('div', { class: 'figure-scroll', id: 'sweep-chart' }, chart()),
+        h('details', {}, h('summary', {}, 'Values'), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
+          h('thead', {}, h('tr', {}, h('th', {}, 'value'), series.map((sr) => h('th', { class: 'num' }, sr.name)))),
+          h('tbody', {}, values.map((v, i) => h('tr', {}, h('td', {}, String(v)), series.map((sr) => h('td', { class: 'num' }, fixed(sr.values[i], 4)))))))))));
+      ctx.hooks.sweepPoints = values.length;
+    } catch (err) {
+      clear(result).append(errorBox(err));
+    }
+  }
+
+  return {
+    update(c) {
+      ctx = c;
+      tpl.value = c.get('tpl', tpl.value || DEFAULTS.tpl);
+      vals.value = c.get('vals', vals.value || DEFAULTS.vals);
+      heads.value = c.get('heads', heads.value || DEFAULTS.heads);
+      q.value = c.get('q', q.value || DEFAULTS.q);
+      k.value = c.get('k', k.value || DEFAULTS.k);
+      const key = ['tpl', 'vals', 'heads', 'q', 'k'].map((n) => c.get(n)).join('\u0000');
+      if (c.get('tpl') && c.get('vals') && c.get('heads') && c.get('k') !== null && key !== lastKey) {
+        lastKey = key;
+        run(c);
+      }
+    },
+  };
+}

@@ -1,0 +1,245 @@
+"""The metric registry, the per-layer input every streaming metric reads, and the accumulator.
+
+A metric is one small function registered with :func:`register_metric`. The first paragraph of
+its docstring is what the UI shows next to the metric, so write it for a user, not a developer.
+
+Streaming metrics (``kind="stream"``) see one :class:`LayerBatch` at a time and return a
+:class:`MetricPartial` (a per-head total and count). The value of the metric over a dataset is
+``sum(total) / sum(count)`` over all batches, so shards can be merged exactly by adding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MetricKind = Literal["stream", "probe", "weights"]
+METRIC_KINDS: tuple[str, ...] = ("stream", "probe", "weights")
+
+
+@dataclass(frozen=True)
+class MetricPartial:
+    """One batch's contribution to a streaming metric: value = sum(total) / sum(count)."""
+
+    total: Tensor  # [H] float64
+    count: Tensor  # [H] float64
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric: its name, function, UI text (first docstring paragraph) and kind."""
+
+    name: str
+    fn: Callable
+    doc: str
+    kind: MetricKind
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def _first_paragraph(docstring: str | None) -> str:
+    text = inspect.cleandoc(docstring or "")
+    return " ".join(text.split("\n\n", 1)[0].split())
+
+
+def register_metric(name: str, kind: MetricKind = "stream") -> Callable[[Callable], Callable]:
+    """Register ``fn`` under ``name``; its docstring's first paragraph becomes the UI text.
+
+    Raises ``ValueError`` for an unknown kind, a duplicate name, or a missing docstring (a metric
+    without an explanation cannot be shown in the UI).
+    """
+    if kind not in METRIC_KINDS:
+        raise ValueError(f"unknown metric kind {kind!r}; expected one of {METRIC_KINDS}")
+
+    def decorator(fn: Callable) -> Callable:
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is already registered")
+        doc = _first_paragraph(fn.__doc__)
+        if not doc:
+            raise ValueError(f"metric {name!r} needs a docstring: it is shown in the UI")
+        METRICS[name] = MetricSpec(name=name, fn=fn, doc=doc, kind=kind)
+        return fn
+
+    return decorator
+
+
+def metric_docs(kind: MetricKind | None = None) -> dict[str, str]:
+    """Name -> one-paragraph explanation for every registered metric (of one kind, if given)."""
+    return {name: spec.doc for name, spec in METRICS.items() if kind is None or spec.kind == kind}
+
+
+def stream_metric_names() -> list[str]:
+    """Names of all registered streaming metrics, in registration order."""
+    return [name for name, spec in METRICS.items() if spec.kind == "stream"]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenMatches:
+    """Earlier occurrences of each query's token in a batch, as flat (batch, query, key) lists.
+
+    ``dup_*``: key ``k`` holds the same token as query ``q``, with ``1 <= k < q``.
+    ``ind_*``: the token *before* key ``k`` is the query's token (``tokens[k-1] == tokens[q]``),
+    with ``1 <= k < q`` -- the key an induction head attends to.
+    Only valid (non-padding) queries appear. Key 0 (the attention sink) never counts as a match.
+    Matches across packed-document boundaries do count: the model sees the whole packed
+    sequence, and nothing stops a head from copying across a boundary.
+
+    Depends only on the tokens, so the precompute can build it once per batch and share it
+    between layers.
+    """
+
+    dup_b: Tensor  # [N_dup] int64
+    dup_q: Tensor  # [N_dup] int64
+    dup_k: Tensor  # [N_dup] int64
+    ind_b: Tensor  # [N_ind] int64
+    ind_q: Tensor  # [N_ind] int64
+    ind_k: Tensor  # [N_ind] int64
+
+    @classmethod
+    def from_tokens(cls, tokens: Tensor, valid: Tensor) -> TokenMatches:
+        """tokens: [B, T] int64, valid: [B, T] bool."""
+        same = tokens[:, :, None] == tokens[:, None, :]  # [B, T(q), T(j)] bool
+        same &= valid[:, :, None]
+        same.tril_(-1)  # j < q
+        b, q, j = same.nonzero(as_tuple=True)  # [N] each: q's token occurred earlier at j
+        dup = j >= 1
+        ind = j <= q - 2  # the successor j + 1 of the earlier copy lies strictly before q
+        return cls(
+            dup_b=b[dup],
+            dup_q=q[dup],
+            dup_k=j[dup],
+            ind_b=b[ind],
+            ind_q=q[ind],
+            ind_k=j[ind] + 1,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class LayerBatch:
+    """Everything a streaming metric sees for one layer of one batch.
+
+    ``matches`` may be passed in to share the token matching between layers; otherwise it is
+    computed on first use. Derived quantities (``query_mask``, ``row_max``, anything stored
+    with :meth:`memo`) are cached on the object, so metrics that share them compute them once.
+    """
+
+    layer: int
+    pattern: Tensor  # [B, H, T, T] float32, causal, rows sum to 1: pattern[b, h, q, k]
+    tokens: Tensor  # [B, T] int64
+    doc_start: Tensor  # [B, T] bool, True where a document starts (position 0 always)
+    head_out_norm: Tensor  # [B, H, T] float32, ||z_h @ W_O[h]|| at each query position
+    valid: Tensor  # [B, T] bool, False for padding at the end
+    matches: TokenMatches | None = field(default=None)
+    _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        B, H, T, T2 = self.pattern.shape
+        if T != T2:
+            raise ValueError(f"pattern must be [B, H, T, T], got {tuple(self.pattern.shape)}")
+        for name, shape in (
+            ("tokens", (B, T)),
+            ("doc_start", (B, T)),
+            ("valid", (B, T)),
+            ("head_out_norm", (B, H, T)),
+        ):
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {got}")
+
+    @property
+    def n_heads(self) -> int:
+        return self.pattern.shape[1]
+
+    def memo(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per batch under ``key``, for intermediates several metrics share."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    @cached_property
+    def query_mask(self) -> Tensor:
+        """[B, T] bool: valid queries at position >= 1 (row 0 always attends only to itself)."""
+        mask = self.valid.clone()
+        mask[:, 0] = False
+        return mask
+
+    @cached_property
+    def row_max(self) -> Tensor:
+        """[B, H, T] float32: max attention of each query row with key 0 excluded.
+
+        Zero for row 0 and for padding rows.
+        """
+        B, H, T, _ = self.pattern.shape
+        out = self.pattern.new_zeros(B, H, T)
+        out[:, :, 1:] = self.pattern[:, :, 1:, 1:].amax(-1)
+        return torch.where(self.query_mask[:, None, :], out, 0.0)
+
+    @cached_property
+    def token_matches(self) -> TokenMatches:
+        if self.matches is not None:
+            return self.matches
+        return TokenMatches.from_tokens(self.tokens, self.valid)
+
+
+class MetricAccumulator:
+    """Running per-head sums of streaming metrics over a dataset, for every layer.
+
+    ``update`` adds one layer batch; ``merge`` adds another accumulator (e.g. a shard computed on
+    another machine) -- exact, because both are sums; ``result`` divides. ``state_dict`` holds
+    tensors only (for safetensors checkpoints).
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, names: Iterable[str] | None = None):
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.names = list(stream_metric_names() if names is None else names)
+        for name in self.names:
+            if name not in METRICS or METRICS[name].kind != "stream":
+                raise KeyError(f"{name!r} is not a registered streaming metric")
+        M = len(self.names)
+        self.total = torch.zeros(M, n_layers, n_heads, dtype=torch.float64)  # [M, L, H]
+        self.count = torch.zeros(M, n_layers, n_heads, dtype=torch.float64)  # [M, L, H]
+
+    def update(self, batch: LayerBatch) -> None:
+        """Add one layer batch to every metric of this accumulator."""
+        if batch.n_heads != self.n_heads:
+            raise ValueError(f"batch has {batch.n_heads} heads, accumulator {self.n_heads}")
+        for i, name in enumerate(self.names):
+            part: MetricPartial = METRICS[name].fn(batch)
+            self.total[i, batch.layer] += part.total
+            self.count[i, batch.layer] += part.count
+
+    def merge(self, other: MetricAccumulator) -> None:
+        """Add another accumulator's sums into this one (same layers, heads and metrics)."""
+        if other.names != self.names or other.total.shape != self.total.shape:
+            raise ValueError("can only merge accumulators with the same metrics and shape")
+        self.total += other.total
+        self.count += other.count
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``{"<metric>.total": [L, H], "<metric>.count": [L, H]}``, float64."""
+        state = {}
+        for i, name in enumerate(self.names):
+            state[f"{name}.total"] = self.total[i].clone()
+            state[f"{name}.count"] = self.count[i].clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            for attr in ("total", "count"):
+                value = state[f"{name}.{attr}"]
+                if value.shape != (self.n_layers, self.n_heads):
+                    raise ValueError(f"{name}.{attr} has shape {tuple(value.shape)}")
+                getattr(self, attr)[i] = value.to(torch.float64)
+
+    def result(self) -> dict[str, Tensor]:
+        """Metric name -> [L, H] float64 mean. NaN where a head saw no eligible query."""
+        value = self.total / self.count  # [M, L, H]; 0/0 -> NaN, on purpose
+        return {name: value[i] for i, name in enumerate(self.names)}

@@ -1,0 +1,1 @@
+"""Dataset-wide precompute: streaming selectors and summaries that feed the run directory."""

@@ -1,0 +1,224 @@
+"""Per-head example selection: sequences bucketed by their max attention, chosen in one pass.
+
+For every head, each sequence gets one score, its *max attention*: the largest weight over
+query positions q >= 1 and keys 1 <= k <= q (key 0, the attention sink, is left out; the
+diagonal is kept). Scores fall into ten fixed buckets ``[0, 0.1), [0.1, 0.2), ... [0.9, 1.0]``.
+
+* The top bucket keeps the ``top_k`` highest scores (ties: lower sequence index first).
+* Every other bucket keeps a uniform sample of ``per_bucket`` sequences: each sequence has a
+  pseudo-random priority ``hash(seed, layer, head, sequence)`` and the bucket keeps the
+  smallest priorities. This is a reservoir sample that does not depend on the order sequences
+  arrive in, on the batch size, or on how the dataset was split into shards, and two shards
+  merge exactly.
+
+The selector stores only sequence indices and scores (a few kB per head); the precompute
+re-materialises tokens and patterns of the kept sequences in a second pass and builds the
+example JSON with :func:`sparse_pattern`, :func:`max_as_query` and :func:`max_as_key`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from headscope.metrics.registry import LayerBatch
+
+N_BUCKETS = 10
+BUCKET_EDGES: tuple[float, ...] = tuple(i / N_BUCKETS for i in range(N_BUCKETS + 1))
+N_HIST_BINS = 20
+HISTOGRAM_EDGES: tuple[float, ...] = tuple(i / N_HIST_BINS for i in range(N_HIST_BINS + 1))
+
+_EMPTY_SEQ = -1
+_SEQ_SENTINEL = torch.iinfo(torch.int64).max
+_PRIORITY_BITS = 52  # priorities are exact integers in float64
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 finaliser on uint64 arrays (wrapping arithmetic, logical shifts)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def priority(seed: int, layer: Tensor, head: Tensor, sequence: Tensor) -> Tensor:
+    """Deterministic pseudo-random priority in ``[0, 2**52)`` as float64 (exact).
+
+    layer, head, sequence: int64 tensors that broadcast together -> float64 of their shape.
+    """
+    layer, head, sequence = torch.broadcast_tensors(layer, head, sequence)
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(layer.shape, seed, dtype=np.uint64))
+        for part in (layer, head, sequence):
+            h = _splitmix64(h ^ part.cpu().numpy().astype(np.uint64))
+    return torch.from_numpy((h >> np.uint64(64 - _PRIORITY_BITS)).astype(np.float64))
+
+
+def bucket_of(score: Tensor, n: int = N_BUCKETS) -> Tensor:
+    """Index of the fixed interval ``[i/n, (i+1)/n)`` holding each score (last one closed).
+
+    Edges are compared in float32 (the precision of attention weights), so a weight stored
+    as ``float32(0.9)`` lands in ``[0.9, 1.0]`` although it is a hair below 0.9.
+    """
+    edges = torch.arange(1, n, dtype=torch.float64).div_(n).float()  # [n - 1] inner edges
+    return torch.bucketize(score.float().contiguous(), edges.to(score.device), right=True)
+
+
+def sequence_max_attention(batch: LayerBatch) -> Tensor:
+    """[B, H] max attention per sequence and head: max over q >= 1 and 1 <= k <= q.
+
+    Padding queries are ignored; a sequence with a single valid token scores 0.
+    """
+    return batch.row_max.amax(-1)
+
+
+class ExampleSelector:
+    """Streaming, mergeable, order-independent choice of example sequences for every head."""
+
+    def __init__(
+        self, n_layers: int, n_heads: int, top_k: int = 10, per_bucket: int = 3, seed: int = 0
+    ):
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.top_k = top_k
+        self.per_bucket = per_bucket
+        self.seed = seed
+        self.slots = max(top_k, per_bucket)
+        self.capacity = torch.full((N_BUCKETS,), per_bucket, dtype=torch.int64)  # [NB]
+        self.capacity[-1] = top_k
+        shape = (n_layers, n_heads, N_BUCKETS, self.slots)
+        self.seq = torch.full(shape, _EMPTY_SEQ, dtype=torch.int64)  # [L, H, NB, S]
+        self.score = torch.zeros(shape, dtype=torch.float32)  # [L, H, NB, S]
+        self.hist = torch.zeros(n_layers, n_heads, N_HIST_BINS, dtype=torch.int64)  # [L, H, 20]
+
+    def _keep_best(self, layers: Tensor, seq: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep each bucket's best candidates.
+
+        layers: [L'] int64; seq: [L', H, NB, M] int64 (-1 = empty); score: [L', H, NB, M].
+        Returns seq, score: [L', H, NB, S] in canonical order (best first, empties last).
+        """
+        empty = seq == _EMPTY_SEQ
+        heads = torch.arange(self.n_heads)
+        prio = priority(self.seed, layers[:, None, None, None], heads[None, :, None, None], seq)
+        is_top = torch.zeros(N_BUCKETS, 1, dtype=torch.bool)  # [NB, 1]
+        is_top[-1] = True
+        primary = torch.where(is_top, -score.double(), prio).masked_fill_(empty, float("inf"))
+        secondary = seq.masked_fill(empty, _SEQ_SENTINEL)
+        # lexicographic (primary, secondary): stable sort by the minor key, then the major one
+        order = secondary.argsort(dim=-1, stable=True)
+        order = order.gather(-1, primary.gather(-1, order).argsort(dim=-1, stable=True))
+        order = order[..., : self.slots]
+        seq, score = seq.gather(-1, order), score.gather(-1, order)
+        over = torch.arange(self.slots) >= self.capacity[:, None]  # [NB, S]
+        return seq.masked_fill(over, _EMPTY_SEQ), score.masked_fill(over, 0.0)
+
+    def update(self, layer: int, seq_indices: Tensor, max_attn: Tensor) -> None:
+        """Offer a batch of sequences for every head of one layer.
+
+        seq_indices: [B] int64, dataset index of each sequence (each sequence offered once per
+        layer); max_attn: [B, H] float, from :func:`sequence_max_attention`.
+        """
+        seq_indices = seq_indices.cpu().long()
+        max_attn = max_attn.detach().cpu().float()
+        bucket = bucket_of(max_attn).T  # [H, B]
+        in_bucket = bucket[:, None, :] == torch.arange(N_BUCKETS)[None, :, None]  # [H, NB, B]
+        cand_seq = torch.where(in_bucket, seq_indices, _EMPTY_SEQ)  # [H, NB, B]
+        cand_score = torch.where(in_bucket, max_attn.T[:, None, :], 0.0)  # [H, NB, B]
+        seq = torch.cat([self.seq[layer], cand_seq], dim=-1)[None]  # [1, H, NB, S + B]
+        score = torch.cat([self.score[layer], cand_score], dim=-1)[None]
+        new_seq, new_score = self._keep_best(torch.tensor([layer]), seq, score)
+        self.seq[layer], self.score[layer] = new_seq[0], new_score[0]
+        bins = bucket_of(max_attn, N_HIST_BINS).T  # [H, B]
+        self.hist[layer].scatter_add_(1, bins, torch.ones_like(bins))
+
+    def merge(self, other: ExampleSelector) -> None:
+        """Fold in a selector that saw a disjoint set of sequences (another shard)."""
+        same = (self.n_layers, self.n_heads, self.top_k, self.per_bucket, self.seed) == (
+            other.n_layers,
+            other.n_heads,
+            other.top_k,
+            other.per_bucket,
+            other.seed,
+        )
+        if not same:
+            raise ValueError("can only merge selectors with the same shape, sizes and seed")
+        seq = torch.cat([self.seq, other.seq], dim=-1)  # [L, H, NB, 2S]
+        score = torch.cat([self.score, other.score], dim=-1)
+        self.seq, self.score = self._keep_best(torch.arange(self.n_layers), seq, score)
+        self.hist += other.hist
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only: ``seq`` [L, H, 10, S], ``score`` [L, H, 10, S], ``hist`` [L, H, 20]."""
+        return {"seq": self.seq.clone(), "score": self.score.clone(), "hist": self.hist.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in ("seq", "score", "hist"):
+            current = getattr(self, name)
+            if state[name].shape != current.shape:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}")
+            setattr(self, name, state[name].to(current.dtype).clone())
+
+    def selected(self) -> dict[tuple[int, int], list[tuple[float, float, list[tuple[int, float]]]]]:
+        """(layer, head) -> buckets, highest first: ``(lo, hi, [(sequence, max_attn), ...])``.
+
+        Every bucket is listed, empty ones included. Within a bucket, examples are ordered by
+        max attention (highest first, ties by sequence index).
+        """
+        # sort every bucket by (-score, seq) for display; empties last
+        empty = self.seq == _EMPTY_SEQ
+        primary = (-self.score.double()).masked_fill(empty, float("inf"))
+        secondary = self.seq.masked_fill(empty, _SEQ_SENTINEL)
+        order = secondary.argsort(dim=-1, stable=True)
+        order = order.gather(-1, primary.gather(-1, order).argsort(dim=-1, stable=True))
+        seqs = self.seq.gather(-1, order).tolist()
+        scores = self.score.gather(-1, order).tolist()
+        out = {}
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                buckets = []
+                for b in reversed(range(N_BUCKETS)):
+                    items = [
+                        (s, v)
+                        for s, v in zip(seqs[layer][head][b], scores[layer][head][b], strict=True)
+                        if s != _EMPTY_SEQ
+                    ]
+                    buckets.append((BUCKET_EDGES[b], BUCKET_EDGES[b + 1], items))
+                out[(layer, head)] = buckets
+        return out
+
+    def histograms(self) -> Tensor:
+        """[L, H, 20] int64 counts of per-sequence max attention in bins of width 0.05 on [0, 1]."""
+        return self.hist.clone()
+
+
+def sparse_pattern(pattern: Tensor, top_k: int = 3, threshold: float = 0.05) -> list[list]:
+    """The strongest keys of every query row, as ``[[q, k, w], ...]`` for the example JSON.
+
+    pattern: [T, T] one head on one sequence (sliced to its valid length). Keeps up to
+    ``top_k`` keys per row with weight >= ``threshold`` (key 0 included), ``w`` rounded to 1e-3.
+    Ordered by query, then weight (highest first, ties by lower key).
+    """
+    T = pattern.shape[-1]
+    weights, keys = pattern.sort(dim=-1, descending=True, stable=True)  # [T, T]
+    weights, keys = weights[:, :top_k], keys[:, :top_k]  # [T, K]
+    keep = weights >= threshold
+    queries = torch.arange(T)[:, None].expand_as(keys)[keep]  # [N]
+    rounded = (weights[keep].double() * 1000).round() / 1000  # [N]
+    return [
+        [q, k, w]
+        for q, k, w in zip(queries.tolist(), keys[keep].tolist(), rounded.tolist(), strict=True)
+    ]
+
+
+def max_as_query(pattern: Tensor) -> Tensor:
+    """[..., T, T] -> [..., T]: each position's largest attention to any key but key 0."""
+    out = pattern.new_zeros(pattern.shape[:-1])
+    if pattern.shape[-1] > 1:
+        out[..., 1:] = pattern[..., 1:, 1:].tril().amax(-1)
+    return out
+
+
+def max_as_key(pattern: Tensor) -> Tensor:
+    """[..., T, T] -> [..., T]: the largest attention each position receives from a later query."""
+    return pattern.tril(-1).amax(-2)

@@ -1,0 +1,351 @@
+"""Pattern motifs: hand-made features of attention patterns, their embedding, and head distances.
+
+Following Ivanitskiy et al., "Motifs in Attention Patterns of Large Language Models": every
+(head, sequence) pattern gets a fixed vector of hand-made features (:data:`MOTIF_FEATURE_NAMES`),
+a normaliser + PCA (:class:`MotifEmbedder`) maps it to 16 dimensions, and the distance between
+two heads is the mean over sequences of the distance between their embeddings on the same
+sequence (:func:`head_distances`). :func:`head_map` and :func:`nearest_heads` turn that into
+the 2-D maps and neighbour lists of ``motifs/map.json``.
+
+**Which part of the pattern.** Features are computed on the top-left ``n x n`` block with
+``n = min(T, MOTIF_BLOCK) = 128``. Because attention is causal, that block is exactly the
+pattern the model produces on the sequence's first 128 tokens, so it is a valid pattern in its
+own right (rows sum to 1) and the features mean the same thing for every model and run. The
+three Gram matrices cost ``n^3`` per head and sequence; at n = 128 all features of one layer
+batch (B = 4, H = 9) take a few milliseconds on 2 CPU cores, at n = 512 they would take ~100x
+more. Row 0 (which can only attend to itself) and padding rows are left out of every
+statistic. Position 0 (the attention sink) has its own features (the first column) and is left
+out of the others (row maxima, distance profile, the key-side and skewed Gram matrices).
+
+**Features**, per pattern, in this order (``stats`` = mean, std, q10, median, q90, max over
+rows 1..n-1):
+
+* ``diag.*``: stats of the diagonal ``A[q, q]``.
+* ``first_col.*``: stats of the first column ``A[q, 0]``.
+* ``sub{o}.*`` for o = 1..4: stats of the sub-diagonal ``A[q, q - o]`` (rows ``q > o``).
+* ``row_max.*``: stats of each row's maximum over keys 1..q.
+* ``entropy_norm.*``: stats of each row's entropy divided by ``log(q + 1)`` (1 = uniform);
+  ``entropy.mean``: mean entropy in nats.
+* ``dist.{d}`` for d = 5..16: the distance profile, mean of ``A[q, q - d]`` over rows
+  ``q > d`` (offsets 0..4 are the means of ``diag`` and ``sub{o}``).
+* ``tail.mid``, ``tail.far``: mean attention mass at distances 17..63 and >= 64 (key 0 left
+  out); ``tail.rel_distance``: mean of ``sum_k A[q, k] (q - k) / q``.
+* ``gram_rows.*`` (rows of A: vertical bars), ``gram_keys.*`` (columns of A without key 0:
+  horizontal bars) and ``gram_skew.*`` (rows of the skewed pattern ``S[q, d] = A[q, q - d]``
+  without key 0: "same offset in every row"): mean and std of the Gram diagonal, mean and std
+  of its off-diagonal entries, mean and std of the off-diagonal cosine similarities, and the
+  trace fraction ``trace(G) / sum(G)``.
+
+Statistics of empty sets (e.g. a sequence with one valid token) are 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from headscope.precompute.pca import orient_components
+
+MOTIF_BLOCK = 128
+EMBED_DIM = 16
+_STATS = ("mean", "std", "q10", "q50", "q90", "max")
+_ROW_GROUPS = ("diag", "first_col", "sub1", "sub2", "sub3", "sub4", "row_max", "entropy_norm")
+_PROFILE = tuple(range(5, 17))
+_MID, _FAR = 17, 64
+_GRAM_STATS = ("diag_mean", "diag_std", "off_mean", "off_std", "cos_mean", "cos_std", "trace_frac")
+_GRAMS = ("gram_rows", "gram_keys", "gram_skew")
+
+MOTIF_FEATURE_NAMES: tuple[str, ...] = (
+    tuple(f"{g}.{s}" for g in _ROW_GROUPS for s in _STATS)
+    + ("entropy.mean",)
+    + tuple(f"dist.{d}" for d in _PROFILE)
+    + ("tail.mid", "tail.far", "tail.rel_distance")
+    + tuple(f"{g}.{s}" for g in _GRAMS for s in _GRAM_STATS)
+)
+_FORMAT = "headscope.motif-embedder/1"
+
+
+def _masked_stats(x: Tensor, mask: Tensor) -> Tensor:
+    """x: [..., n], mask: [..., n] bool (broadcastable) -> [..., 6] (mean, std, q10/50/90, max).
+
+    Quantiles interpolate linearly between order statistics, like ``torch.quantile``.
+    """
+    x, mask = torch.broadcast_tensors(x, mask)
+    count = mask.sum(-1)  # [...]
+    c = count.clamp_min(1).to(x.dtype)
+    mean = torch.where(mask, x, 0.0).sum(-1) / c
+    var = torch.where(mask, (x - mean[..., None]).square(), 0.0).sum(-1) / c
+    ordered = torch.where(mask, x, float("inf")).sort(-1).values  # valid values first
+    last = (count - 1).clamp_min(0)[..., None]  # [..., 1]
+    where = last.to(x.dtype) * torch.tensor([0.1, 0.5, 0.9], dtype=x.dtype, device=x.device)
+    lo = where.floor().long()
+    frac = where - lo
+    hi = torch.minimum(lo + 1, last)
+    quant = ordered.gather(-1, lo) * (1 - frac) + ordered.gather(-1, hi) * frac  # [..., 3]
+    mx = ordered.gather(-1, last)  # [..., 1]
+    out = torch.cat([mean[..., None], var.sqrt()[..., None], quant, mx], dim=-1)
+    return torch.where((count > 0)[..., None], out, 0.0)
+
+
+def _gram_stats(x: Tensor, mask: Tensor) -> Tensor:
+    """Statistics of the Gram matrix ``G = x x^T`` of the rows of x.
+
+    x: [G, m, p] (rows outside the mask must be zero), mask: [G, m] bool -> [G, 7]. Sums of
+    entries come from row sums (``sum(G) = ||sum_i x_i||^2``) and only the sums of squares
+    need G itself, so no [G, m, m] masks are built.
+    """
+    g = x @ x.mT  # [G, m, m]
+    diag = g.diagonal(dim1=-2, dim2=-1)  # [G, m]
+    n = mask.sum(-1).to(x.dtype)  # [G]
+    diag_sum = diag.sum(-1)
+    diag_sq = diag.square().sum(-1)
+    total = x.sum(1).square().sum(-1)  # [G] sum of all entries of G
+    g_sq = torch.linalg.vector_norm(g, dim=(-2, -1)).square()
+
+    nonzero = diag > 0
+    inv = torch.where(nonzero, diag.clamp_min(1e-30).rsqrt(), 0.0)  # [G, m]
+    n_nz = nonzero.sum(-1).to(x.dtype)  # rows with a defined cosine
+    cos_total = (x * inv[..., None]).sum(1).square().sum(-1)
+    g.mul_(inv[:, :, None]).mul_(inv[:, None, :])  # g is now the cosine-similarity matrix
+    cos_sq = torch.linalg.vector_norm(g, dim=(-2, -1)).square()
+
+    def mean_std(s: Tensor, sq: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        c = count.clamp_min(1.0)
+        mean = s / c
+        return mean, (sq / c - mean.square()).clamp_min(0.0).sqrt()
+
+    d_mean, d_std = mean_std(diag_sum, diag_sq, n)
+    o_mean, o_std = mean_std(total - diag_sum, g_sq - diag_sq, n * (n - 1))
+    c_mean, c_std = mean_std(cos_total - n_nz, cos_sq - n_nz, n_nz * (n_nz - 1))
+    frac = diag_sum / torch.where(total > 0, total, 1.0)
+    return torch.stack([d_mean, d_std, o_mean, o_std, c_mean, c_std, frac], dim=-1)
+
+
+def motif_features(pattern: Tensor, valid: Tensor) -> Tensor:
+    """Hand-made motif features of every (sequence, head) pattern.
+
+    pattern: [B, H, T, T] causal attention; valid: [B, T] bool -> [B, H, F] float32 with
+    F = ``len(MOTIF_FEATURE_NAMES)``, computed on the top-left ``min(T, 128)`` block.
+    """
+    B, H, T, _ = pattern.shape
+    n = min(T, MOTIF_BLOCK)
+    dev = pattern.device
+    pos = torch.arange(n, device=dev)
+    rows = valid[:, :n] & (pos >= 1)  # [B, n] rows that count
+    rmask = rows[:, None, :]  # [B, 1, n]
+    # [B, H, n, n]; padding rows zeroed so they add nothing to column sums or Gram matrices
+    a = torch.where(rmask[..., None], pattern[:, :, :n, :n].float(), 0.0)
+
+    q = pos[:, None]  # [n, 1]
+    d = pos[None, :]  # [1, n]
+    # skewed pattern without key 0: S[q, d] = A[q, q - d] for d < q
+    skew_ok = d < q  # [n, n]
+    skew = a.gather(-1, (q - d).clamp_min(0).expand(B, H, n, n))  # [B, H, n, n]
+    skew.masked_fill_(~skew_ok, 0.0)
+
+    row_vals = [a.diagonal(dim1=-2, dim2=-1), a[..., 0]]  # [B, H, n] each
+    row_masks = [rmask, rmask]
+    for o in range(1, 5):
+        row_vals.append(skew[..., o])
+        row_masks.append(rmask & (pos > o))
+    row_vals.append(a[..., 1:].amax(-1) if n > 1 else a.new_zeros(B, H, n))
+    row_masks.append(rmask)
+    ent = -(a.clamp_min(1e-30).log_().mul_(a)).sum(-1)  # [B, H, n] nats (0 log 0 = 0)
+    log_support = torch.log(pos + 1.0).clamp_min(math.log(2.0))  # [n]; row 0 is masked anyway
+    row_vals.append(ent / log_support)
+    row_masks.append(rmask)
+    stats = _masked_stats(
+        torch.stack(row_vals, 2), torch.stack(torch.broadcast_tensors(*row_masks), 2)
+    )
+    # stats: [B, H, 8, 6]
+
+    n_rows = rows.sum(-1).clamp_min(1).to(a.dtype)[:, None]  # [B, 1]
+    ent_mean = torch.where(rmask, ent, 0.0).sum(-1) / n_rows  # [B, H]
+
+    # distance profile: mean over rows q > d of S[q, d]
+    col_rows = (rows[:, :, None] & skew_ok).sum(1).clamp_min(1).to(a.dtype)  # [B, n(d)]
+    profile = skew.sum(2) / col_rows[:, None, :]  # [B, H, n]
+    prof = a.new_zeros(B, H, len(_PROFILE))
+    avail = [d_ for d_ in _PROFILE if d_ < n]
+    prof[..., : len(avail)] = profile[..., avail]
+    mid = skew[..., _MID:_FAR].sum(-1)  # [B, H, n]
+    far = skew[..., _FAR:].sum(-1)
+    pos_f = pos.to(a.dtype)
+    dist = (pos_f - a @ pos_f) / pos_f.clamp_min(1.0)  # [B, H, n] mean distance / q
+    tail = torch.stack(
+        [torch.where(rmask, v, 0.0).sum(-1) / n_rows for v in (mid, far, dist)], -1
+    )  # [B, H, 3]
+
+    G = B * H
+    row_ok = rmask.expand(B, H, n).reshape(G, n)
+    grows = _gram_stats(a.view(G, n, n), row_ok)
+    # key side: columns 1..n-1 (columns of padding keys are already zero: only padding rows
+    # could attend to them)
+    keys_ok = valid[:, 1:n, None].expand(B, n - 1, H).transpose(1, 2).reshape(G, n - 1)
+    gkeys = _gram_stats(a.view(G, n, n)[:, :, 1:].mT, keys_ok)
+    gskew = _gram_stats(skew.view(G, n, n), row_ok)
+    grams = torch.cat([grows, gkeys, gskew], -1).view(B, H, -1)
+
+    out = torch.cat([stats.flatten(2), ent_mean[..., None], prof, tail, grams], -1)
+    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class MotifEmbedder:
+    """Feature normaliser (mean/std per feature) + PCA to 16 dimensions, saved as safetensors.
+
+    Fit once on the features of many (head, sequence) patterns; the saved file can embed
+    patterns from other runs and other models (the features do not depend on the model).
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        std: Tensor,
+        components: Tensor,
+        explained_variance_ratio: Tensor,
+    ):
+        self.mean = mean  # [F] float64
+        self.std = std  # [F] float64
+        self.components = components  # [16, F] float64
+        self.explained_variance_ratio = explained_variance_ratio  # [16] float64
+
+    @classmethod
+    def fit(cls, features: Tensor, dim: int = EMBED_DIM) -> MotifEmbedder:
+        """features: [N, F] (one row per (head, sequence)) -> fitted embedder.
+
+        Constant features get std 1. PCA is the eigendecomposition of the float64 covariance
+        of the standardised features; each component's largest loading is made positive.
+        """
+        x = features.reshape(-1, features.shape[-1]).double()
+        mean = x.mean(0)
+        std = x.std(0, correction=0)
+        std = torch.where(std > 1e-12, std, 1.0)
+        z = (x - mean) / std
+        cov = z.T @ z / max(z.shape[0] - 1, 1)  # [F, F]
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        k = min(dim, evecs.shape[1])
+        comps = torch.zeros(dim, x.shape[1], dtype=torch.float64)
+        comps[:k] = orient_components(evecs[:, :k].T)
+        ratio = torch.zeros(dim, dtype=torch.float64)
+        total = evals.sum()
+        if total > 0:
+            ratio[:k] = evals[:k] / total
+        return cls(mean, std, comps, ratio)
+
+    def embed(self, features: Tensor) -> Tensor:
+        """features: [..., F] -> [..., 16] float32."""
+        z = (features.double() - self.mean) / self.std
+        return (z @ self.components.T).float()
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file with the feature names and block size in its metadata."""
+        save_file(
+            {
+                "mean": self.mean.contiguous(),
+                "std": self.std.contiguous(),
+                "components": self.components.contiguous(),
+                "explained_variance_ratio": self.explained_variance_ratio.contiguous(),
+            },
+            str(path),
+            metadata={
+                "format": _FORMAT,
+                "block": str(MOTIF_BLOCK),
+                "feature_names": json.dumps(list(MOTIF_FEATURE_NAMES)),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> MotifEmbedder:
+        """Read a file written by :meth:`save`; refuses one made with a different feature set."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a motif embedder ({meta.get('format')!r})")
+        names = tuple(json.loads(meta.get("feature_names", "[]")))
+        if names != MOTIF_FEATURE_NAMES or meta.get("block") != str(MOTIF_BLOCK):
+            raise ValueError(f"{path} was fitted on a different motif feature set")
+        t = load_file(str(path))
+        return cls(t["mean"], t["std"], t["components"], t["explained_variance_ratio"])
+
+
+def head_distances(emb: Tensor, chunk: int = 64) -> Tensor:
+    """Mean over sequences of the Euclidean distance between two heads' embeddings.
+
+    emb: [N_heads, S, 16] -> [N_heads, N_heads] float64, symmetric, zero diagonal.
+    """
+    n_heads, S, _ = emb.shape
+    total = torch.zeros(n_heads, n_heads, dtype=torch.float64)
+    per_seq = emb.double().transpose(0, 1)  # [S, N_heads, 16]
+    for start in range(0, S, chunk):  # chunks bound the [chunk, N, N] temporary
+        block = per_seq[start : start + chunk]
+        total += torch.cdist(block, block, compute_mode="donot_use_mm_for_euclid_dist").sum(0)
+    dist = total / max(S, 1)
+    dist = (dist + dist.T) / 2
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def _orient(xy: Tensor) -> Tensor:
+    """Flip each axis of [N, 2] so the point farthest from 0 on it is positive (determinism)."""
+    idx = xy.abs().argmax(0)  # [2]
+    sign = xy[idx, torch.arange(xy.shape[1])].sign()
+    return xy * torch.where(sign == 0, 1.0, sign)
+
+
+def head_map(
+    dist: Tensor, n_neighbors: int = 16, perplexity: float = 30.0, random_state: int = 0
+) -> dict[str, list[list[float]]]:
+    """2-D maps of the heads from their distance matrix: ``{"isomap": [[x, y]], "tsne": ...}``.
+
+    dist: [N, N]. Isomap (dense eigensolver) and t-SNE (random init, fixed ``random_state``;
+    single-threaded) on the precomputed distances; both deterministic. Neighbour count and perplexity shrink
+    for small N.
+    """
+    from sklearn.manifold import TSNE, Isomap
+    from threadpoolctl import threadpool_limits
+
+    d = dist.double().cpu().numpy()
+    n = d.shape[0]
+    if n < 3:
+        zeros = [[0.0, 0.0] for _ in range(n)]
+        return {"isomap": zeros, "tsne": [list(r) for r in zeros]}
+    iso = Isomap(
+        n_neighbors=min(n_neighbors, n - 1),
+        n_components=2,
+        metric="precomputed",
+        eigen_solver="dense",
+    ).fit_transform(d)
+    tsne = TSNE(
+        n_components=2,
+        metric="precomputed",
+        init="random",
+        perplexity=min(perplexity, (n - 1) / 3),
+        random_state=random_state,
+    )
+    # One thread: sklearn's OpenMP t-SNE is bitwise reproducible that way, and on a busy
+    # 2-core machine several times faster (1.5 s instead of 7.5 s for 270 heads).
+    with threadpool_limits(1):
+        tsne = tsne.fit_transform(d)
+    return {
+        "isomap": _orient(torch.from_numpy(iso)).tolist(),
+        "tsne": _orient(torch.from_numpy(tsne)).tolist(),
+    }
+
+
+def nearest_heads(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k nearest other heads of every head.
+
+    dist: [N, N] -> (indices [N, k] int64, distances [N, k]), nearest first, ties by index.
+    """
+    n = dist.shape[0]
+    d = dist.clone().fill_diagonal_(float("inf"))
+    order = d.argsort(dim=-1, stable=True)[:, : min(k, n - 1)]
+    return order, d.gather(-1, order)

@@ -1,0 +1,255 @@
+"""PCA of each head's Q, K and O activations on its strongest (query, key) pairs.
+
+As in HeadVis: per head, keep the ``n_pairs`` (query, key) pairs of the whole dataset with the
+largest attention-output norm ``A[q, k] * ||v_o[k]||``, where ``v_o[k]`` is key k's value
+vector passed through the head's W_O. For each pair store the query vector ``q[q]``, the key
+vector ``k[k]`` and the output vector ``o = A[q, k] * v_o[k]``; after the pass, run a PCA on
+each of the three sets. Clusters in the first components hint that the head has distinct
+behaviours.
+
+Pairs are restricted to queries q >= 1 and keys ``1 <= k <= q`` (key 0, the attention sink,
+is left out) at valid positions. Ties in norm are broken by (sequence, q_pos, k_pos), so the
+selection does not depend on batch size or shard order, and shards merge exactly.
+
+Memory: ``L * H * n_pairs * (2 * d_head + d_out)`` values in ``dtype`` (float16 by default).
+``v_o`` may be given in any orthonormal basis of W_O[h]'s row space (``d_out = d_head``) instead
+of the model basis: norms, PCA coordinates and variance ratios are unchanged (up to sign), and
+the O table shrinks by ``d_model / d_head`` (9x for SmolLM2: 53 MB instead of 195 MB in all).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_META = ("sequence", "q_pos", "k_pos", "query_token", "key_token")
+_SEQ_BITS, _POS_BITS = 23, 20
+# Above this vector width the exact covariance eigendecomposition gets expensive
+# (d_model = 576: ~0.6 s per head on 2 cores), so PCA switches to a randomized range finder.
+_EXACT_MAX_DIM = 128
+_OVERSAMPLE = 8
+_POWER_ITERS = 8
+
+
+def orient_components(components: Tensor) -> Tensor:
+    """Flip each component (rows of [..., k, F]) so its largest-|loading| entry is positive.
+
+    PCA components are defined up to sign; this makes outputs deterministic.
+    """
+    idx = components.abs().argmax(-1, keepdim=True)  # [..., k, 1]
+    sign = components.gather(-1, idx).sign()
+    return components * torch.where(sign == 0, 1.0, sign).to(components.dtype)
+
+
+def _pca(x: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Batched PCA. x: [G, N, d], mask: [G, N] bool -> (coords [G, N, k], variance_ratio [G, k]).
+
+    Rows outside the mask get coordinate 0. Components are sign-fixed (largest |loading|
+    positive). Exact (covariance eigendecomposition, float64) for d <= 128; above that a
+    randomized subspace iteration with a fixed start matrix, accurate to float precision for
+    the leading components and deterministic.
+    """
+    G, N, d = x.shape
+    x = x.double()
+    m = mask[..., None].double()  # [G, N, 1]
+    cnt = m.sum(1).clamp_min(1.0)  # [G, 1]
+    xc = (x - (x * m).sum(1, keepdim=True) / cnt[:, None]) * m  # [G, N, d] centred, masked
+    total = xc.square().sum((1, 2))  # [G]
+    if d <= _EXACT_MAX_DIM:
+        evals, evecs = torch.linalg.eigh(xc.mT @ xc)  # ascending
+        var = evals.flip(-1).clamp_min(0.0)  # [G, d]
+        comps = evecs.flip(-1).mT  # [G, d, d] rows = components
+    else:
+        width = min(k + _OVERSAMPLE, N, d)
+        gen = torch.Generator().manual_seed(0)
+        omega = torch.randn(d, width, generator=gen, dtype=torch.float64)  # [d, l]
+        basis = torch.linalg.qr(xc @ omega).Q  # [G, N, l]
+        for _ in range(_POWER_ITERS):
+            basis = torch.linalg.qr(xc @ torch.linalg.qr(xc.mT @ basis).Q).Q
+        _, s, comps = torch.linalg.svd(basis.mT @ xc, full_matrices=False)  # comps [G, l, d]
+        var = s.square()
+    r = min(k, comps.shape[1])
+    top = orient_components(comps[:, :r])  # [G, r, d]
+    coords = x.new_zeros(G, N, k)
+    coords[..., :r] = xc @ top.mT
+    ratio = x.new_zeros(G, k)
+    ratio[:, :r] = var[:, :r] / torch.where(total > 0, total, 1.0)[:, None]
+    return coords, ratio
+
+
+class PairCollector:
+    """Streaming top-N (query, key) pairs per head by attention-output norm, with Q/K/O vectors."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        d_head: int,
+        d_out: int,
+        n_pairs: int = 512,
+        dtype: torch.dtype = torch.float16,
+    ):
+        self.n_layers, self.n_heads, self.n_pairs = n_layers, n_heads, n_pairs
+        self.d_head, self.d_out, self.dtype = d_head, d_out, dtype
+        L, H, N = n_layers, n_heads, n_pairs
+        self.norm = torch.full((L, H, N), float("-inf"))  # [L, H, N] float32, best first
+        self.meta = torch.full((L, H, N, len(_META)), -1, dtype=torch.int64)  # [L, H, N, 5]
+        self.q_vec = torch.zeros(L, H, N, d_head, dtype=dtype)  # [L, H, N, D]
+        self.k_vec = torch.zeros(L, H, N, d_head, dtype=dtype)  # [L, H, N, D]
+        self.o_vec = torch.zeros(L, H, N, d_out, dtype=dtype)  # [L, H, N, d_out]
+
+    def _best(self, norm: Tensor, meta: Tensor) -> Tensor:
+        """norm: [..., M], meta: [..., M, 5] -> indices [..., N] of the best pairs, best first."""
+        empty = meta[..., 0] < 0
+        if (meta[..., 0] >= 2**_SEQ_BITS).any() or (meta[..., 1:3] >= 2**_POS_BITS).any():
+            raise ValueError("sequence index or position too large for the tie-break key")
+        primary = (-norm.double()).masked_fill(empty, float("inf"))
+        secondary = (meta[..., 0] << (2 * _POS_BITS)) | (meta[..., 1] << _POS_BITS) | meta[..., 2]
+        secondary = secondary.masked_fill(empty, torch.iinfo(torch.int64).max)
+        order = secondary.argsort(dim=-1, stable=True)
+        order = order.gather(-1, primary.gather(-1, order).argsort(dim=-1, stable=True))
+        return order[..., : self.n_pairs]
+
+    def _keep(self, layers: slice | int, norm: Tensor, meta: Tensor, vecs: list[Tensor]) -> None:
+        """Keep the best n_pairs of the given candidates (already including the current ones)."""
+        order = self._best(norm, meta)  # [..., N]
+        self.norm[layers] = norm.gather(-1, order)
+        self.meta[layers] = meta.gather(-2, order[..., None].expand(*order.shape, meta.shape[-1]))
+        for name, v in zip(("q_vec", "k_vec", "o_vec"), vecs, strict=True):
+            idx = order[..., None].expand(*order.shape, v.shape[-1])
+            getattr(self, name)[layers] = v.gather(-2, idx)
+
+    def update(
+        self,
+        layer: int,
+        seq_indices: Tensor,
+        pattern: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v_o: Tensor,
+        tokens: Tensor,
+        valid: Tensor,
+    ) -> None:
+        """Offer every (query, key) pair of one layer batch.
+
+        seq_indices: [B] int64; pattern: [B, H, T, T]; q, k: [B, H, T, D] (per query head,
+        after any position encoding, i.e. what the dot product sees); v_o: [B, H, T, d_out]
+        (each key's value vector through W_O[h]); tokens: [B, T] int64; valid: [B, T] bool.
+        """
+        B, H, T, _ = pattern.shape
+        N = self.n_pairs
+        dev = pattern.device
+        pair = pattern * v_o.float().norm(dim=-1)[:, :, None, :]  # [B, H, T, T] output norms
+        pos = torch.arange(T, device=dev)
+        allowed = (pos[:, None] >= pos[None, :]) & (pos[None, :] >= 1)  # [T, T]: 1 <= k <= q
+        pair.masked_fill_(~(allowed & valid[:, None, :, None]), 0.0)
+        # only pairs that can beat the current N-th best of their head are candidates
+        threshold = self.norm[layer].to(dev)[:, -1].view(1, H, 1, 1)  # -inf until full
+        cand = (pair >= threshold) & (pair > 0)  # [B, H, T, T]
+        if (cand.flatten(2).sum(-1) > N).any():
+            # at most N (plus ties) per (sequence, head) can make the final top N
+            kth = pair.flatten(2).topk(min(N, T * T), dim=-1).values[..., -1]  # [B, H]
+            cand &= pair >= kth[..., None, None]
+        b, h, qi, ki = cand.nonzero(as_tuple=True)  # [M] each
+        M = b.numel()
+        if M == 0:
+            return
+        meta = torch.stack(
+            [seq_indices.to(dev)[b], qi, ki, tokens[b, qi], tokens[b, ki]], -1
+        ).cpu()  # [M, 5]
+        weight = pattern[b, h, qi, ki]  # [M]
+        cand_vecs = [q[b, h, qi], k[b, h, ki], weight[:, None] * v_o[b, h, ki]]
+        norms = pair[b, h, qi, ki].float().cpu()
+
+        # pad the flat candidate list into [H, Mmax] by head
+        h = h.cpu()
+        counts = torch.bincount(h, minlength=H)  # [H]
+        mmax = int(counts.max())
+        order = h.argsort(stable=True)
+        hs = h[order]
+        rank = torch.arange(M) - (counts.cumsum(0) - counts)[hs]
+        c_norm = torch.full((H, mmax), float("-inf"))
+        c_norm[hs, rank] = norms[order]
+        c_meta = torch.full((H, mmax, len(_META)), -1, dtype=torch.int64)
+        c_meta[hs, rank] = meta[order]
+        vecs = []
+        for current, v in zip((self.q_vec, self.k_vec, self.o_vec), cand_vecs, strict=True):
+            padded = torch.zeros(H, mmax, v.shape[-1], dtype=self.dtype)
+            padded[hs, rank] = v.detach().cpu().to(self.dtype)[order]
+            vecs.append(torch.cat([current[layer], padded], 1))
+        self._keep(
+            layer,
+            torch.cat([self.norm[layer], c_norm], 1),
+            torch.cat([self.meta[layer], c_meta], 1),
+            vecs,
+        )
+
+    def merge(self, other: PairCollector) -> None:
+        """Union with another shard's pairs (disjoint sequences), then keep the top N."""
+        same = (self.n_layers, self.n_heads, self.n_pairs, self.d_head, self.d_out)
+        if same != (other.n_layers, other.n_heads, other.n_pairs, other.d_head, other.d_out):
+            raise ValueError("can only merge collectors with the same shape")
+        self._keep(
+            slice(None),
+            torch.cat([self.norm, other.norm], -1),
+            torch.cat([self.meta, other.meta], -2),
+            [
+                torch.cat([getattr(self, n), getattr(other, n).to(self.dtype)], -2)
+                for n in ("q_vec", "k_vec", "o_vec")
+            ],
+        )
+
+    _STATE = ("norm", "meta", "q_vec", "k_vec", "o_vec")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only: ``norm`` [L, H, N], ``meta`` [L, H, N, 5] (sequence, q_pos, k_pos,
+        query token, key token; -1 = empty), ``q_vec``/``k_vec`` [L, H, N, D], ``o_vec``."""
+        return {name: getattr(self, name).clone() for name in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in self._STATE:
+            current = getattr(self, name)
+            if state[name].shape != current.shape:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}")
+            setattr(self, name, state[name].to(current.dtype).clone())
+
+    def fit(self, n_components: int = 3) -> dict[tuple[int, int], dict]:
+        """(layer, head) -> ``{"q"|"k"|"o": {"coords": [[x, y, z], ...], "variance_ratio": [..]},
+        "points": [{"sequence", "q_pos", "k_pos", "distance", "query_token", "key_token",
+        "norm"}, ...]}``; points best first, one per coordinate row. JSON-ready lists."""
+        L, H, N = self.norm.shape
+        mask = (self.meta[..., 0] >= 0).view(L * H, N)
+        fits = {}
+        for name, table in (("q", self.q_vec), ("k", self.k_vec), ("o", self.o_vec)):
+            coords, ratio = _pca(table.view(L * H, N, -1), mask, n_components)
+            fits[name] = (coords.view(L, H, N, -1).tolist(), ratio.view(L, H, -1).tolist())
+        meta = self.meta.tolist()
+        norms = self.norm.tolist()
+        counts = mask.view(L, H, N).sum(-1).tolist()
+        out = {}
+        for layer in range(L):
+            for head in range(H):
+                n = counts[layer][head]
+                entry: dict = {
+                    name: {
+                        "coords": coords[layer][head][:n],
+                        "variance_ratio": ratio[layer][head],
+                    }
+                    for name, (coords, ratio) in fits.items()
+                }
+                entry["points"] = [
+                    {
+                        "sequence": s,
+                        "q_pos": qp,
+                        "k_pos": kp,
+                        "distance": qp - kp,
+                        "query_token": qt,
+                        "key_token": kt,
+                        "norm": nv,
+                    }
+                    for (s, qp, kp, qt, kt), nv in zip(
+                        meta[layer][head][:n], norms[layer][head][:n], strict=True
+                    )
+                ]
+                out[(layer, head)] = entry
+        return out
