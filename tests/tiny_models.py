@@ -135,3 +135,27 @@ def tiny_adapter(arch: str, seed: int = 0):
     from headscope.model import ModelAdapter
 
     return ModelAdapter(build(arch, seed), tiny_tokenizer(), name=f"tiny-{arch}", source="test")
+
+
+def save_tiny(arch: str, path, seed: int = 0):
+    """Write a tiny model of ``arch`` and its tokenizer as a local Hugging Face directory."""
+    model = build(arch, seed)
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_texts(path, n_docs: int = 40, seed: int = 0):
+    """A small JSONL corpus of repetitive text, so induction-like patterns occur."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "the", "cat", "sat", "on", "mat", "1776"]
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            phrase = " ".join(rng.choice(words) for _ in range(6))
+            text = ". ".join([phrase] * 3 + [" ".join(rng.choice(words) for _ in range(20))])
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    return path

@@ -193,6 +193,42 @@ def _intervene(args):
     _emit(args, out, "\n".join(lines))
 
 
+# ----- precompute ---------------------------------------------------------------------------------
+@command("precompute")
+def _precompute(args):
+    from headscope.precompute.config import PrecomputeConfig
+    from headscope.precompute.runner import run_precompute
+    from headscope.store import open_run
+
+    cfg = PrecomputeConfig(
+        model=args.model,
+        data=args.data,
+        text_field=args.text_field,
+        sequences=None if args.tokens else args.sequences,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        layers=tuple(args.layers) if args.layers else None,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = run_precompute(cfg, Path(args.out), progress=not args.json)
+    run = open_run(out)
+    m = run.metrics
+    lines = [
+        f"run: {out}  ({len(m)} heads, {run.manifest['tokens']['tokens']} tokens, {run.manifest['timings']['total_s']:.0f} s)"
+    ]
+    for col in m.columns[3:]:
+        top = m.nlargest(3, col)
+        lines.append(
+            f"{col:>24}: "
+            + ", ".join(f"{n} {v:.3f}" for n, v in zip(top["name"], top[col], strict=True))
+        )
+    _emit(args, run.manifest, "\n".join(lines))
+
+
 @command("corpus build")
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
@@ -283,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-patterns", action="store_true", help="freeze every other head's pattern"
     )
 
+    sp = sub.add_parser(
+        "precompute", help="stream a dataset through the model and record every head"
+    )
+    model_args(sp)
+    sp.add_argument(
+        "--data",
+        help="text file/folder, JSONL, Parquet or HF dataset dir (default: the default corpus)",
+    )
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--sequences", type=int, default=256)
+    sp.add_argument("--tokens", type=int, help="instead of --sequences: this many tokens")
+    sp.add_argument("--seq-len", type=int, default=512)
+    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--layers", type=int, nargs="*")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints")
+
     corpus = sub.add_parser("corpus", help="the default corpus").add_subparsers(
         dest="corpus_cmd", required=True
     )
@@ -305,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[key](args)
-    except (InputError, FileNotFoundError, ValueError) as err:
+    except (InputError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"headscope {key}: error: {err}", file=sys.stderr)
         return 2
     return 0

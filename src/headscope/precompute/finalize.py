@@ -1,0 +1,203 @@
+"""Turn a merged stream state into the run directory (docs/run-format.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from headscope.metrics.registry import METRICS, metric_docs
+from headscope.model import ModelAdapter
+from headscope.model.spec import head_name
+from headscope.precompute import probes
+from headscope.precompute.config import PrecomputeConfig
+from headscope.precompute.motifs import MotifEmbedder, head_distances, head_map, nearest_heads
+from headscope.precompute.state import StreamState
+from headscope.store.files import write_json
+
+SCHEMA_VERSION = 1
+N_SIMILAR = 10
+
+
+def _metric_table(
+    adapter: ModelAdapter, cfg: PrecomputeConfig, state: StreamState, layers: list[int]
+):
+    """All per-head metrics [L, H] by name, plus the long-prefix curves [L, H, 4]."""
+    table = {name: value.float() for name, value in state.metrics.result().items()}
+    table["prefix_matching_score"] = probes.prefix_matching_score(
+        adapter, layers, cfg.probe_sequences, cfg.probe_length, cfg.seed
+    )
+    curve = probes.long_prefix_curve(
+        adapter, layers, cfg.probe_sequences, 2 * cfg.probe_length, cfg.seed
+    )
+    table["long_prefix_score"] = probes.long_prefix_score(curve)
+    table["copying_score"] = probes.copying_score(adapter)
+    return table, curve
+
+
+def _similar(
+    state: StreamState, layers: list[int], n_heads: int, out: Path
+) -> dict[str, list[dict]]:
+    """Motif embedding, head distances, 2-D maps and nearest heads; writes motifs/."""
+    if state.motifs is None or not state.motif_filled.any():
+        return {}
+    feats = state.motifs[layers][:, :, state.motif_filled]  # [L', H, M, F]
+    Lp, H, M, F = feats.shape
+    embedder = MotifEmbedder.fit(feats.reshape(-1, F))
+    emb = embedder.embed(feats.reshape(-1, F)).reshape(Lp * H, M, -1)  # [N, M, 16]
+    (out / "motifs").mkdir(exist_ok=True)
+    embedder.save(out / "motifs" / "pca.safetensors")
+    import numpy as np
+
+    np.save(out / "motifs" / "embedding.npy", emb.numpy().astype("float32"))
+    dist = head_distances(emb)  # [N, N]
+    names = [head_name(layer, h) for layer in layers for h in range(n_heads)]
+    maps = head_map(dist)
+    k = min(N_SIMILAR, len(names) - 1)
+    idx, d = (
+        nearest_heads(dist, k)
+        if k > 0
+        else (torch.zeros(len(names), 0, dtype=torch.long), torch.zeros(len(names), 0))
+    )
+    similar = {
+        names[i]: [
+            {"head": names[j], "distance": round(float(dd), 5)}
+            for j, dd in zip(idx[i].tolist(), d[i].tolist(), strict=True)
+        ]
+        for i in range(len(names))
+    }
+    write_json(
+        out / "motifs" / "map.json",
+        {
+            "heads": names,
+            **{k_: v.tolist() if hasattr(v, "tolist") else v for k_, v in maps.items()},
+            "nearest": {n: [s["head"] for s in v] for n, v in similar.items()},
+        },
+    )
+    return similar
+
+
+def finalize(
+    adapter: ModelAdapter,
+    cfg: PrecomputeConfig,
+    state: StreamState,
+    out: Path,
+    *,
+    layers: list[int],
+    dataset: dict,
+    timings: dict,
+) -> None:
+    s = adapter.spec
+    toks = adapter.tokens
+    t0 = time.perf_counter()
+    table, curve = _metric_table(adapter, cfg, state, layers)
+    names = list(table)
+    rows = []
+    for layer in layers:
+        for h in range(s.n_heads):
+            values = [float(table[n][layer, h]) for n in names]
+            rows.append([layer, h, *[v if math.isfinite(v) else 0.0 for v in values]])
+    df = pd.DataFrame(rows, columns=["layer", "head", *names])
+    df.insert(2, "name", [head_name(int(r[0]), int(r[1])) for r in rows])
+    df.to_parquet(out / "metrics.parquet", index=False)
+    docs = {n: METRICS[n].doc if n in METRICS else "" for n in names}
+    write_json(
+        out / "metrics.json", {"columns": ["layer", "head", *names], "rows": rows, "docs": docs}
+    )
+
+    similar = _similar(state, layers, s.n_heads, out)
+    pca = state.pairs.fit(n_components=3)
+    top = state.top_tokens.top_tokens(min_count=3, k=20)
+    selected = state.examples.selected()
+    hist = state.examples.histograms()
+    edges = [round(i / hist.shape[-1], 4) for i in range(hist.shape[-1] + 1)]
+    vocab_ids: set[int] = set()
+    for layer in layers:
+        for h in range(s.n_heads):
+            examples, buckets = [], []
+            for lo, hi, items in selected[(layer, h)]:
+                idx = []
+                for seq, score in items:
+                    ids, starts = state.payloads.sequences[seq]
+                    vocab_ids.update(ids.tolist())
+                    idx.append(len(examples))
+                    examples.append(
+                        {
+                            "sequence": seq,
+                            "max_attention": round(score, 4),
+                            "tokens": ids.tolist(),
+                            "doc_starts": starts.nonzero().flatten().tolist(),
+                            **state.payloads.example(layer, h, seq),
+                        }
+                    )
+                buckets.append({"lo": lo, "hi": hi, "examples": idx})
+            tt = top[(layer, h)]
+
+            def tok_rows(rows_):
+                return [
+                    {"token": toks.display(t), "id": t, "mass": round(m, 5), "count": c}
+                    for t, m, c in rows_
+                ]
+
+            p = pca[(layer, h)]
+            for point in p.get("points", []):
+                point["query"] = toks.display(point.pop("query_token"))
+                point["key"] = toks.display(point.pop("key_token"))
+            name = head_name(layer, h)
+            write_json(
+                out / "heads" / f"{name}.json",
+                {
+                    "head": name,
+                    "layer": layer,
+                    "index": h,
+                    "metrics": {n: float(table[n][layer, h]) for n in names},
+                    "curves": {
+                        "long_prefix_induction": [round(float(x), 5) for x in curve[layer, h]]
+                    },
+                    "histogram": {"edges": edges, "counts": hist[layer, h].tolist()},
+                    "buckets": buckets,
+                    "examples": examples,
+                    "top_query_tokens": tok_rows(tt["query"]),
+                    "top_key_tokens": tok_rows(tt["key"]),
+                    "pca": p,
+                    "similar": similar.get(name, []),
+                },
+            )
+    write_json(out / "vocab.json", {str(i): toks.display(i) for i in sorted(vocab_ids)})
+    info = adapter.info()
+    write_json(
+        out / "manifest.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "status": "complete",
+            "config": cfg.to_dict(),
+            "model": {
+                k: info[k]
+                for k in (
+                    "name",
+                    "source",
+                    "architecture",
+                    "n_layers",
+                    "n_heads",
+                    "n_kv_heads",
+                    "d_head",
+                    "d_model",
+                    "d_vocab",
+                    "bos_token",
+                )
+            },
+            "dataset": dataset,
+            "tokens": {"sequences": state.sequences_done, "tokens": state.tokens_done},
+            "layers": layers,
+            "timings": {
+                **timings,
+                "finalize_s": round(time.perf_counter() - t0, 3),
+                "total_s": round(timings["total_s"] + time.perf_counter() - t0, 3),
+            },
+            "metrics": {**docs, **{n: METRICS[n].doc for n in metric_docs() if n not in docs}},
+        },
+        indent=2,
+    )

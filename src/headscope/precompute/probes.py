@@ -1,0 +1,116 @@
+"""Per-head scores that need the model rather than the dataset: synthetic probes on repeated
+random tokens, and a weight-based copying score. Registered with the metric registry so their
+docstrings reach the UI like every other metric."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from headscope.metrics.registry import register_metric
+from headscope.model import ModelAdapter
+
+PREFIX_LENGTHS = (1, 2, 3, 4)
+
+
+def _random_tokens(adapter: ModelAdapter, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    """Random ordinary tokens: ids from the lower half of the vocabulary, specials excluded."""
+    high = max(16, adapter.spec.d_vocab // 2)
+    ids = torch.randint(1, high, shape, generator=gen)
+    specials = torch.tensor(sorted(adapter.tokens.special_ids | {adapter.tokens.bos_id}))
+    bad = torch.isin(ids, specials)
+    return torch.where(bad, ids + 7, ids)
+
+
+def _edge_attention(
+    adapter: ModelAdapter, ids: Tensor, q: Tensor, k: Tensor, layers: list[int]
+) -> Tensor:
+    """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H]."""
+    cap = adapter.run(ids, layers=layers, patterns=True, logits=False)
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(q)
+    out = torch.zeros(adapter.spec.n_layers, adapter.spec.n_heads)
+    for layer in layers:
+        pat = cap.layers[layer].pattern.float()  # [B, H, T, T]
+        out[layer] = pat[rows, :, q, k].mean(dim=(0, 1))  # pat[b, :, q, k] -> [B, J, H]
+    return out
+
+
+@register_metric("prefix_matching_score", kind="probe")
+def prefix_matching_score(
+    adapter: ModelAdapter, layers: list[int], n: int, length: int, seed: int
+) -> Tensor:
+    """Mean attention from a repeated random token to the token after its first occurrence.
+
+    Probe on synthetic sequences BOS + R + R of random tokens R: the classic induction-head test
+    (prefix matching), independent of the dataset."""
+    gen = torch.Generator().manual_seed(seed)
+    r = _random_tokens(adapter, (n, length), gen)
+    ids = torch.cat([torch.full((n, 1), adapter.tokens.bos_id), r, r], 1)  # [n, 2L+1]
+    j = torch.arange(length - 1)
+    q = (1 + length + j)[None].expand(n, -1)  # second occurrence of R[j]
+    k = (2 + j)[None].expand(n, -1)  # the token after R[j]'s first occurrence
+    return _edge_attention(adapter, ids, q, k, layers)
+
+
+def long_prefix_curve(
+    adapter: ModelAdapter, layers: list[int], n: int, length: int, seed: int
+) -> Tensor:
+    """Induction attention as a function of matched prefix length m = 1..4 -> [L, H, 4].
+
+    Seed 004's test: X s_1..s_m t ... Y s_1..s_m -> attention from the second s_m to t, with
+    X != Y so the match is exactly m tokens long; the rest is random filler."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    curves = []
+    for m in PREFIX_LENGTHS:
+        ids = _random_tokens(adapter, (n, length), gen)
+        ids[:, 0] = adapter.tokens.bos_id
+        a, b = 3, length // 2 + 2  # first segment at a, second at b
+        ids[:, b : b + m] = ids[:, a : a + m]
+        same = ids[:, b - 1] == ids[:, a - 1]
+        ids[:, b - 1] = torch.where(same, ids[:, b - 1] + 1, ids[:, b - 1])
+        q = torch.full((n, 1), b + m - 1)
+        k = torch.full((n, 1), a + m)
+        curves.append(_edge_attention(adapter, ids, q, k, layers))
+    return torch.stack(curves, -1)
+
+
+@register_metric("long_prefix_score", kind="probe")
+def long_prefix_score(curve: Tensor) -> Tensor:
+    """How much more the head does induction when 2-4 tokens of prefix match than when one does.
+
+    Mean of the long-prefix curve at prefix lengths 2-4 minus its value at length 1 (seed 004):
+    high for "long prefix" induction heads, near 0 for standard induction heads."""
+    return curve[..., 1:].mean(-1) - curve[..., 0]
+
+
+@register_metric("copying_score", kind="weights")
+def copying_score(adapter: ModelAdapter) -> Tensor:
+    """How much the head's OV circuit raises the logit of the token it attends to.
+
+    Weight-based: the eigenvalues of the full OV circuit W_E·W_V·W_O·W_U (with the pre-attention
+    and final norms' weights), computed on the small D x D matrix W_O·W_U·W_E·W_V that has the same
+    nonzero eigenvalues; the score is sum(eigenvalues) / sum(|eigenvalues|), 1 for a pure copier."""
+    s = adapter.spec
+    W_E = adapter.embed_matrix().float()  # [V, d]
+    W_U = adapter.unembed()[0].float()  # [d, V]
+    w_f = adapter.ln_final().weight.float()  # [d]
+    G = W_U @ W_E  # [d, d]
+    out = torch.zeros(s.n_layers, s.n_heads)
+    for layer in range(s.n_layers):
+        w = adapter.weights(layer)
+        w_a = adapter.ln_attn(layer).weight.float()
+        P = w_f[:, None] * G * w_a[None, :]  # diag(w_f) W_U W_E diag(w_a)
+        W_V = w.W_V.float()[w.kv_of_head]  # [H, d, D]
+        M = w.W_O.float() @ P @ W_V  # [H, D, D]
+        eig = torch.linalg.eigvals(M)  # [H, D] complex
+        out[layer] = eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-12)
+    return out
+
+
+def head_out_norm(adapter: ModelAdapter, z: Tensor, layer: int) -> Tensor:
+    """||z_h @ W_O[h]|| for ``z [B, T, H, D]`` -> ``[B, H, T]``, via the Gram matrix of W_O."""
+    W_O = adapter.weights(layer).W_O.float()  # [H, D, d]
+    gram = W_O @ W_O.transpose(1, 2)  # [H, D, D]
+    zf = z.float()
+    sq = torch.einsum("bthd,hde,bthe->bht", zf, gram, zf)
+    return sq.clamp_min(0).sqrt()

@@ -1,0 +1,246 @@
+"""Stream a dataset through a model and record every head; resumable and shardable.
+
+One forward pass per batch reduces each layer's patterns into the accumulators of
+:class:`StreamState` as the layer runs (nothing T^2 outlives its layer). Every
+``checkpoint_every`` batches the whole state is saved atomically, so a killed run resumes from
+its last checkpoint and ends with exactly the result of an uninterrupted one. Under ``torchrun``
+each rank takes every ``world``-th sequence; rank 0 merges the ranks' final states from their
+checkpoint files (no pickle) and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from headscope.metrics.registry import TokenMatches
+from headscope.model import ModelAdapter
+from headscope.precompute.config import PrecomputeConfig
+from headscope.precompute.probes import head_out_norm
+from headscope.precompute.sequences import Sequence, iter_sequences
+from headscope.precompute.state import StreamState
+from headscope.store.files import read_json, read_tensors, write_json, write_tensors
+
+SCHEMA_VERSION = 1
+
+
+def dataset_hash(path: Path) -> str:
+    """sha256 over the dataset's files (sorted relative paths and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = (
+            "nccl"
+            if torch.cuda.is_available() and os.environ.get("HEADSCOPE_BACKEND") != "gloo"
+            else "gloo"
+        )
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _batches(seqs: Iterator[Sequence], size: int) -> Iterator[list[Sequence]]:
+    batch: list[Sequence] = []
+    for s in seqs:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stack(batch: list[Sequence], pad: int) -> tuple[torch.Tensor, ...]:
+    T = max(s.ids.shape[0] for s in batch)
+    ids = torch.full((len(batch), T), pad, dtype=torch.long)
+    starts = torch.zeros(len(batch), T, dtype=torch.bool)
+    valid = torch.zeros(len(batch), T, dtype=torch.bool)
+    for i, s in enumerate(batch):
+        n = s.ids.shape[0]
+        ids[i, :n], starts[i, :n], valid[i, :n] = s.ids, s.doc_starts, True
+    starts[:, 0] = True
+    return torch.tensor([s.index for s in batch]), ids, starts, valid
+
+
+def _process_batch(
+    adapter: ModelAdapter, state: StreamState, layers: list[int], batch: list[Sequence]
+) -> None:
+    seq_idx, ids, starts, valid = _stack(batch, adapter.tokens.bos_id)
+    matches = TokenMatches.from_tokens(ids, valid)
+    s = adapter.spec
+    rep = s.n_heads // s.n_kv_heads
+
+    def on_layer(t) -> None:
+        w = adapter.weights(t.layer)
+        k = t.k.repeat_interleave(rep, 1).float()  # [B, H, T, D]
+        v = t.v.repeat_interleave(rep, 1).float()
+        v_o = torch.einsum("bhtd,hdm->bhtm", v, w.W_O.float())  # [B, H, T, d_model]
+        state.update_layer(
+            t.layer,
+            seq_idx,
+            ids,
+            starts,
+            valid,
+            t.pattern.float(),
+            t.q.float(),
+            k,
+            v_o,
+            head_out_norm(adapter, t.z, t.layer),
+            matches,
+        )
+
+    adapter.run(
+        ids.to(adapter.device),
+        layers=layers,
+        patterns=True,
+        logits=False,
+        store=False,
+        on_layer=on_layer,
+    )
+    state.finish_batch(len(batch), int(valid.sum()))
+
+
+def _check_existing(out: Path, cfg: PrecomputeConfig) -> bool:
+    """True if ``out`` already holds this exact run complete; raise if it holds another run."""
+    manifest = out / "manifest.json"
+    if not manifest.exists():
+        if out.exists() and any(p.name != "checkpoint" for p in out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a headscope run; choose another --out")
+        return False
+    found = read_json(manifest)
+    if found.get("config") != cfg.to_dict():
+        raise FileExistsError(
+            f"{out} holds a run with a different configuration; choose another --out or delete it"
+        )
+    return found.get("status") == "complete"
+
+
+def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = True) -> Path:
+    """Run (or resume) a precompute into the run directory ``out``; return its path."""
+    out = Path(out)
+    rank, world = _dist()
+    if _check_existing(out, cfg):
+        return out
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    adapter = ModelAdapter.load(cfg.model, device=cfg.device, dtype=dtype)
+    s = adapter.spec
+    cfg.validate(s.n_layers)
+    if cfg.data is None:
+        from headscope.data.corpus import ensure_default_corpus
+
+        data = ensure_default_corpus()
+    else:
+        data = Path(cfg.data)
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(s.n_layers))
+    t_start = time.perf_counter()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / "manifest.json",
+            {"schema_version": SCHEMA_VERSION, "status": "running", "config": cfg.to_dict()},
+            indent=2,
+        )
+    _barrier(world)
+
+    ckpt = out / "checkpoint" / f"rank{rank}-of-{world}.safetensors"
+    state = StreamState(s, cfg)
+    if ckpt.exists():
+        state.load_state_dict(read_tensors(ckpt))
+        if progress:
+            print(f"[rank {rank}] resuming after {state.sequences_done} sequences", file=sys.stderr)
+    from headscope.data.readers import ReadReport
+
+    report = ReadReport()
+    mine = (
+        q
+        for q in iter_sequences(
+            adapter.tokens,
+            data,
+            cfg.seq_len,
+            text_field=cfg.text_field,
+            limit=cfg.n_sequences,
+            report=report,
+        )
+        if q.index % world == rank
+    )
+    for _ in range(state.sequences_done):
+        next(mine, None)
+    total = len(range(rank, cfg.n_sequences, world))
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total * cfg.seq_len,
+            initial=state.tokens_done,
+            unit="tok",
+            unit_scale=True,
+            desc="precompute",
+            file=sys.stderr,
+        )
+    forward_s = 0.0
+    for n_batch, batch in enumerate(_batches(mine, cfg.batch_size), start=1):
+        t0 = time.perf_counter()
+        _process_batch(adapter, state, layers, batch)
+        forward_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(sum(q.ids.shape[0] for q in batch))
+        if n_batch % cfg.checkpoint_every == 0:
+            write_tensors(ckpt, state.state_dict())
+    if bar is not None:
+        bar.close()
+    write_tensors(ckpt, state.state_dict())
+    if report.skipped and progress:
+        print(f"[rank {rank}] {report.summary()}", file=sys.stderr)
+    _barrier(world)
+    if rank == 0:
+        for other in range(1, world):
+            part = StreamState(s, cfg)
+            part.load_state_dict(
+                read_tensors(out / "checkpoint" / f"rank{other}-of-{world}.safetensors")
+            )
+            state.merge(part)
+        from headscope.precompute.finalize import finalize
+
+        finalize(
+            adapter,
+            cfg,
+            state,
+            out,
+            layers=layers,
+            dataset={"path": str(data), "sha256": dataset_hash(data), "skipped": report.skipped},
+            timings={
+                "stream_s": round(forward_s, 3),
+                "total_s": round(time.perf_counter() - t_start, 3),
+            },
+        )
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    _barrier(world)
+    return out

@@ -1,0 +1,70 @@
+"""Read a run directory (docs/run-format.md): the Python side of the data contract."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pandas as pd
+
+from headscope.model.spec import head_name, parse_head
+from headscope.store.files import read_json
+
+
+class RunError(ValueError):
+    """A run directory that is missing, incomplete or malformed."""
+
+
+class Run:
+    """A precomputed run. ``metrics`` is a DataFrame (layer, head, name, one column per metric)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise RunError(f"{self.path} is not a headscope run (no manifest.json)")
+        self.manifest = read_json(manifest)
+        if self.manifest.get("status") != "complete":
+            raise RunError(
+                f"{self.path} is an incomplete run (status {self.manifest.get('status')!r}); "
+                "re-run the same precompute command to resume it"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @functools.cached_property
+    def metrics(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "metrics.parquet")
+
+    @property
+    def metric_docs(self) -> dict[str, str]:
+        return read_json(self.path / "metrics.json")["docs"]
+
+    def head(self, name: str) -> dict:
+        """One head's payload (``heads/L{l}H{h}.json``)."""
+        layer, h = parse_head(name)
+        path = self.path / "heads" / f"{head_name(layer, h)}.json"
+        if not path.is_file():
+            raise RunError(f"no head {name} in run {self.path}")
+        return read_json(path)
+
+    def similar_heads(self, name: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` nearest heads by pattern-motif embedding: ``[(head, distance), ...]``."""
+        similar = self.head(name).get("similar", [])
+        if k > len(similar):
+            raise RunError(f"the run stores {len(similar)} similar heads per head; asked for {k}")
+        return [(s["head"], s["distance"]) for s in similar[:k]]
+
+    def top(self, metric: str, n: int = 3) -> pd.DataFrame:
+        if metric not in self.metrics.columns:
+            raise RunError(
+                f"unknown metric {metric!r}; the run has {list(self.metrics.columns[3:])}"
+            )
+        return self.metrics.nlargest(n, metric)[["name", metric]]
+
+
+def open_run(path: Path | str) -> Run:
+    """Open a complete run directory."""
+    return Run(path)
