@@ -159,19 +159,21 @@ async function precomputed() {
 // ---------------------------------------------------------------- live server
 
 /**
- * {live: boolean, health: object|null}. `GET api/health` is answered by `headscope serve`; a
- * static export answers it from the app's own `api/health` file ({"static": true}), so
- * detecting "no server" never produces a failed request in the console.
+ * {live, health, server}. `GET api/health` is answered by `headscope serve`; a static export
+ * answers it from the app's own `api/health` file ({"static": true}), so detecting "no server"
+ * never produces a failed request in the console. `server` is true when a server answered
+ * but has no model loaded (live views cannot run then either).
  */
 export const liveStatus = () => cached('health', async () => {
   try {
     const resp = await fetch('api/health', { headers: { accept: 'application/json' } });
-    if (!resp.ok) return { live: false, health: null };
+    if (!resp.ok) return { live: false, health: null, server: false };
     const body = await resp.json();
-    const live = Boolean(body && !body.static && Number.isFinite(body.n_layers));
-    return { live, health: live ? body : null };
+    const server = Boolean(body && !body.static);
+    const live = server && Number.isFinite(body.n_layers) && Boolean(body.model);
+    return { live, health: live ? body : null, server };
   } catch {
-    return { live: false, health: null };
+    return { live: false, health: null, server: false };
   }
 });
 
@@ -220,20 +222,23 @@ async function alignExample(strs) {
 
 /**
  * QK or OV attribution for (head, query, key) on a run example: the precomputed file when the
- * run lists one, else the live server, else {source: "none"}.
+ * run lists one (and, with a live server, it is in the requested basis), else the live server,
+ * else {source: "none"}. `basis` null means "whatever is precomputed, else components".
  * @returns {Promise<{source: "precomputed"|"live"|"none", result?: object}>}
  */
-export async function exampleAttribution(kind, { head: name, sequence, query, key, strs, basis = 'components' }) {
+export async function exampleAttribution(kind, { head: name, sequence, query, key, strs, basis = null }) {
   const rel = `${name}/${sequence}_${query}_${key}_${kind}.json`;
+  const { live } = await liveStatus();
   if ((await precomputed()).has(rel)) {
-    return { source: 'precomputed', result: await cached(`attr:${rel}`, () => fetchJSON(runUrl(`attributions/${rel}`))) };
+    const result = await cached(`attr:${rel}`, () => fetchJSON(runUrl(`attributions/${rel}`)));
+    if (!live || !basis || !result.basis || result.basis === basis) return { source: 'precomputed', result };
   }
-  if (!(await liveStatus()).live) return { source: 'none' };
+  if (!live) return { source: 'none' };
   const { text, map } = await cached(`align:${sequence}`, () => alignExample(strs));
   if (!map || map[query] === null || map[key] === null) {
     throw new ApiError('The live server tokenises this example differently from the run, so positions would not match; paste its text into Custom text instead.');
   }
-  const req = { text, head: name, query: map[query], key: map[key], basis };
+  const req = { text, head: name, query: map[query], key: map[key], basis: basis || 'components' };
   const result = await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
   return { source: 'live', result };
 }

@@ -149,9 +149,10 @@ async function header() {
   const st = await data.liveStatus();
   hooks.live = st.live;
   statusEl.textContent = '';
-  statusEl.append(st.live
-    ? h('span', { class: 'badge live', title: `live server: ${JSON.stringify(st.health)}` }, `live · ${st.health.model}`)
-    : h('span', { class: 'badge', title: 'no live server: precomputed views only' }, 'static'));
+  let badge = h('span', { class: 'badge', title: 'no live server: precomputed views only' }, 'static');
+  if (st.live) badge = h('span', { class: 'badge live', title: `live server: ${JSON.stringify(st.health)}` }, `live · ${st.health.model}`);
+  else if (st.server) badge = h('span', { class: 'badge', title: 'the server has no model: live views are off' }, 'server · no model');
+  statusEl.append(badge);
 }
 
 window.addEventListener('hashchange', () => {

@@ -242,6 +242,7 @@ export class ScatterPlot {
   }
 
   move(ev) {
+    this.moveStart = performance.now();
     const i = this.pickEvent(ev);
     this.setHover(i);
     this.overlay.style.cursor = i >= 0 && this.onClick ? 'pointer' : 'default';

@@ -23,5 +23,3 @@ export function describeComponent(name, features = null) {
   }
   return { text: c, kind: 'other' };
 }
-
-export const KIND_TAG = { bias: 'bias', error: 'error', embed: 'embed', mlp: 'mlp', head: 'head', feature: 'feature' };

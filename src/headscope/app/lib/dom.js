@@ -58,8 +58,17 @@ export function parseHead(text) {
   return m ? { layer: +m[1], head: +m[2], name: `L${+m[1]}H${+m[2]}` } : null;
 }
 
-/** The note shown by views that need `headscope serve` when the app is statically hosted. */
-export function needsServer(what) {
+/**
+ * The note shown by views that need `headscope serve` when the app is statically hosted (or
+ * the server has no model: `serverWithoutModel`).
+ */
+export function needsServer(what, serverWithoutModel = false) {
+  if (serverWithoutModel) {
+    return h('div', { class: 'note needs-server' },
+      h('strong', {}, `${what} needs a model.`), ' ',
+      'This view needs a live server with a model: this server has none; restart it as ',
+      h('code', {}, 'headscope serve RUN --model M'), '.');
+  }
   return h('div', { class: 'note needs-server' },
     h('strong', {}, `${what} needs a live server.`), ' ',
     'This view needs a live server: run ', h('code', {}, 'headscope serve RUN --model M'),

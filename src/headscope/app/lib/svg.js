@@ -214,7 +214,8 @@ export function heatmap({ matrix, rowLabels, colLabels, scale, title = '', cell 
   const cols = rows ? matrix[0].length : 0;
   const top = 28 + labelPx * 0.75;
   const left = labelPx + 8;
-  const width = left + cols * cell + 12;
+  // Column labels are rotated 45° up and to the right of their cell: leave room for them.
+  const width = Math.max(left + cols * cell + Math.ceil(labelPx * 0.72) + 8, title ? textWidth(title, 13) + 24 : 0);
   const height = top + rows * cell + 12;
   const g = s('g', {});
   for (let i = 0; i < rows; i++) {

@@ -82,7 +82,10 @@ export class TokenView {
     this.query = query;
     this.key = key;
     this.touched = [];
-    this.el = h('div', { class: 'tokens', 'data-mode': mode });
+    this.el = h('div', {
+      class: 'tokens', 'data-mode': mode, tabindex: 0, role: 'group',
+      'aria-label': 'tokens: arrow keys move between tokens, Enter picks a query then a key',
+    });
     const starts = new Set(docStarts);
     this.spans = strs.map((str, i) => {
       const d = displayToken(str);
@@ -99,6 +102,8 @@ export class TokenView {
     this.el.addEventListener('mousemove', (ev) => this.moveTip(ev));
     this.el.addEventListener('mouseleave', () => this.unhover());
     this.el.addEventListener('click', (ev) => this.click(ev));
+    this.el.addEventListener('keydown', (ev) => this.onKeyDown(ev));
+    this.el.addEventListener('blur', () => this.unhover());
     this.recolor();
     this.markSelection();
   }
@@ -132,10 +137,15 @@ export class TokenView {
   hover(ev) {
     const span = ev.target.closest('.tok');
     if (!span || !this.el.contains(span)) return;
-    const i = Number(span.dataset.i);
-    if (i === this.hovered) return;
+    this.hoverIndex(Number(span.dataset.i), ev.clientX, ev.clientY);
+  }
+
+  /** Highlight what token i attends to (query mode) or receives from (key mode). */
+  hoverIndex(i, x, y) {
+    if (i === this.hovered) { this.tip(x, y); return; }
     this.unhover(false);
     this.hovered = i;
+    const span = this.spans[i];
     span.classList.add('hovered');
     const scale = this.mode === 'key' ? blues : oranges;
     const cls = this.mode === 'key' ? 'hl-query' : 'hl-key';
@@ -148,11 +158,14 @@ export class TokenView {
       this.paint(j, scale(0.15 + 0.85 * w));
       this.touched.push(j);
     }
-    this.moveTip(ev);
+    this.tip(x, y);
   }
 
   moveTip(ev) {
-    if (this.hovered === undefined || this.hovered === null) return;
+    if (this.hovered !== undefined && this.hovered !== null) this.tip(ev.clientX, ev.clientY);
+  }
+
+  tip(x, y) {
     const i = this.hovered;
     const list = this.targets(i).slice(0, 8);
     const isKey = this.mode === 'key';
@@ -164,7 +177,7 @@ export class TokenView {
           h('tr', {}, h('th', {}, isKey ? 'query' : 'key'), h('th', {}, 'pos'), h('th', {}, 'weight')),
           list.map(([j, w]) => h('tr', {}, h('td', {}, `“${labelToken(this.strs[j])}”`), h('td', { class: 'num' }, j), h('td', { class: 'num' }, fmt(w, 3)))))
         : h('div', { class: 'muted' }, isKey ? 'no query attends to it above the threshold' : 'no key above the threshold'),
-    ], ev.clientX, ev.clientY);
+    ], x, y);
   }
 
   unhover(hide = true) {
@@ -183,8 +196,33 @@ export class TokenView {
 
   click(ev) {
     const span = ev.target.closest('.tok');
-    if (!span || !this.onSelect) return;
-    const i = Number(span.dataset.i);
+    if (span) this.select(Number(span.dataset.i));
+  }
+
+  /** Keyboard: arrows move the highlighted token (like hovering), Enter / Space picks it. */
+  onKeyDown(ev) {
+    const n = this.spans.length;
+    const cur = this.hovered ?? -1;
+    let next = null;
+    if (ev.key === 'ArrowRight') next = Math.min(n - 1, cur + 1);
+    else if (ev.key === 'ArrowLeft') next = Math.max(0, cur < 0 ? n - 1 : cur - 1);
+    else if (ev.key === 'Home') next = 0;
+    else if (ev.key === 'End') next = n - 1;
+    else if ((ev.key === 'Enter' || ev.key === ' ') && cur >= 0) {
+      ev.preventDefault();
+      this.select(cur);
+      return;
+    }
+    if (next === null) return;
+    ev.preventDefault();
+    const r = this.spans[next].getBoundingClientRect();
+    this.spans[next].scrollIntoView({ block: 'nearest' });
+    this.hoverIndex(next, r.left + r.width / 2, r.bottom);
+  }
+
+  /** Pick token i: first a query, then an earlier-or-equal key (a later token restarts). */
+  select(i) {
+    if (!this.onSelect) return;
     if (this.query === null || this.key !== null) {
       this.query = i;
       this.key = null;

@@ -71,8 +71,9 @@ function qkBlock(qk, ctx) {
       h('span', { class: 'score' }, `model score = ${fixed(qk.score)}`),
       capped ? [' · ', h('span', { class: 'capped' }, `capped score = ${fixed(qk.capped_score)}`)] : null,
       h('span', { class: 'muted small' }, '  (total is the sum of all terms; model score is the pre-softmax score the model computed)')),
+    qk.masked ? h('div', { class: 'note' }, 'The key is outside this layer’s attention window: the model masks this pair, so its attention is 0 whatever the score.') : null,
     h('div', { class: 'attr-grid' },
-      h('div', { class: 'terms' }, h('h4', {}, `Top ${terms.length} terms (query component × key component)`), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
+      h('div', { class: 'terms' }, h('h4', {}, `Top ${terms.length}${qk.n_terms ? ` of ${qk.n_terms}` : ''} terms (query component × key component)`), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
         h('thead', {}, h('tr', {}, h('th', { class: 'num' }, '#'), h('th', {}, 'query component'), h('th', {}, 'key component'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
         h('tbody', {}, termRows)))),
       marg(qk.query_marginals, 'Query marginals'),
@@ -86,7 +87,9 @@ function ovBlock(ov, ctx, features) {
     h('thead', {}, h('tr', {}, h('th', {}, 'token'), h('th', { class: 'num' }, 'logit'))),
     h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: `tokcell ${cls}` }, labelToken(r.token)), h('td', { class: 'num' }, fixed(r.logit, 3)))))));
   return h('section', { class: 'attr-block' },
-    h('h3', {}, 'OV attribution', h('span', { class: 'muted small' }, ` · attention ${fixed(ov.attention, 4)} · total ‖output‖ ${fixed(ov.total_norm, 4)}`)),
+    h('h3', {}, 'OV attribution', h('span', { class: 'muted small' }, ` · attention ${fixed(ov.attention, 4)} · total ‖output‖ ${fixed(ov.total_norm, 4)}`,
+      Number.isFinite(ov.model_norm) ? ` · model ‖output‖ ${fixed(ov.model_norm, 4)}` : '',
+      Number.isFinite(ov.max_abs_diff) ? ` · max |difference| ${fmt(ov.max_abs_diff, 2)}` : '')),
     h('div', { class: 'attr-grid' },
       h('div', { class: 'terms' }, h('h4', {}, 'Value-side components'), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
         h('thead', {}, h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num' }, '‖value‖'), h('th', {}, ''), h('th', {}, 'top logits'))),
@@ -138,7 +141,7 @@ function attributionSVG(title, qk, ov) {
  * Render the panel into `el`. For run examples pass {sequence, strs}; for custom text pass
  * {text}. Returns {unmount}.
  */
-export function renderAttribution(el, { ctx, head, query, key, strs = null, sequence = null, text = null, basis = 'components', onBasis = null, onClose = null }) {
+export function renderAttribution(el, { ctx, head, query, key, strs = null, sequence = null, text = null, basis = null, onBasis = null, onClose = null }) {
   let alive = true;
   const qTok = strs ? labelToken(strs[query]) : '';
   const kTok = strs ? labelToken(strs[key]) : '';
@@ -146,7 +149,8 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
   const srcEl = h('span', { class: 'badge' }, '…');
   let results = { qk: null, ov: null };
   const title = `${head} · query ${query}${qTok ? ` “${qTok}”` : ''} → key ${key}${kTok ? ` “${kTok}”` : ''}`;
-  const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], basis, onBasis, { 'aria-label': 'attribution basis' }) : null;
+  const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], basis || 'components', onBasis,
+    { 'aria-label': 'attribution basis', title: 'SAE features need a server with a dictionary for this layer' }) : null;
   const panel = h('section', { class: 'panel attribution', 'aria-label': 'attribution' },
     h('div', { class: 'panel-head' },
       h('h3', {}, `Attribution · ${title}`),
@@ -162,7 +166,7 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     ? data.textAttribution(kind, { text, head, query, key, basis })
     : data.exampleAttribution(kind, { head, sequence, query, key, strs, basis }));
 
-  Promise.allSettled([load('qk'), load('ov')]).then(([qkR, ovR]) => {
+  Promise.allSettled([load('qk'), load('ov')]).then(async ([qkR, ovR]) => {
     if (!alive) return;
     clear(body);
     const sources = [qkR, ovR].filter((r) => r.status === 'fulfilled').map((r) => r.value.source);
@@ -177,6 +181,12 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     }
     srcEl.textContent = sources.includes('live') ? 'live server' : 'precomputed';
     srcEl.classList.add(sources.includes('live') ? 'live' : 'pre');
+    const shownBasis = [qkR, ovR].map((r) => r.status === 'fulfilled' && r.value.result && r.value.result.basis).find(Boolean);
+    if (basisSel && shownBasis) basisSel.value = shownBasis;
+    if (basisSel && !sources.includes('live') && !(await data.liveStatus()).live) {
+      basisSel.disabled = true;
+      basisSel.title = 'precomputed result; a live server can compute the other basis';
+    }
     const qk = qkR.status === 'fulfilled' && qkR.value.result ? qkR.value.result : null;
     const ov = ovR.status === 'fulfilled' && ovR.value.result ? ovR.value.result : null;
     results = { qk, ov };

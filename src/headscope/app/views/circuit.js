@@ -100,20 +100,27 @@ export function circuitDiagram({ qk, ov, n = 4 }) {
     const top = y;
     const oy = new Map(outs.map((o, i) => [o.token, top + i * (BOX_H + GAP)]));
     const maxN = Math.max(1e-9, ...vs.map((t) => t.value_norm));
+    let nEdges = 0;
     vs.forEach((t, i) => {
       const vy = top + i * (BOX_H + GAP);
       const tops = (t.logit_top || []).map((x) => (typeof x === 'string' ? x : x.token));
-      const targets = tops.filter((tok) => oy.has(tok));
-      for (const tok of targets.length ? targets : []) {
+      // An edge joins a value component to an output token it promotes itself (its logit_top).
+      for (const tok of tops.filter((x) => oy.has(x))) {
         parts.push(edge(LEFT + BOX_W, vy + BOX_H / 2, RIGHT, oy.get(tok) + BOX_H / 2, 1 + 8 * (t.value_norm / maxN), '#6a51a3', `${t.component} → “${labelToken(tok)}”`));
+        nEdges++;
       }
       const d = describeComponent(t.component, features);
-      parts.push(box(LEFT, vy, d.text, `value side · ‖v‖ ${t.value_norm.toFixed(3)}`, '#fff3e6', '#f16913'));
+      const own = tops.slice(0, 3).map((x) => `“${labelToken(x)}”`).join(' ');
+      parts.push(box(LEFT, vy, d.text, `value side · ‖v‖ ${t.value_norm.toFixed(3)}${own ? ` · ${own}` : ''}`, '#fff3e6', '#f16913'));
     });
+    if (!nEdges) {
+      parts.push(s('text', { x: W / 2, y: top + rows * (BOX_H + GAP) + 8, 'text-anchor': 'middle', 'font-size': 11, fill: '#555b66' },
+        'no edges: none of these components’ own top logits is among the head’s top promoted tokens'));
+    }
     outs.forEach((o, i) => {
       parts.push(box(RIGHT, top + i * (BOX_H + GAP), `say “${labelToken(o.token)}”`, `output · logit ${Number(o.logit).toFixed(3)}`, '#eaf2fb', '#4292c6'));
     });
-    y = top + rows * (BOX_H + GAP) + 6;
+    y = Math.max(y, top + rows * (BOX_H + GAP) + 6 + (nEdges ? 0 : 14));
   }
   if (y < 80) parts.push(s('text', { x: W / 2, y: 70, 'text-anchor': 'middle', fill: '#555b66' }, 'no attribution terms to draw'));
   return svgRoot(W, Math.max(90, y + 10), parts);

@@ -28,7 +28,7 @@ export function mount(root, ctx) {
   data.liveStatus().then((st) => {
     if (!alive) return;
     if (!st.live) {
-      clear(container).append(h('h1', {}, 'Custom text'), needsServer('Custom text'));
+      clear(container).append(h('h1', {}, 'Custom text'), needsServer('Custom text', st.server));
       ctx.ready('custom');
       return;
     }
@@ -190,7 +190,7 @@ function build(container, ctx0, health) {
       clear(panelEl).append(h('section', { class: 'panel' },
         h('div', { class: 'panel-head' }, h('h3', {}, `Composition into ${head}`), h('span', { class: 'muted small' }, 'earlier heads whose output at the key (K-composition) or query (Q-composition) this head reads'), h('span', { class: 'grow' }),
           exportButtons(`${head}_composition`, { svg: compSVG })),
-        h('div', { class: 'attr-grid two' }, table(res.k_composition, 'K-composition (writes to the key position)', 'k'), table(res.q_composition, 'Q-composition (writes to the query position)', 'q'))));
+        h('div', { class: 'attr-grid' }, table(res.k_composition, 'K-composition (writes to the key position)', 'k'), table(res.q_composition, 'Q-composition (writes to the query position)', 'q'))));
     } catch (err) {
       clear(panelEl).append(errorBox(err));
     }
@@ -242,7 +242,7 @@ function build(container, ctx0, health) {
       clear(panelEl);
       if (panel === 'attr') {
         attr = renderAttribution(panelEl, {
-          ctx: c, head, query: q, key: k, text, strs: tokens, basis: c.get('basis', 'components'),
+          ctx: c, head, query: q, key: k, text, strs: tokens, basis: c.get('basis') || 'components',
           onBasis: (b) => ctx.set({ basis: b === 'components' ? null : b }),
           onClose: () => ctx.set({ panel: null }),
         });

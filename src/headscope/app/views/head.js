@@ -148,18 +148,21 @@ function renderExamples(el, { payload, ctx, name }) {
   const bar = h('span', { class: 'legend-bar' });
   const modeLabel = h('span', { class: 'mode-label', id: 'mode-label', 'aria-live': 'polite' });
   const modeBar = h('div', { class: 'toolbar sticky' },
-    h('span', {}, 'Colour tokens by '),
-    modeBtn('query', 'max attention as query'), modeBtn('key', 'max attention as key'),
+    h('span', {}, 'Colour by'),
+    modeBtn('query', 'max as query'), modeBtn('key', 'max as key'),
     h('kbd', { title: 'keyboard shortcut' }, 't'),
     h('span', { class: 'legend' }, '0 ', bar, ' 1'),
     modeLabel,
     h('span', { class: 'grow' }),
-    h('span', { class: 'muted small' }, 'Click a query token, then an earlier (or the same) key token for QK/OV attribution · Esc clears'));
+    h('span', { class: 'muted small', title: 'Click a query token, then an earlier (or the same) key token, to open its QK/OV attribution; Esc clears' }, 'click query → key for attribution · Esc clears'));
 
   function showMode() {
     modeLabel.textContent = mode === 'key'
-      ? 'Key mode: each token shows the most attention it receives; hover to see the queries attending to it.'
-      : 'Query mode: each token shows its largest attention to any key; hover to see its keys.';
+      ? 'Key mode: hover a token to see the queries attending to it'
+      : 'Query mode: hover a token to see the keys it attends to';
+    modeLabel.title = mode === 'key'
+      ? 'Each token is coloured by the most attention it receives from any later query.'
+      : 'Each token is coloured by its largest attention to any key (key 0 excluded).';
     bar.style.background = gradient(mode === 'key' ? oranges : blues);
     for (const b of modeBar.querySelectorAll('button.toggle')) b.setAttribute('aria-pressed', String(b.dataset.mode === mode));
   }
@@ -209,7 +212,7 @@ function renderExamples(el, { payload, ctx, name }) {
       if (i === exI) tv.setSelection(q, k);
       else tv.setSelection(null, null);
     }
-    const key = exI !== null && q !== null && k !== null && exs[exI] ? `${exI}:${q}:${k}:${ctx.get('basis', 'components')}` : null;
+    const key = exI !== null && q !== null && k !== null && exs[exI] ? `${exI}:${q}:${k}:${ctx.get('basis')}` : null;
     if (key !== attrKey) {
       if (attrInstance && attrInstance.unmount) attrInstance.unmount();
       for (const s of slots.values()) clear(s);
@@ -220,8 +223,8 @@ function renderExamples(el, { payload, ctx, name }) {
         const ex = exs[exI];
         attrInstance = renderAttribution(slot, {
           ctx, head: name, query: q, key: k, strs: ex.strs, sequence: ex.sequence,
-          basis: ctx.get('basis', 'components'),
-          onBasis: (b) => ctx.set({ basis: b === 'components' ? null : b }),
+          basis: ctx.get('basis'),
+          onBasis: (b) => ctx.set({ basis: b }),
           onClose: () => ctx.set({ ex: null, q: null, k: null }),
         });
       }

@@ -5,7 +5,7 @@
 // the sequence is one of the stored examples. URL params: px, py, rule, re.
 
 import { h, clear, fmt } from '../lib/dom.js';
-import { viridis, HIGHLIGHT, MUTED } from '../lib/color.js';
+import { viridis, gradient, HIGHLIGHT, MUTED } from '../lib/color.js';
 import { ScatterPlot } from '../lib/canvasplot.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { labelToken } from '../lib/tokens.js';
@@ -31,6 +31,7 @@ export function renderPCA(el, { payload, ctx, name }) {
   const rule = sel('pca-rule', 'colour rule', [['query', 'query token matches'], ['key', 'key token matches'], ['distance', 'query–key distance']]);
   const re = h('input', { id: 'pca-regex', type: 'text', placeholder: 'regex, e.g. ^\\d+$', size: 18, 'aria-label': 'regex', spellcheck: 'false', autocomplete: 'off' });
   const info = h('span', { class: 'muted small', 'aria-live': 'polite' });
+  const legendEl = h('span', { class: 'legend' });
   let timer = null;
   px.addEventListener('change', () => ctx.set({ px: px.value === '1' ? null : px.value }, { replace: true }));
   py.addEventListener('change', () => ctx.set({ py: py.value === '2' ? null : py.value }, { replace: true }));
@@ -86,15 +87,16 @@ export function renderPCA(el, { payload, ctx, name }) {
     re.disabled = st.rule === 'distance';
     let colors;
     let order = null;
-    let colorBar = null;
-    let legend = null;
     info.classList.remove('error-text');
+    clear(legendEl);
     if (st.rule === 'distance') {
+      // Distances are heavy-tailed (mostly 1–3, a few hundreds): colour on a log scale.
       const d = pts.map((p) => Math.log1p(p.distance));
       const hi = Math.max(1e-9, ...d);
       colors = d.map((v) => viridis(v / hi));
-      colorBar = { scale: (t) => viridis(t), lo: 0, hi, label: 'log(1 + distance)' };
-      info.textContent = `distance ${Math.min(...pts.map((p) => p.distance))}–${Math.max(...pts.map((p) => p.distance))} tokens`;
+      const dmax = Math.max(...pts.map((p) => p.distance));
+      legendEl.append(`${Math.min(...pts.map((p) => p.distance))} `, h('span', { class: 'legend-bar', style: { background: gradient(viridis) } }), ` ${dmax} tokens (log scale)`);
+      info.textContent = 'colour = query–key distance';
     } else {
       let rx = null;
       try { rx = st.re ? new RegExp(st.re) : null; } catch (err) {
@@ -106,7 +108,8 @@ export function renderPCA(el, { payload, ctx, name }) {
       colors = match.map((mm) => (mm ? HIGHLIGHT : rx ? MUTED : '#4c72b0'));
       order = [...pts.keys()].sort((a, b) => match[a] - match[b]);
       if (rx) {
-        legend = [{ label: `${st.rule} ~ /${st.re}/`, color: HIGHLIGHT }, { label: 'other', color: MUTED }];
+        const dot = (color) => h('span', { class: 'dot', style: { background: color } });
+        legendEl.append(dot(HIGHLIGHT), ` ${st.rule} token matches`, dot(MUTED), ' other');
         info.textContent = `${nMatch} of ${pts.length} pairs match`;
       } else if (!info.classList.contains('error-text')) {
         info.textContent = `${pts.length} (query, key) pairs with the largest output norm · type a regex to highlight tokens`;
@@ -121,7 +124,6 @@ export function renderPCA(el, { payload, ctx, name }) {
       pl.p.setData({
         x: coords.map((r) => r[st.x - 1]), y: coords.map((r) => r[st.y - 1]), colors, order,
         xLabel: `PC${st.x}${pct(st.x - 1)}`, yLabel: `PC${st.y}${pct(st.y - 1)}`,
-        colorBar: pl.key === 'o' ? colorBar : null, legend: pl.key === 'o' ? legend : null,
         labels: pts.map((p) => `${labelToken(p.query)} → ${labelToken(p.key)}`),
       });
     }
@@ -146,7 +148,7 @@ export function renderPCA(el, { payload, ctx, name }) {
       h('label', {}, 'x ', px), h('label', {}, 'y ', py),
       h('span', { class: 'sep' }),
       h('label', {}, 'colour by ', rule), re,
-      info,
+      info, legendEl,
       h('span', { class: 'grow' }),
       exportButtons(`${name}_pca`, { svg: svgAll, png: () => svgToCanvas(svgAll()) })),
     h('p', { class: 'muted small' }, 'PCA is a hypothesis generator: clusters hint at distinct behaviours, but a continuous cloud does not rule them out.'),

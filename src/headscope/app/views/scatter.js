@@ -30,10 +30,14 @@ export function mount(root, ctx) {
     const first = m.metricNames[0] || 'head';
     const y = pick('y', m.has('induction_score') ? 'induction_score' : first);
     const col = pick('c', m.has('prev_token_score') ? 'prev_token_score' : first);
-    const l0 = Math.max(0, parseInt(c.get('l0', '0'), 10) || 0);
-    const l1raw = parseInt(c.get('l1', String(m.nLayers - 1)), 10);
-    const l1 = Math.min(m.nLayers - 1, Number.isFinite(l1raw) ? l1raw : m.nLayers - 1);
-    return { cols, x: pick('x', 'layer'), y, c: col, l0, l1 };
+    const last = m.nLayers - 1;
+    const int = (name, dflt) => {
+      const v = parseInt(c.get(name, String(dflt)), 10);
+      return Math.min(last, Math.max(0, Number.isFinite(v) ? v : dflt));
+    };
+    const a = int('l0', 0);
+    const b = int('l1', last);
+    return { cols, x: pick('x', 'layer'), y, c: col, l0: Math.min(a, b), l1: Math.max(a, b) };
   }
 
   /** Value of column `col` for row i, spreading discrete columns so marks don't stack. */
@@ -44,10 +48,24 @@ export function mount(root, ctx) {
     return v;
   }
 
-  function domain(col) {
-    if (col === 'layer') return [-0.6, m.nLayers - 0.4];
-    if (col === 'head') return [-0.6, m.nHeads - 0.4];
-    return null;
+  /** Visible integer range of a discrete column (the layer filter narrows `layer`). */
+  function range(col, st) {
+    return col === 'layer' ? [st.l0, st.l1] : [0, m.nHeads - 1];
+  }
+
+  function domain(col, st) {
+    if (!DISCRETE.has(col)) return null;
+    const [lo, hi] = range(col, st);
+    return [lo - 0.6, hi + 0.6];
+  }
+
+  function integerTicks(col, st) {
+    if (!DISCRETE.has(col)) return null;
+    const [lo, hi] = range(col, st);
+    const step = Math.max(1, Math.ceil((hi - lo + 1) / 16));
+    const t = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi; v += step) t.push(v);
+    return t;
   }
 
   function tooltip(i) {
@@ -72,14 +90,6 @@ export function mount(root, ctx) {
     for (const i of shown) { lo = Math.min(lo, cv[i]); hi = Math.max(hi, cv[i]); }
     if (!(hi > lo)) { hi = lo + 1; }
     const colors = shown.map((i) => viridis((cv[i] - lo) / (hi - lo)));
-    const integerTicks = (col) => {
-      if (!DISCRETE.has(col)) return null;
-      const n = col === 'layer' ? m.nLayers : m.nHeads;
-      const step = Math.max(1, Math.ceil(n / 16));
-      const t = [];
-      for (let v = 0; v < n; v += step) t.push(v);
-      return t;
-    };
     plot.setData({
       x: shown.map((i) => coord(st.x, i)),
       y: shown.map((i) => coord(st.y, i)),
@@ -87,10 +97,10 @@ export function mount(root, ctx) {
       labels: shown.map((i) => m.names[i]),
       xLabel: label(st.x),
       yLabel: label(st.y),
-      xDomain: DISCRETE.has(st.x) ? [Math.max(-0.6, st.x === 'layer' ? st.l0 - 0.6 : -0.6), st.x === 'layer' ? st.l1 + 0.6 : m.nHeads - 0.4] : domain(st.x),
-      yDomain: DISCRETE.has(st.y) ? (st.y === 'layer' ? [st.l0 - 0.6, st.l1 + 0.6] : domain(st.y)) : null,
-      xTicks: integerTicks(st.x),
-      yTicks: integerTicks(st.y),
+      xDomain: domain(st.x, st),
+      yDomain: domain(st.y, st),
+      xTicks: integerTicks(st.x, st),
+      yTicks: integerTicks(st.y, st),
       colorBar: { scale: viridis, lo, hi, label: label(st.c) },
     });
     ctx.hooks.markCount = shown.length;
@@ -130,7 +140,11 @@ export function mount(root, ctx) {
     const t0 = ev.timeStamp;
     if (j < 0) hideTip();
     else showTip(tooltip(shown[j]), ev.clientX, ev.clientY);
-    ctx.hooks.lastHoverMs = performance.now() - t0;
+    const now = performance.now();
+    // Event creation → tooltip shown (includes the browser's input queueing), and the part
+    // spent in our handler (grid lookup + tooltip).
+    ctx.hooks.lastHoverMs = now - t0;
+    ctx.hooks.lastHoverHandlerMs = now - plot.moveStart;
     ctx.hooks.hovered = j < 0 ? null : m.names[shown[j]];
   }
 

@@ -1,6 +1,8 @@
 // Sweep (#/sweep, live server): fill a template's {} with each value and plot the chosen heads'
 // attention from the query to the key as a function of the value (line chart for numbers, bar
-// chart otherwise) — seed 000, Figure 7. URL params: tpl, vals, heads, q, k.
+// chart otherwise) — seed 000, Figure 7. Positions are an index, 'last', or 'slot:i' (the i-th
+// token of the value; the default query is slot:-1, the key slot:0). URL params: tpl, vals,
+// heads, q, k.
 
 import * as data from '../data.js';
 import { h, clear, errorBox, loading, needsServer, parseHead, fixed } from '../lib/dom.js';
@@ -9,7 +11,11 @@ import { lineChart, barChart } from '../lib/svg.js';
 import { labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
 
-const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000..2000:25', heads: 'L0H0', q: 'last', k: '' };
+const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000..2000:25', heads: 'L0H0', q: 'slot:-1', k: 'slot:0' };
+const POSITION_RE = /^(last|slot:-?\d{1,9}|-?\d{1,12})$/;
+
+/** A position field as the API takes it: an integer, or 'last' / 'slot:i' as a string. */
+const position = (v) => (/^-?\d+$/.test(v) ? Number.parseInt(v, 10) : v);
 
 /** Parse "a, b, c", one per line, or numeric ranges "1000..2000" / "1000..2000:10". */
 export function parseValues(text) {
@@ -21,7 +27,7 @@ export function parseValues(text) {
       const b = +m[2];
       const step = Math.max(1, +(m[3] || 1));
       const n = Math.floor(Math.abs(b - a) / step) + 1;
-      if (n > 2000) throw new Error(`range ${part} has ${n} values; use a step (a..b:step) to stay under 2000`);
+      if (n > 1000) throw new Error(`range ${part} has ${n} values; use a step (a..b:step) to stay within 1000`);
       for (let i = 0; i < n; i++) out.push(String(a + Math.sign(b - a || 1) * i * step));
     } else {
       out.push(part);
@@ -38,7 +44,7 @@ export function mount(root, ctx) {
   data.liveStatus().then((st) => {
     if (!alive) return;
     if (!st.live) {
-      clear(container).append(h('h1', {}, 'Sweep'), needsServer('The sweep'));
+      clear(container).append(h('h1', {}, 'Sweep'), needsServer('The sweep', st.server));
       ctx.ready('sweep');
       return;
     }
@@ -58,8 +64,8 @@ function build(container, ctx0, health) {
   const tpl = h('input', { id: 'sweep-template', type: 'text', spellcheck: 'false' });
   const vals = h('textarea', { id: 'sweep-values', rows: 2, spellcheck: 'false' });
   const heads = h('input', { id: 'sweep-heads', type: 'text', spellcheck: 'false' });
-  const q = h('input', { id: 'sweep-query', type: 'text', size: 6 });
-  const k = h('input', { id: 'sweep-key', type: 'number', min: 0, size: 6 });
+  const q = h('input', { id: 'sweep-query', type: 'text', size: 8, spellcheck: 'false' });
+  const k = h('input', { id: 'sweep-key', type: 'text', size: 8, spellcheck: 'false' });
   const msg = h('span', { class: 'error-text small', 'aria-live': 'polite' });
   const preview = h('div', { class: 'token-preview' });
   const result = h('div', {});
@@ -85,16 +91,16 @@ function build(container, ctx0, health) {
     if (!names.length || names.some((x) => !x)) { msg.textContent = 'heads: a comma-separated list like L0H1, L5H3'; return; }
     if (!tpl.value.includes('{}')) { msg.textContent = 'the template needs a {} where each value goes'; return; }
     try { parseValues(vals.value); } catch (err) { msg.textContent = err.message; return; }
-    if (k.value === '') { msg.textContent = 'pick a key position (Show tokens helps)'; return; }
+    if (!POSITION_RE.test(q.value.trim()) || !POSITION_RE.test(k.value.trim())) { msg.textContent = 'positions: an index, “last”, or “slot:i” (the i-th token of the value)'; return; }
     msg.textContent = '';
-    ctx.set({ tpl: tpl.value, vals: vals.value, heads: names.map((x) => x.name).join(','), q: q.value || 'last', k: k.value });
+    ctx.set({ tpl: tpl.value, vals: vals.value, heads: names.map((x) => x.name).join(','), q: q.value.trim(), k: k.value.trim() });
   } },
   field('sweep-template', 'Template ({} is replaced by each value)', tpl),
   field('sweep-values', 'Values', vals, 'comma or newline separated; numeric ranges as 1000..2000 or 1000..2000:10'),
   h('div', { class: 'form-row' },
     field('sweep-heads', 'Heads', heads),
-    field('sweep-query', 'Query position', q, 'an index or “last”'),
-    field('sweep-key', 'Key position', k),
+    field('sweep-query', 'Query position', q, 'index, “last” or “slot:i”'),
+    field('sweep-key', 'Key position', k, '“slot:0” = first token of the value'),
     h('button', { type: 'button', onclick: showTokens }, 'Show tokens'),
     h('button', { type: 'submit', class: 'primary' }, 'Run sweep'), msg),
   preview);
@@ -105,8 +111,8 @@ function build(container, ctx0, health) {
       template: c.get('tpl'),
       values: parseValues(c.get('vals')),
       heads: c.get('heads').split(',').filter(Boolean),
-      query: c.get('q') === 'last' || c.get('q') === null ? 'last' : Number.parseInt(c.get('q'), 10),
-      key: Number.parseInt(c.get('k'), 10),
+      query: position(c.get('q', DEFAULTS.q)),
+      key: position(c.get('k', DEFAULTS.k)),
     };
     clear(result).append(loading(`Running ${req.values.length} × ${req.heads.length}…`));
     try {
@@ -115,18 +121,29 @@ function build(container, ctx0, health) {
       const numeric = values.every((v) => /^\s*-?\d+(\.\d+)?\s*$/.test(String(v)));
       const series = Object.entries(res.attention || {}).map(([hn, ys], i) => ({ name: hn, values: ys, color: categorical(i) }));
       const width = Math.max(600, Math.min(1100, container.clientWidth - 40));
+      // Fixed 0–1 axis unless all weights are small, where it would flatten every curve to 0.
+      const top = Math.max(...series.flatMap((sr) => sr.values).filter(Number.isFinite), 0);
+      const yDomain = [0, top >= 0.5 ? 1 : Math.max(0.01, top * 1.15)];
       const chart = () => (numeric
-        ? lineChart({ series: series.map((sr) => ({ name: sr.name, x: values.map(Number), y: sr.values, color: sr.color })), width, height: 360, xLabel: 'value', yLabel: 'attention', yDomain: [0, 1], xFormat: (v) => String(v) })
-        : barChart({ categories: values.map(String), series, width, height: 360, yLabel: 'attention', yDomain: [0, 1] }));
+        ? lineChart({ series: series.map((sr) => ({ name: sr.name, x: values.map(Number), y: sr.values, color: sr.color })), width, height: 360, xLabel: 'value', yLabel: 'attention', yDomain, xFormat: (v) => String(v) })
+        : barChart({ categories: values.map(String), series, width, height: 360, yLabel: 'attention', yDomain }));
+      // The server reports where query and key fell for each value; older servers send tokens.
+      const pos = res.positions || values.map(() => null);
       const toks = res.tokens || [];
-      const kk = req.key;
+      const p0 = pos[0];
+      const where = (spec, i, tok) => `${spec}${i !== undefined ? ` (position ${i}` : ''}${tok !== undefined ? ` “${labelToken(tok)}”` : ''}${i !== undefined ? ')' : ''}`;
+      const heading = p0
+        ? `Attention from ${where(req.query, p0.query, p0.query_token)} to ${where(req.key, p0.key, p0.key_token)}, first value`
+        : `Attention from ${req.query} to ${where(req.key, undefined, typeof req.key === 'number' ? toks[req.key] : undefined)}`;
       clear(result).append(h('section', { class: 'panel' },
-        h('div', { class: 'panel-head' }, h('h3', {}, `Attention to key ${kk}${toks[kk] !== undefined ? ` “${labelToken(toks[kk])}”` : ''} from the ${req.query === 'last' ? 'last token' : `token at ${req.query}`}`),
+        h('div', { class: 'panel-head' }, h('h3', {}, heading),
           h('span', { class: 'grow' }), exportButtons('sweep', { svg: chart })),
         h('div', { class: 'figure-scroll', id: 'sweep-chart' }, chart()),
         h('details', {}, h('summary', {}, 'Values'), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
-          h('thead', {}, h('tr', {}, h('th', {}, 'value'), series.map((sr) => h('th', { class: 'num' }, sr.name)))),
-          h('tbody', {}, values.map((v, i) => h('tr', {}, h('td', {}, String(v)), series.map((sr) => h('td', { class: 'num' }, fixed(sr.values[i], 4)))))))))));
+          h('thead', {}, h('tr', {}, h('th', {}, 'value'), pos[0] ? h('th', {}, 'query → key') : null, series.map((sr) => h('th', { class: 'num' }, sr.name)))),
+          h('tbody', {}, values.map((v, i) => h('tr', {}, h('td', {}, String(v)),
+            pos[i] ? h('td', { class: 'tokcell' }, `${pos[i].query} “${labelToken(pos[i].query_token)}” → ${pos[i].key} “${labelToken(pos[i].key_token)}”`) : null,
+            series.map((sr) => h('td', { class: 'num' }, fixed(sr.values[i], 4)))))))))));
       ctx.hooks.sweepPoints = values.length;
     } catch (err) {
       clear(result).append(errorBox(err));
@@ -142,7 +159,7 @@ function build(container, ctx0, health) {
       q.value = c.get('q', q.value || DEFAULTS.q);
       k.value = c.get('k', k.value || DEFAULTS.k);
       const key = ['tpl', 'vals', 'heads', 'q', 'k'].map((n) => c.get(n)).join('\u0000');
-      if (c.get('tpl') && c.get('vals') && c.get('heads') && c.get('k') !== null && key !== lastKey) {
+      if (c.get('tpl') && c.get('vals') && c.get('heads') && key !== lastKey) {
         lastKey = key;
         run(c);
       }
