@@ -229,6 +229,64 @@ def _precompute(args):
     _emit(args, run.manifest, "\n".join(lines))
 
 
+# ----- serving, export, demo ---------------------------------------------------------------------
+@command("serve")
+def _serve(args):
+    import time
+
+    from headscope.server.serve import serve
+
+    handle = serve(args.run, args.model, host=args.host, port=args.port, token=args.token)
+    print(f"headscope: serving {args.run or '(no run)'} at {handle.browser_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        handle.stop()
+
+
+@command("demo")
+def _demo(args):
+    from headscope.demo import demo
+
+    demo(
+        Path(args.out) if args.out else None,
+        host=args.host,
+        port=args.port,
+        serve=not args.no_serve,
+        sequences=args.sequences,
+        seq_len=args.seq_len,
+    )
+
+
+@command("export static")
+def _export_static(args):
+    from headscope.store.static import export_static
+
+    out = export_static(args.run, args.out)
+    _emit(
+        args,
+        {"out": str(out)},
+        f"static site written to {out} (serve it with any static web server)",
+    )
+
+
+@command("export headvis")
+def _export_headvis(args):
+    from headscope.store.headvis import export_headvis
+
+    out = export_headvis(Path(args.run), Path(args.out))
+    _emit(args, {"out": str(out)}, f"HeadVis tree written to {out}")
+
+
+@command("import headvis")
+def _import_headvis(args):
+    from headscope.store.headvis import import_headvis
+
+    out = import_headvis(Path(args.tree), Path(args.run))
+    _emit(args, {"run": str(out)}, f"imported {args.tree} as run {out}")
+
+
 @command("corpus build")
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
@@ -336,6 +394,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", type=int, nargs="*")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints")
+
+    sp = sub.add_parser("serve", help="serve the browser app, a run and the live API")
+    sp.add_argument("run", nargs="?", help="run directory (optional)")
+    sp.add_argument("--model", help="model for live analysis (default: none, static only)")
+    sp.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)"
+    )
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--token", help="access token (generated when --host is not local)")
+
+    sp = sub.add_parser(
+        "demo", help="corpus + precompute + attributions on the default model, then serve"
+    )
+    sp.add_argument("--out", help="run directory (default: the user cache)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--sequences", type=int, default=96)
+    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--no-serve", action="store_true", help="build the demo run and exit")
+
+    export = sub.add_parser("export", help="export a run").add_subparsers(
+        dest="export_cmd", required=True
+    )
+    sp = export.add_parser("static", help="the app + run as a static site")
+    sp.add_argument("run")
+    sp.add_argument("out")
+    sp.add_argument("--json", action="store_true")
+    sp = export.add_parser(
+        "headvis", help="the HeadVis data tree (config.json, scatter_data.json, heads/)"
+    )
+    sp.add_argument("run")
+    sp.add_argument("out")
+    sp.add_argument("--json", action="store_true")
+    imp = sub.add_parser("import", help="import a run").add_subparsers(
+        dest="import_cmd", required=True
+    )
+    sp = imp.add_parser("headvis", help="a HeadVis data tree (e.g. a Neuronpedia export) as a run")
+    sp.add_argument("tree")
+    sp.add_argument("run")
+    sp.add_argument("--json", action="store_true")
 
     corpus = sub.add_parser("corpus", help="the default corpus").add_subparsers(
         dest="corpus_cmd", required=True

@@ -58,19 +58,26 @@ class Session:
         self.adapter = adapter
         self.max_tokens = max_tokens
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, TextState] = OrderedDict()
+        self._cache: OrderedDict[str | tuple[int, ...], TextState] = OrderedDict()
         self._lock = threading.Lock()
 
-    def state(self, text: str) -> TextState:
-        """The analysed state of ``text``, from the cache or from one forward pass."""
+    def state(self, text: str | list[int]) -> TextState:
+        """The analysed state of a text (or of token ids, BOS included), cached or computed."""
+        key = text if isinstance(text, str) else tuple(text)
         with self._lock:
-            if text in self._cache:
-                self._cache.move_to_end(text)
-                return self._cache[text]
-            ids = encode_text(self.adapter, text, self.max_tokens)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            if isinstance(text, str):
+                ids = encode_text(self.adapter, text, self.max_tokens)
+            else:
+                if not 1 <= len(text) <= self.max_tokens:
+                    raise InputError(f"need 1..{self.max_tokens} token ids, got {len(text)}")
+                ids = torch.tensor([list(text)], dtype=torch.long)
             cap = self.adapter.run(ids, patterns=False, residuals=True, logits=True)
-            st = TextState(text, ids, self.adapter.tokens.displays(ids[0]), cap, _nbytes(cap))
-            self._cache[text] = st
+            display = self.adapter.tokens.displays(ids[0])
+            st = TextState(text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap))
+            self._cache[key] = st
             used = sum(s.nbytes for s in self._cache.values())
             while used > self.cache_bytes and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
