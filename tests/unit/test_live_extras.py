@@ -60,9 +60,11 @@ def test_intervention_matches_attribution(sess):
     labels, Q = side_vectors(sess, st, 2, 1, q, "q")
     q_part = Q[labels.index("L1H0")]  # [D]
     kv = int(sess.adapter.weights(2).kv_of_head[1])
-    keys = st.cap.layers[2].k[0, kv, : q + 1]  # [q+1, D]
+    keys = st.cap.layers[2].k[0, kv, : q + 1].double()  # [q+1, D]
     scores, _ = sess.pattern_rows(st, 2, q)
-    expected = torch.softmax(scores[1] - sess.adapter.spec.attn_scale * keys @ q_part, -1)
+    expected = torch.softmax(
+        scores[1].double() - sess.adapter.spec.attn_scale * keys @ q_part, -1
+    ).float()
     out = intervene(sess, TEXT, [head], "L1H0", "query", 0.0, query=q, key=k)
     assert torch.allclose(torch.tensor(out["heads"][0]["row_after"]), expected, atol=1e-5)
     assert out["heads"][0]["attention_after"] == pytest.approx(float(expected[k]), abs=1e-5)

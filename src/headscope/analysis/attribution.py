@@ -45,42 +45,58 @@ def project_side(
 ) -> torch.Tensor:  # [..., D]
     """Map residual vectors into the head's post-QK-norm, post-RoPE query (``side="q"``) or key
     space, linearly: every norm's scale is frozen at its actual value at ``pos``."""
+    # float64: rows of a basis can be much larger than their sum (a poor dictionary's
+    # reconstruction and error cancel), and the terms must still add up to the score.
     ad, s = session.adapter, session.adapter.spec
-    x_full = st.cap.resid_pre[layer][0][pos]  # [..., d]
+    f64 = torch.float64
+    x_full = st.cap.resid_pre[layer][0][pos].to(f64)  # [..., d]
     ln = ad.ln_attn(layer)
-    f = norm_factor(x_full, s.norm)
+    ln = type(ln)(ln.weight.to(f64), None if ln.bias is None else ln.bias.to(f64))
+    f = norm_factor(x_full, s.norm).to(f64)
     w = ad.weights(layer)
     if side == "q":
-        W, b = w.W_Q[head], w.b_Q[head]
+        W, b = w.W_Q[head].to(f64), w.b_Q[head].to(f64)
     else:
         kv = int(w.kv_of_head[head])
-        W, b = w.W_K[kv], w.b_K[kv]
+        W, b = w.W_K[kv].to(f64), w.b_K[kv].to(f64)
     const = b + (ln.bias @ W if ln.bias is not None else 0.0)  # [D]
-    vec = ad.apply_norm_frozen(X, f, ln) @ W
+    vec = ad.apply_norm_frozen(X.to(f64), f, ln) @ W
     if bias is not None:
-        vec = vec + bias[..., None] * const
+        vec = vec + bias.to(f64)[..., None] * const
     qk = ad.qk_norm(layer)
     if qk is not None:
         full = ad.apply_norm_frozen(x_full, f, ln) @ W + const  # [..., D] the actual pre-norm q/k
-        vec = vec * norm_factor(full, s.norm) * qk[0 if side == "q" else 1]
+        vec = vec * norm_factor(full, s.norm).to(f64) * qk[0 if side == "q" else 1].to(f64)
     if layer in st.cap.rope:
         cos, sin = st.cap.rope[layer]
-        vec = ad.apply_rope(vec, cos[0][pos], sin[0][pos], s.rotary_dim)
+        vec = ad.apply_rope(vec, cos[0][pos].to(f64), sin[0][pos].to(f64), s.rotary_dim)
     return vec
 
 
-def side_vectors(
-    session: Session, st: TextState, layer: int, head: int, pos: int, side: str
-) -> tuple[list[str], torch.Tensor]:
-    """Each residual component's contribution to the head's q (``side="q"``) or k at ``pos``.
+Decomposition = tuple[list[str], torch.Tensor, torch.Tensor]  # labels, X [C, d], bias flag [C]
 
-    Returns labels and ``[C, D]`` rows (post-QK-norm, post-RoPE); rows sum to the captured
-    q or k vector exactly up to float error."""
-    labels, X = session.components(st, layer, pos)  # [C, d]
-    is_bias = torch.zeros(len(labels), dtype=X.dtype)
-    is_bias[labels.index("bias")] = 1.0
+
+def component_basis(session: Session, st: TextState, layer: int, pos: int) -> Decomposition:
+    """The residual at (layer, pos) in residual components (see :meth:`Session.components`);
+    the ``bias`` row also carries the projection's constant part."""
+    labels, X = session.components(st, layer, pos)
+    flag = torch.zeros(len(labels), dtype=X.dtype)
+    flag[labels.index("bias")] = 1.0
+    return labels, X, flag
+
+
+def side_vectors(
+    session: Session, st: TextState, layer: int, head: int, pos: int, side: str, basis=None
+) -> tuple[list[str], torch.Tensor]:
+    """Each basis row's contribution to the head's q (``side="q"``) or k at ``pos``.
+
+    ``basis`` decomposes the residual (default: residual components; or a dictionary, see
+    ``headscope.dictionaries.basis``). Returns labels and ``[C, D]`` rows (post-QK-norm,
+    post-RoPE); rows sum to the captured q or k vector exactly up to float error."""
+    decompose = component_basis if basis is None else basis.decompose
+    labels, X, flag = decompose(session, st, layer, pos)
     positions = torch.full((len(labels),), pos, dtype=torch.long)
-    return labels, project_side(session, st, layer, head, side, X, positions, is_bias)
+    return labels, project_side(session, st, layer, head, side, X, positions, flag)
 
 
 def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:
@@ -89,7 +105,7 @@ def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:
 
 
 def qk_attribution(
-    session: Session, text: str, head: str, query: int, key: int, *, top: int = 200
+    session: Session, text: str, head: str, query: int, key: int, *, top: int = 200, basis=None
 ) -> dict:
     """The head's pre-softmax score on (query, key) as (query component x key component) terms.
 
@@ -99,12 +115,12 @@ def qk_attribution(
     st = session.state(text)
     query, key = check_pair(st.n_tokens, query, key)
     s = session.adapter.spec
-    q_labels, Q = side_vectors(session, st, layer, h, query, "q")
-    k_labels, K = side_vectors(session, st, layer, h, key, "k")
+    q_labels, Q = side_vectors(session, st, layer, h, query, "q", basis)
+    k_labels, K = side_vectors(session, st, layer, h, key, "k", basis)
     terms = s.attn_scale * (Q @ K.T)  # [Cq, Ck]
     t = st.cap.layers[layer]
     kv = int(session.adapter.weights(layer).kv_of_head[h])
-    score = float(s.attn_scale * (t.q[0, h, query] @ t.k[0, kv, key]))
+    score = float(s.attn_scale * (t.q[0, h, query].double() @ t.k[0, kv, key].double()))
     scores, pattern = session.pattern_rows(st, layer, query)
     flat = terms.flatten()
     n_top = min(top, flat.numel())
@@ -132,7 +148,16 @@ def qk_attribution(
         ],
         "query_marginals": _sorted(q_labels, terms.sum(1)),
         "key_marginals": _sorted(k_labels, terms.sum(0)),
+        "basis": "components" if basis is None else basis.name,
+        **({} if basis is None else {"features": basis.cards(_shown(q_labels, k_labels, terms))}),
     }
+
+
+def _shown(q_labels: list[str], k_labels: list[str], terms: torch.Tensor, n: int = 40) -> set[str]:
+    """Labels of the rows and columns with the largest marginals (for feature hover cards)."""
+    rows = torch.topk(terms.sum(1).abs(), min(n, terms.shape[0])).indices.tolist()
+    cols = torch.topk(terms.sum(0).abs(), min(n, terms.shape[1])).indices.tolist()
+    return {q_labels[i] for i in rows} | {k_labels[j] for j in cols}
 
 
 def logit_readout(session: Session, st: TextState, pos: int, vec: torch.Tensor) -> torch.Tensor:
@@ -153,6 +178,7 @@ def ov_attribution(
     *,
     top: int = 30,
     n_tokens: int = 10,
+    basis=None,
 ) -> dict:
     """What the head moves from ``key`` to ``query``: attention x value path, by key component.
 
@@ -166,24 +192,31 @@ def ov_attribution(
     ad, s = session.adapter, session.adapter.spec
     w = ad.weights(layer)
     kv = int(w.kv_of_head[h])
-    labels, X = session.components(st, layer, key)
+    decompose = component_basis if basis is None else basis.decompose
+    labels, X, flag = decompose(session, st, layer, key)
+    f64 = torch.float64
     ln = ad.ln_attn(layer)
-    Xn = ad.apply_norm_frozen(X, norm_factor(session.resid(st, layer, key), s.norm), ln)
-    vals = Xn @ w.W_V[kv]  # [C, D]
-    vals[labels.index("bias")] += w.b_V[kv] + (ln.bias @ w.W_V[kv] if ln.bias is not None else 0.0)
+    ln = type(ln)(ln.weight.to(f64), None if ln.bias is None else ln.bias.to(f64))
+    x_key = session.resid(st, layer, key).to(f64)
+    Xn = ad.apply_norm_frozen(X.to(f64), norm_factor(x_key, s.norm).to(f64), ln)
+    W_V, W_O = w.W_V[kv].to(f64), w.W_O[h].to(f64)
+    vals = Xn @ W_V  # [C, D]
+    vals = vals + flag.to(f64)[:, None] * (
+        w.b_V[kv].to(f64) + (ln.bias @ W_V if ln.bias is not None else 0.0)
+    )
     _, pattern = session.pattern_rows(st, layer, query)
-    a = pattern[h, key]
-    out = a * (vals @ w.W_O[h])  # [C, d]
-    model_out = a * (st.cap.layers[layer].v[0, kv, key] @ w.W_O[h])  # [d]
+    a = pattern[h, key].to(f64)
+    out = a * (vals @ W_O)  # [C, d]
+    model_out = a * (st.cap.layers[layer].v[0, kv, key].to(f64) @ W_O)  # [d]
     factor = ad.post_attn_factor(st.cap.attn_out[layer][0, query], layer)
     if factor is not None:
-        out, model_out = out * factor, model_out * factor
+        out, model_out = out * factor.to(f64), model_out * factor.to(f64)
     total = out.sum(0)
     norm = total.norm()
-    proj = out @ (total / norm) if norm > 0 else torch.zeros(len(labels))
-    logits = logit_readout(session, st, query, total)
+    proj = out @ (total / norm) if norm > 0 else torch.zeros(len(labels), dtype=f64)
+    logits = logit_readout(session, st, query, total.float())
     order = torch.argsort(proj.abs(), descending=True)[:top].tolist()
-    comp_logits = logit_readout(session, st, query, out[order])  # [top, V]
+    comp_logits = logit_readout(session, st, query, out[order].float())  # [top, V]
     toks = ad.tokens
 
     def tok_list(values: torch.Tensor, k: int, sign: float) -> list[dict]:
@@ -210,6 +243,8 @@ def ov_attribution(
         ],
         "promoted": tok_list(logits, n_tokens, 1.0),
         "suppressed": tok_list(logits, n_tokens, -1.0),
+        "basis": "components" if basis is None else basis.name,
+        **({} if basis is None else {"features": basis.cards({labels[i] for i in order})}),
     }
 
 

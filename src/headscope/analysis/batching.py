@@ -29,5 +29,7 @@ def run_grouped(
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long)
-            cap = adapter.run(ids, layers=layers, patterns=patterns, residuals=residuals, logits=False)
+            cap = adapter.run(
+                ids, layers=layers, patterns=patterns, residuals=residuals, logits=False
+            )
             handle(chunk, cap)

@@ -46,7 +46,9 @@ def _summary(cos: torch.Tensor) -> dict:
     return {"diag_mean": float(diag.mean()), "offdiag_mean": float(off.mean())}
 
 
-def qk_geometry(session: Session, queries: list[str], keys: list[str], heads: list[str] | None) -> dict:
+def qk_geometry(
+    session: Session, queries: list[str], keys: list[str], heads: list[str] | None
+) -> dict:
     """Per head: cosine matrix [len(queries), len(keys)] of mean-subtracted pre-RoPE q vs k."""
     for name, prompts in (("queries", queries), ("keys", keys)):
         if not prompts:
@@ -64,7 +66,9 @@ def qk_geometry(session: Session, queries: list[str], keys: list[str], heads: li
         if not span:
             raise InputError(f"the mark in {prompt!r} covers no token")
         if len(ids) > session.max_tokens:
-            raise InputError(f"prompt {prompt[:40]!r}... is longer than {session.max_tokens} tokens")
+            raise InputError(
+                f"prompt {prompt[:40]!r}... is longer than {session.max_tokens} tokens"
+            )
         seqs.append(ids)
         positions.append(span[-1])
         labels.append(token)

@@ -37,7 +37,9 @@ def component_vectors(session: Session, st: TextState, component: str, layer: in
 
     m = re.fullmatch(r"L(\d+)(?:H(\d+)|\.mlp)", component)
     if not m:
-        raise InputError(f"unknown component {component!r}: use embed, pos_embed, bias, L3H1 or L3.mlp")
+        raise InputError(
+            f"unknown component {component!r}: use embed, pos_embed, bias, L3H1 or L3.mlp"
+        )
     lay = int(m.group(1))
     if lay >= layer:
         raise InputError(f"component {component} is not upstream of layer {layer}")
@@ -87,8 +89,10 @@ def intervene(
     for layer, h in pairs:
         X = component_vectors(session, st, component, layer)  # [T, d]
         is_bias = torch.ones(T) if component == "bias" else None
-        vec = project_side(session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias)
-        deltas.setdefault(layer, {})[h] = (scale - 1.0) * vec  # [T, D]
+        vec = project_side(
+            session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias
+        )
+        deltas.setdefault(layer, {})[h] = ((scale - 1.0) * vec).float()  # [T, D]
     edited = {layer: sorted(hs) for layer, hs in deltas.items()}
 
     def override(layer, q, k, v, mask, scaling, softcap, window):
@@ -105,7 +109,9 @@ def intervene(
         _, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
         if freeze_patterns:
             clean = st.cap.layers[layer]
-            _, clean_pattern, _ = eager_attention(clean.q, clean.k, clean.v, mask, scaling, softcap, window)
+            _, clean_pattern, _ = eager_attention(
+                clean.q, clean.k, clean.v, mask, scaling, softcap, window
+            )
             keep = torch.zeros(H, dtype=torch.bool)
             keep[edited.get(layer, [])] = True
             pattern = torch.where(keep[None, :, None, None], pattern, clean_pattern)
@@ -119,7 +125,9 @@ def intervene(
             rows[t.layer] = t.pattern[0, :, query, : query + 1].clone()
 
     needed = None if freeze_patterns else frozenset(deltas)
-    req = CaptureRequest(layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False)
+    req = CaptureRequest(
+        layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False
+    )
     with torch.no_grad(), capturing(req):
         logits = ad.model(input_ids=st.ids, use_cache=False).logits
     clean_logits = st.cap.logits[0, query]

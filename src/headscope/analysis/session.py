@@ -76,7 +76,9 @@ class Session:
                 ids = torch.tensor([list(text)], dtype=torch.long)
             cap = self.adapter.run(ids, patterns=False, residuals=True, logits=True)
             display = self.adapter.tokens.displays(ids[0])
-            st = TextState(text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap))
+            st = TextState(
+                text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap)
+            )
             self._cache[key] = st
             used = sum(s.nbytes for s in self._cache.values())
             while used > self.cache_bytes and len(self._cache) > 1:

@@ -72,9 +72,13 @@ def sweep(
     seqs, qk_pos, detail = [], [], []
     for value in values:
         text = prefix + value + suffix
-        ids, slot = session.adapter.tokens.span_positions(text, len(prefix), len(prefix) + len(value))
+        ids, slot = session.adapter.tokens.span_positions(
+            text, len(prefix), len(prefix) + len(value)
+        )
         if len(ids) > session.max_tokens:
-            raise InputError(f"value {value!r} makes the text longer than {session.max_tokens} tokens")
+            raise InputError(
+                f"value {value!r} makes the text longer than {session.max_tokens} tokens"
+            )
         q = resolve_position(query, len(ids), slot)
         k = resolve_position(key, len(ids), slot)
         if k > q:
@@ -82,7 +86,15 @@ def sweep(
         seqs.append(ids)
         qk_pos.append((q, k))
         toks = session.adapter.tokens
-        detail.append({"value": value, "query": q, "key": k, "query_token": toks.display(ids[q]), "key_token": toks.display(ids[k])})
+        detail.append(
+            {
+                "value": value,
+                "query": q,
+                "key": k,
+                "query_token": toks.display(ids[q]),
+                "key_token": toks.display(ids[k]),
+            }
+        )
     attention = {head_name(layer, h): [0.0] * len(values) for layer, h in pairs}
     layers = sorted({layer for layer, _ in pairs})
 
@@ -99,4 +111,9 @@ def sweep(
                         col[j] = value
 
     run_grouped(session.adapter, seqs, handle, layers=layers, patterns=True)
-    return {"template": template, "values": list(values), "positions": detail, "attention": attention}
+    return {
+        "template": template,
+        "values": list(values),
+        "positions": detail,
+        "attention": attention,
+    }

@@ -1,0 +1,116 @@
+"""Residual-stream dictionaries as an attribution basis.
+
+With an SAE on the residual entering a head's layer, the residual at a position is exactly
+``sum_i a_i d_i + b_dec + error`` (error = residual - reconstruction). Each row goes through the
+same frozen-norm linear maps as the component basis, so QK and OV attributions in features add
+up to the model's own numbers; the error row is labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from headscope.analysis.inputs import InputError
+from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae, parse_hook_name
+
+
+@dataclass
+class Dictionary:
+    """One SAE on the residual stream entering ``layer``."""
+
+    sae: SAE  # norm scaling folded in, float32
+    layer: int
+    path: Path
+    features: dict[str, dict]  # feature index (as str) -> hover card, from features.json
+
+    @property
+    def n_features(self) -> int:
+        return self.sae.cfg.d_sae
+
+    def label(self, i: int) -> str:
+        return f"sae:L{self.layer}/{i}"
+
+
+def _load_one(folder: Path) -> Dictionary:
+    sae = load_sae(folder, dtype="float32").with_norm_scaling_folded()
+    site, layers = parse_hook_name(sae.cfg.hook_name)
+    if site != "resid" or len(layers) != 1:
+        raise InputError(
+            f"{folder}: attributions need a residual-stream SAE (hook {sae.cfg.hook_name!r})"
+        )
+    cards_path = folder / "features.json"
+    cards = json.loads(cards_path.read_text()) if cards_path.is_file() else {}
+    return Dictionary(sae.eval(), layers[0], folder, cards)
+
+
+class DictionarySet:
+    """Residual dictionaries by layer, from a ``train-sae`` output folder or one SAELens folder."""
+
+    def __init__(self, path: Path | str):
+        path = Path(path)
+        if not path.is_dir():
+            raise InputError(f"no dictionary folder {path}")
+        folders = (
+            [path]
+            if (path / CFG_FILENAME).is_file()
+            else sorted(p for p in path.iterdir() if (p / CFG_FILENAME).is_file())
+        )
+        self.by_layer: dict[int, Dictionary] = {}
+        for folder in folders:
+            try:
+                d = _load_one(folder)
+            except InputError:
+                continue  # z or v dictionaries live beside residual ones; they are not a basis
+            self.by_layer[d.layer] = d
+        if not self.by_layer:
+            raise InputError(
+                f"{path} holds no residual-stream SAE (cfg.json + sae_weights.safetensors)"
+            )
+        self.name = f"sae:{path}"
+
+    def for_layer(self, layer: int) -> Dictionary:
+        if layer not in self.by_layer:
+            raise InputError(
+                f"no residual dictionary for layer {layer}; have layers {sorted(self.by_layer)}"
+            )
+        return self.by_layer[layer]
+
+    def decompose(
+        self, session, st, layer: int, pos: int
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Rows: each active feature a_i d_i, then b_dec, the error, and the projection's
+        constant part (``bias``, a zero residual vector flagged as bias)."""
+        d = self.for_layer(layer)
+        x = session.resid(st, layer, pos).float()  # [d_model]
+        with torch.no_grad():
+            acts = d.sae.encode(x[None])[0]  # [F]
+            idx = acts.nonzero().flatten()
+            rows = acts[idx, None] * d.sae.W_dec[idx]  # [n, d_model]
+            b_dec = d.sae.b_dec.detach()
+        err = x - rows.sum(0) - b_dec
+        zero = torch.zeros_like(x)
+        X = torch.cat([rows, b_dec[None], err[None], zero[None]]).to(x.dtype)
+        labels = [d.label(i) for i in idx.tolist()] + [
+            f"sae:L{layer}/b_dec",
+            f"sae:L{layer}/error",
+            "bias",
+        ]
+        flag = torch.zeros(len(labels), dtype=X.dtype)
+        flag[-1] = 1.0
+        return labels, X, flag
+
+    def cards(self, labels: set[str]) -> dict[str, dict]:
+        """Hover cards (top contexts, density, promoted tokens) of the feature labels given."""
+        out = {}
+        for label in labels:
+            if not label.startswith("sae:L") or "/" not in label:
+                continue
+            layer_s, idx = label[5:].split("/", 1)
+            d = self.by_layer.get(int(layer_s))
+            if d is not None and idx in d.features:
+                out[label] = d.features[idx]
+        return out
