@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors import SafetensorError
@@ -77,6 +77,7 @@ _CONSUMED_KEYS = frozenset(
         "hook_name",
         "hook_point",
         "hook_layer",
+        "hook_point_layer",
         "dtype",
         "apply_b_dec_to_input",
         "normalize_activations",
@@ -165,6 +166,8 @@ class SAEConfig:
                     f"topk SAE needs 1 <= k <= d_sae={self.d_sae}, got k={self.k!r}"
                 )
             object.__setattr__(self, "k", int(self.k))
+        else:
+            object.__setattr__(self, "k", None)  # k only means something for topk
         if self.site not in SITES:
             raise SAEFormatError(f"site must be one of {SITES}, got {self.site!r}")
         if self.normalize_activations not in NORMALIZATIONS:
@@ -277,16 +280,16 @@ class SAEConfig:
         parsed_site, parsed_layers = parse_hook_name(hook_name) if hook_name else ("resid", ())
         layers = d.get("layers")
         if layers is None:
-            hook_layer = pick("hook_layer")
+            hook_layer = pick("hook_layer", "hook_point_layer")
             layers = parsed_layers or ((int(hook_layer),) if hook_layer is not None else ())
 
         extra = {key: value for key, value in d.items() if key not in _CONSUMED_KEYS}
         return cls(
             d_in=int(d["d_in"]),
             d_sae=int(d["d_sae"]),
-            architecture=architecture,
+            architecture=cast(Architecture, architecture),
             k=int(k) if k is not None else None,
-            site=d.get("site") or parsed_site,
+            site=cast(Site, d.get("site") or parsed_site),
             layers=tuple(layers),
             model_name=pick("model_name", default="") or "",
             hook_name=hook_name,

@@ -259,13 +259,17 @@ class _TopKTrainer:
     """Optimiser state and dead-latent bookkeeping of one SAE."""
 
     def __init__(self, sae: SAE, *, lr: float, aux_k: int, aux_coef: float, dead_after_tokens: int):
+        assert sae.cfg.k is not None
         self.sae = sae
-        self.k = sae.cfg.k
+        self.k: int = sae.cfg.k
         self.aux_k = aux_k
         self.aux_coef = aux_coef
         self.dead_after_tokens = dead_after_tokens
         self.base_lr = lr
-        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS)
+        # foreach: torch only defaults to the multi-tensor Adam on GPU; on CPU it is ~3x faster too.
+        self.opt = torch.optim.Adam(
+            sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS, foreach=True
+        )
         self.since_fired = torch.zeros(
             sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device
         )  # [d_sae]
@@ -309,10 +313,11 @@ class _TopKTrainer:
         loss.backward()
         with torch.no_grad():
             w, g = sae.W_dec, sae.W_dec.grad  # [d_sae, d_in] each
+            assert g is not None
             g -= (g * w).sum(-1, keepdim=True) * w
         self.opt.step()
         with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
             active = acts > 0  # [B, k]
             fired = torch.zeros_like(dead)
             fired[top_idx[active]] = True
@@ -472,15 +477,15 @@ def train_saes(
     stats: dict[str, TrainStats] = {}
     for name, trainer in trainers.items():
         sae = trainer.sae.eval().requires_grad_(False)
+        metrics: tuple[float | None, ...] = (None, None, None, None)
         if len(eval_rows):
-            nmse, ev, l0, dead_eval = _evaluate(sae, eval_rows[:, slices[name]], batch_size)
-        else:
-            nmse = ev = l0 = dead_eval = None
+            metrics = _evaluate(sae, eval_rows[:, slices[name]], batch_size)
+        nmse, ev, mean_l0, dead_eval = metrics
         saes[name] = sae
         stats[name] = TrainStats(
             normalized_mse=nmse,
             explained_variance=ev,
-            mean_l0=l0,
+            mean_l0=mean_l0,
             dead_fraction=trainer.dead_fraction(),
             dead_fraction_eval=dead_eval,
             tokens=tokens,
