@@ -68,6 +68,18 @@ def _session(args):
     return Session(_adapter(args))
 
 
+def _basis(args):
+    """``--basis components`` (default) or ``--basis sae:DIR`` (residual dictionaries)."""
+    spec = getattr(args, "basis", "components") or "components"
+    if spec == "components":
+        return None
+    if not spec.startswith("sae:"):
+        raise ValueError("--basis must be 'components' or 'sae:DIR'")
+    from headscope.dictionaries.basis import DictionarySet
+
+    return DictionarySet(spec[4:])
+
+
 # ----- live analysis ------------------------------------------------------------------------------
 @command("rank-heads")
 def _rank_heads(args):
@@ -86,7 +98,9 @@ def _rank_heads(args):
 def _attribute_qk(args):
     from headscope.analysis.attribution import qk_attribution
 
-    out = qk_attribution(_session(args), args.text, args.head, args.query, args.key, top=args.top)
+    out = qk_attribution(
+        _session(args), args.text, args.head, args.query, args.key, top=args.top, basis=_basis(args)
+    )
     lines = [
         f"{out['head']} query {out['query']} {out['tokens'][out['query']]!r} -> key {out['key']} {out['tokens'][out['key']]!r}",
         f"score (model) {out['score']:+.5f}   total of {out['n_terms']} terms {out['total']:+.5f}   attention {out['attention']:.4f}",
@@ -101,7 +115,9 @@ def _attribute_qk(args):
 def _attribute_ov(args):
     from headscope.analysis.attribution import ov_attribution
 
-    out = ov_attribution(_session(args), args.text, args.head, args.query, args.key, top=args.top)
+    out = ov_attribution(
+        _session(args), args.text, args.head, args.query, args.key, top=args.top, basis=_basis(args)
+    )
     lines = [
         f"{out['head']} moves |o| = {out['total_norm']:.4f} (model {out['model_norm']:.4f}) from key {out['key']} to query {out['query']}",
         "promotes: " + ", ".join(repr(t["token"]) for t in out["promoted"]),
@@ -109,6 +125,50 @@ def _attribute_ov(args):
     ]
     lines += [
         f"{t['value']:+9.4f}  {t['component']:>10}  -> {t['logit_top']}" for t in out["terms"][:20]
+    ]
+    _emit(args, out, "\n".join(lines))
+
+
+@command("virtual-weights")
+def _virtual_weights(args):
+    from headscope.dictionaries.basis import DictionarySet
+    from headscope.dictionaries.circuits import virtual_weights
+
+    out = virtual_weights(
+        _adapter(args),
+        DictionarySet(args.dictionaries),
+        args.head,
+        args.feature,
+        args.side,
+        top=args.top,
+    )
+    lines = [f"{out['feature']} through {out['head']}'s {args.side} side"]
+    for title, key in (("same side", "same_side"), ("other side", "other_side")):
+        lines.append(f"{title}:")
+        lines += [f"  {r['cosine']:+.3f}  {r['feature']}" for r in out[key][:10]]
+    _emit(args, out, "\n".join(lines))
+
+
+@command("head-loadings")
+def _head_loadings(args):
+    from headscope.dictionaries.basis import DictionarySet
+    from headscope.dictionaries.circuits import head_loadings
+
+    out = head_loadings(
+        _session(args),
+        args.text,
+        DictionarySet(args.dictionaries),
+        args.layer,
+        args.source_feature,
+        args.source_pos,
+        args.target_feature,
+        args.target_pos,
+    )
+    lines = [
+        f"{out['source']['feature']}@{out['source']['position']} -> {out['target']['feature']}@{out['target']['position']}"
+    ]
+    lines += [
+        f"  {h['head']:>7} share {h['share']:.3f} loading {h['loading']:+.4g}" for h in out["heads"]
     ]
     _emit(args, out, "\n".join(lines))
 
@@ -343,6 +403,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp = attribute.add_parser(kind, help=f"{kind.upper()} attribution of one edge")
         pair_args(sp)
         sp.add_argument("--top", type=int, default=200 if kind == "qk" else 30)
+        sp.add_argument(
+            "--basis", default="components", help="components, or sae:DIR (residual dictionaries)"
+        )
+
+    sp = sub.add_parser(
+        "virtual-weights", help="features nearest to a feature through a head's W_K/W_Q"
+    )
+    model_args(sp, dtype=False)
+    sp.add_argument(
+        "--dictionaries",
+        required=True,
+        help="folder of residual SAEs (train-sae output or SAELens)",
+    )
+    sp.add_argument("--head", required=True)
+    sp.add_argument("--feature", type=int, required=True)
+    sp.add_argument("--side", choices=["key", "query"], default="key")
+    sp.add_argument("--top", type=int, default=20)
+
+    sp = sub.add_parser(
+        "head-loadings", help="each head's share of a feature-to-feature edge (adjacent layers)"
+    )
+    model_args(sp, dtype=False)
+    sp.add_argument("--dictionaries", required=True)
+    sp.add_argument("--text", required=True)
+    sp.add_argument("--layer", type=int, required=True, help="source layer L (target: L+1)")
+    sp.add_argument("--source-feature", type=int, required=True)
+    sp.add_argument("--source-pos", type=int, required=True)
+    sp.add_argument("--target-feature", type=int, required=True)
+    sp.add_argument("--target-pos", type=int, required=True)
 
     sp = sub.add_parser("composition", help="earlier heads driving an edge (K- and Q-composition)")
     pair_args(sp)

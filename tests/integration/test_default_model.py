@@ -77,3 +77,26 @@ def test_attributions_exact_on_default(default_session):
         ov = ov_attribution(default_session, TEXT, head, q, k)
         assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])
     print(f"20 QK+OV attributions on a cached text: {time.perf_counter() - t0:.2f} s")
+
+
+def test_feature_basis_attributions_exact_on_default(default_session, tmp_path):
+    """Exactness holds in a dictionary basis too (any residual SAE; here an untrained one)."""
+    from headscope.dictionaries.basis import DictionarySet
+    from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
+
+    g = torch.Generator().manual_seed(0)
+    for layer in (4, 9):
+        cfg = SAEConfig(d_in=576, d_sae=1024, k=32, site="resid", layers=(layer,), model_name="default")
+        save_sae(SAE(cfg, generator=g), tmp_path / f"resid_L{layer}")
+    dicts = DictionarySet(tmp_path)
+    n = default_session.state(TEXT).n_tokens
+    rng = random.Random(3)
+    for layer in (4, 9):
+        for _ in range(5):
+            head = f"L{layer}H{rng.randrange(9)}"
+            q = rng.randrange(1, n)
+            k = rng.randrange(0, q + 1)
+            qk = qk_attribution(default_session, TEXT, head, q, k, basis=dicts)
+            assert abs(qk["total"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
+            ov = ov_attribution(default_session, TEXT, head, q, k, basis=dicts)
+            assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])

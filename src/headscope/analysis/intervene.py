@@ -79,7 +79,7 @@ def intervene(
     if not heads:
         raise InputError("name at least one head to intervene on")
     st = session.state(text)
-    ad, s = session.adapter, session.adapter.spec
+    ad = session.adapter
     query, key_ = check_pair(st.n_tokens, query, 0 if key is None else key)
     pairs = parse_heads(ad, heads)
     T = st.n_tokens
