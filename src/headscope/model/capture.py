@@ -82,7 +82,10 @@ def eager_attention(
     softcap: float | None = None,
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores [B,H,T,S], pattern [B,H,T,S] and output [B,T,H,D], computed explicitly."""
+    """Scores [B,H,T,S], pattern [B,H,T,S] (float32) and output [B,T,H,D], computed explicitly.
+
+    The softmax runs in float32 as in transformers' eager attention; the output uses the pattern
+    cast to the model's dtype, exactly as eager attention does."""
     # Query head h reads key/value head h // rep (GQA/MQA); callers may pass keys or values
     # already expanded to one per query head.
     rep_k, rep_v = query.shape[1] // key.shape[1], query.shape[1] // value.shape[1]
@@ -98,8 +101,8 @@ def eager_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
         scores = scores + mask
-    pattern = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    out = torch.matmul(pattern, v).transpose(1, 2)
+    pattern = torch.softmax(scores.float(), dim=-1)  # float32 whatever the model's dtype
+    out = torch.matmul(pattern.to(v.dtype), v).transpose(1, 2)
     return scores, pattern, out
 
 
