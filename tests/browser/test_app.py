@@ -1,7 +1,9 @@
-"""The browser app in headless Chromium, on a synthetic run served as a static copy.
+"""The browser app in headless Chromium, on a real precomputed run of a tiny random model.
 
-Every test fails if the page logged a console error (the `page` fixture). Live views are
-exercised against the fake API of conftest.FakeApi; tests marked `live` need a real server.
+The static views run on `headscope export static` of that run; the live views on the real
+`headscope serve` with the tiny model loaded. Only the 5,120-head hover budget uses a synthetic
+(metrics-only) run, and the head-page budget is also measured on a run of the real default
+model (`integration`). Every test fails if the page logged a console error (the `page` fixture).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from urllib.parse import quote
 import pytest
 
 pytestmark = pytest.mark.browser
+
+CHECK_LINE = re.compile(r"total = (-?\d+\.\d{4}) · model score = (-?\d+\.\d{4})")
+LIVE_TIMEOUT = 30_000
 
 
 def load_head(run_dir: Path, name: str) -> dict:
@@ -49,7 +54,7 @@ def isolated_mark(marks: list[dict], min_px: float = 6.0) -> dict:
     raise AssertionError("no isolated mark")
 
 
-def first_example_query(example: dict) -> tuple[int, list[tuple[int, float]]]:
+def busiest_query(example: dict) -> tuple[int, list[tuple[int, float]]]:
     """The query of `example` with the most sparse keys other than itself and key 0."""
     by_q: dict[int, list[tuple[int, float]]] = {}
     for q, k, w in example["sparse"]:
@@ -65,6 +70,19 @@ def span_colors(page, example: int, n: int = 40) -> list[str]:
     )
 
 
+def check_line(panel) -> tuple[str, str]:
+    """(total, model score) as the attribution panel prints them, 4 decimals each."""
+    line = panel.locator(".check-line")
+    line.wait_for(timeout=LIVE_TIMEOUT)
+    m = CHECK_LINE.search(line.inner_text())
+    assert m, line.inner_text()
+    return m[1], m[2]
+
+
+def server_tokens(page, live_url: str, text: str) -> list[str]:
+    return page.request.post(live_url + "api/tokenize", data={"text": text}).json()["tokens"]
+
+
 # ------------------------------------------------------------------ head selector
 
 
@@ -77,46 +95,46 @@ def test_scatter_draws_one_mark_per_head(page, app_url, run_dir, shot):
     assert len(hooks(page, "marks")) == n_heads
     assert page.locator("#sel-y").input_value() == "induction_score"
     assert page.locator("#sel-c").input_value() == "prev_token_score"
-    assert page.locator(".side-list tbody tr").count() == 15
+    assert page.locator(".side-list tbody tr").count() == min(15, n_heads)
     shot(page, "heads")
 
 
 def test_changing_an_axis_moves_the_marks(page, app_url):
     open_view(page, app_url, "#/heads", "heads")
     before = {m["name"]: (m["x"], m["y"]) for m in hooks(page, "marks")}
-    page.select_option("#sel-y", "mean_entropy")
-    page.wait_for_function("location.hash.includes('y=mean_entropy')")
+    page.select_option("#sel-y", "pattern_entropy")
+    page.wait_for_function("location.hash.includes('y=pattern_entropy')")
     after = {m["name"]: (m["x"], m["y"]) for m in hooks(page, "marks")}
     assert before.keys() == after.keys()
     moved = sum(abs(before[n][1] - after[n][1]) > 0.5 for n in before)
-    assert moved > 0.8 * len(before)
+    assert moved > 0.7 * len(before)
     assert all(abs(before[n][0] - after[n][0]) < 1e-6 for n in before), "x must not change"
     page.select_option("#sel-x", "head")
     page.wait_for_function("location.hash.includes('x=head')")
     again = {m["name"]: (m["x"], m["y"]) for m in hooks(page, "marks")}
-    assert sum(abs(after[n][0] - again[n][0]) > 0.5 for n in after) > 0.8 * len(after)
+    assert sum(abs(after[n][0] - again[n][0]) > 0.5 for n in after) > 0.7 * len(after)
 
 
 def test_layer_filter_and_url_state_survive_reload_and_back(page, app_url, run_dir):
     n_layers, per_layer = run_shape(run_dir)
-    shown = (n_layers - 2) * per_layer
+    shown = (n_layers - 1) * per_layer
     open_view(page, app_url, "#/heads", "heads")
-    page.fill("#layer-min", "2")
+    page.fill("#layer-min", "1")
     page.dispatch_event("#layer-min", "change")
     page.wait_for_function("n => window.__headscope.markCount === n", arg=shown)
-    page.select_option("#sel-c", "mean_distance")
-    page.wait_for_function("location.hash.includes('c=mean_distance')")
+    page.select_option("#sel-c", "qk_distance")
+    page.wait_for_function("location.hash.includes('c=qk_distance')")
     page.reload()
     page.wait_for_function("window.__headscope.ready === 'heads'")
     assert hooks(page, "markCount") == shown
-    assert page.locator("#sel-c").input_value() == "mean_distance"
-    assert page.locator("#layer-min").input_value() == "2"
-    page.fill("#jump", "l3h2")
+    assert page.locator("#sel-c").input_value() == "qk_distance"
+    assert page.locator("#layer-min").input_value() == "1"
+    page.fill("#jump", "l1h2")
     page.press("#jump", "Enter")
-    page.wait_for_function("window.__headscope.ready === 'head:L3H2'")
+    page.wait_for_function("window.__headscope.ready === 'head:L1H2'")
     page.go_back()
     page.wait_for_function("window.__headscope.ready === 'heads'")
-    assert page.locator("#sel-c").input_value() == "mean_distance"
+    assert page.locator("#sel-c").input_value() == "qk_distance"
     assert hooks(page, "markCount") == shown
 
 
@@ -127,8 +145,7 @@ def test_clicking_a_mark_opens_its_head(page, app_url):
     page.wait_for_function("n => window.__headscope.hovered === n", arg=mark["name"])
     assert mark["name"] in page.locator("#tooltip").inner_text()
     page.mouse.click(mark["x"], mark["y"])
-    open_name = f"head:{mark['name']}"
-    page.wait_for_function("r => window.__headscope.ready === r", arg=open_name)
+    page.wait_for_function("r => window.__headscope.ready === r", arg=f"head:{mark['name']}")
     assert page.locator("h1").inner_text() == mark["name"]
     assert page.url.endswith(f"#/head/{mark['name']}")
 
@@ -155,23 +172,33 @@ def test_head_page_shows_metrics_histogram_tokens_and_buckets(page, app_url, run
         head["histogram"]["counts"]
     )
     assert page.locator(".head-overview polyline").count() == len(head["curves"])
+    assert page.locator(".head-overview .tokcell").count() == len(head["top_query_tokens"]) + len(
+        head["top_key_tokens"]
+    )
     non_empty = [b for b in head["buckets"] if b["examples"]]
-    assert page.locator("details.bucket").count() == len(non_empty)
-    first = page.locator("details.bucket").first.locator("summary").inner_text()
+    buckets = page.locator("details.bucket")
+    assert buckets.count() == len(non_empty)
+    first = buckets.first.locator("summary").inner_text()
     assert first.startswith(f"max attention {non_empty[0]['lo']:.1f}".rstrip("0").rstrip("."))
     assert page.locator(".tokens").count() == sum(len(b["examples"]) for b in non_empty[:2])
     ex = head["examples"][0]
-    spans = page.locator(".tokens[data-example='0'] .tok")
-    assert spans.count() == len(ex["tokens"])
+    assert page.locator(".tokens[data-example='0'] .tok").count() == len(ex["tokens"])
     assert page.locator(".tokens[data-example='0'] .doc-mark").count() == len(ex["doc_starts"])
-    page.locator("details.bucket").nth(3).locator("summary").click()
-    page.wait_for_function("document.querySelectorAll('.tokens').length > 6")
+    # A bucket header collapses and re-expands its examples.
+    last = buckets.last
+    n_last = len(non_empty[min(1, len(non_empty) - 1)]["examples"])
+    last.locator("summary").click()
+    assert last.get_attribute("open") is None
+    assert last.locator(".tokens").first.is_hidden()
+    last.locator("summary").click()
+    assert last.locator(".tokens").count() == n_last
+    assert last.locator(".tokens").first.is_visible()
 
 
 def test_hovering_a_token_highlights_its_keys(page, app_url, run_dir, shot):
     head = load_head(run_dir, "L1H0")
     open_view(page, app_url, "#/head/L1H0", "head:L1H0")
-    q, keys = first_example_query(head["examples"][0])
+    q, keys = busiest_query(head["examples"][0])
     page.hover(f".tokens[data-example='0'] .tok[data-i='{q}']")
     for k, w in keys:
         span = page.locator(f".tokens[data-example='0'] .tok[data-i='{k}']")
@@ -231,6 +258,7 @@ def test_t_switches_colouring_to_max_as_key(page, app_url, run_dir, shot):
     )
     page.hover(f".tokens[data-example='0'] .tok[data-i='{k}']")
     queries = {q for q, kk, _ in ex["sparse"] if kk == k and q != k}
+    assert queries
     marked = set(
         page.eval_on_selector_all(
             ".tokens[data-example='0'] .hl-query", "els => els.map(e => +e.dataset.i)"
@@ -248,14 +276,21 @@ def test_t_switches_colouring_to_max_as_key(page, app_url, run_dir, shot):
 
 def test_whitespace_tokens_are_visible(page, app_url, run_dir):
     head = load_head(run_dir, "L1H0")
-    open_view(page, app_url, "#/head/L1H0", "head:L1H0")
     vocab = json.loads((run_dir / "vocab.json").read_text())
-    ex = head["examples"][0]
-    strs = [vocab[str(t)] for t in ex["tokens"]]
-    nl = strs.index("\n")
-    span = page.locator(f".tokens[data-example='0'] .tok[data-i='{nl}']")
-    assert span.inner_text() == "↵"
-    assert span.evaluate("s => s.nextSibling && s.nextSibling.tagName") == "BR"
+    open_view(page, app_url, "#/head/L1H0", "head:L1H0")
+    shown = page.eval_on_selector_all(".tokens", "els => els.map(e => +e.dataset.example)")
+    marks = {"\n": "↵", "\t": "⇥", " ": "·"}
+    seen = set()
+    for i in shown:
+        strs = [vocab[str(t)] for t in head["examples"][i]["tokens"]]
+        for ws, mark in marks.items():
+            if ws in strs and ws not in seen:
+                span = page.locator(f".tokens[data-example='{i}'] .tok[data-i='{strs.index(ws)}']")
+                assert span.inner_text() == mark, (repr(ws), span.inner_text())
+                if ws == "\n":
+                    assert span.evaluate("s => s.nextSibling && s.nextSibling.tagName") == "BR"
+                seen.add(ws)
+    assert seen == set(marks), f"the shown examples lack {set(marks) - seen}"
 
 
 def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_dir, shot):
@@ -264,6 +299,7 @@ def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_d
     name, stem = rel.split("/")
     seq, q, k = (int(x) for x in stem.split("_")[:3])
     qk = json.loads((run_dir / "attributions" / rel).read_text())
+    ov = json.loads((run_dir / "attributions" / rel.replace("_qk", "_ov")).read_text())
     head = load_head(run_dir, name)
     ex_i = next(i for i, ex in enumerate(head["examples"]) if ex["sequence"] == seq)
     open_view(page, app_url, f"#/head/{name}", f"head:{name}")
@@ -273,25 +309,18 @@ def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_d
     assert "sel-query" in page.locator(f"{ex_sel} .tok[data-i='{q}']").get_attribute("class")
     page.click(f"{ex_sel} .tok[data-i='{k}']")
     panel = page.locator(".attribution")
-    panel.locator(".check-line").wait_for()
-    total = float(
-        re.search(r"total = (-?\d+\.\d{4})", panel.locator(".check-line").inner_text())[1]
-    )
-    score = float(
-        re.search(r"model score = (-?\d+\.\d{4})", panel.locator(".check-line").inner_text())[1]
-    )
-    assert f"{total:.4f}" == f"{score:.4f}" == f"{qk['total']:.4f}"
+    total, score = check_line(panel)
+    assert total == score == f"{qk['total']:.4f}"
     assert "precomputed" in panel.locator(".badge").first.inner_text()
-    assert panel.locator(".attr-block").first.locator("tbody tr").count() >= min(
-        200, len(qk["terms"])
-    )
-    assert panel.locator("tr.row-bias").count() > 0 and panel.locator("tr.row-error").count() > 0
+    assert panel.locator(".attr-block").first.locator("tbody tr").count() >= len(qk["terms"])
+    assert panel.locator("tr.row-bias").count() > 0
+    ov_block = panel.locator(".attr-block", has_text="OV attribution")
+    assert f"{ov['total_norm']:.4f}" in ov_block.locator("h3").inner_text()
+    assert ov_block.locator("tbody tr").count() >= len(ov["terms"])
     assert panel.locator(".circuit svg path").count() > 0
     assert panel.locator(".circuit svg rect").count() >= 8
-    card = panel.locator("td.comp-feature.has-card").first
-    card.hover()
-    assert "top contexts" in page.locator("#tooltip").inner_text().lower()
-    page.mouse.move(5, 5)
+    # Head components link to their head pages.
+    assert panel.locator("td.comp-head a").count() > 0
     page.set_viewport_size({"width": 1400, "height": 1900})
     panel.evaluate(
         "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 130)"
@@ -308,30 +337,34 @@ def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_d
 
 
 def test_pair_without_precomputed_attribution_needs_a_server(page, app_url, run_dir):
-    head = load_head(run_dir, "L2H3")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert not any(p.startswith("L2H3/") and "_5_2_" in p for p in manifest["attributions"])
     open_view(page, app_url, "#/head/L2H3?ex=0&q=5&k=2", "head:L2H3")
     note = page.locator(".attribution .needs-server")
     note.wait_for()
     assert "needs a live server" in note.inner_text()
-    assert head["examples"][0]["sequence"] is not None
 
 
 def test_pca_tab_colours_points_by_a_regex(page, app_url, run_dir, shot):
     head = load_head(run_dir, "L1H0")
+    points = head["pca"]["points"]
     open_view(page, app_url, "#/head/L1H0/pca", "head:L1H0")
-    page.wait_for_function("window.__headscope.pcaPoints > 0")
+    page.wait_for_function("n => window.__headscope.pcaPoints === n", arg=len(points))
     assert page.locator(".pca-cell canvas.plot-base").count() == 3
-    page.fill("#pca-regex", r"^\d+$")
-    expected = sum(bool(re.search(r"^\d+$", p["query"])) for p in head["pca"]["points"])
+    pattern = r"^[a-e]$"
+    page.fill("#pca-regex", pattern)
+    expected = sum(bool(re.search(pattern, p["query"])) for p in points)
+    assert 0 < expected < len(points)
     page.wait_for_function(
         "n => window.__headscope.pcaMatches === n && location.hash.includes('re=')", arg=expected
     )
     page.select_option("#pca-rule", "key")
-    expected_k = sum(bool(re.search(r"^\d+$", p["key"])) for p in head["pca"]["points"])
+    expected_k = sum(bool(re.search(pattern, p["key"])) for p in points)
     page.wait_for_function("n => window.__headscope.pcaMatches === n", arg=expected_k)
     page.select_option("#pca-rule", "query")
-    page.select_option("#pca-y", "3")
-    page.wait_for_function("location.hash.includes('py=3')")
+    n_comp = len(head["pca"]["q"]["coords"][0])
+    page.select_option("#pca-y", str(n_comp))
+    page.wait_for_function("n => location.hash.includes('py=' + n)", arg=n_comp)
     shot(page, "pca")
     page.fill("#pca-regex", "(")
     page.wait_for_function(
@@ -341,12 +374,11 @@ def test_pca_tab_colours_points_by_a_regex(page, app_url, run_dir, shot):
 
 def test_similar_tab_draws_thumbnails_and_the_head_map(page, app_url, run_dir, shot):
     n_layers, per_layer = run_shape(run_dir)
-    n_total = n_layers * per_layer
     head = load_head(run_dir, "L1H0")
     open_view(page, app_url, "#/head/L1H0/similar", "head:L1H0")
     page.wait_for_function("n => window.__headscope.thumbnails === n", arg=1 + len(head["similar"]))
     assert page.locator("canvas.thumb").count() == 1 + len(head["similar"])
-    page.wait_for_function("n => window.__headscope.mapCount === n", arg=n_total)
+    page.wait_for_function("n => window.__headscope.mapCount === n", arg=n_layers * per_layer)
     page.select_option("#map-kind", "isomap")
     page.wait_for_function("location.hash.includes('map=isomap')")
     shot(page, "similar")
@@ -355,6 +387,24 @@ def test_similar_tab_draws_thumbnails_and_the_head_map(page, app_url, run_dir, s
     )
     page.mouse.click(target["x"], target["y"])
     page.wait_for_function("r => window.__headscope.ready === r", arg=f"head:{target['name']}")
+
+
+# ------------------------------------------------------------------ an imported HeadVis run
+
+
+def test_imported_run_without_motif_map_or_pca_says_so(page, imported_app_url, shot):
+    open_view(page, imported_app_url, "#/head/L1H0/similar", "head:L1H0")
+    note = page.locator(".no-motif-map")
+    note.wait_for()
+    assert "no motif map" in note.inner_text()
+    assert page.locator(".error, .error-text").count() == 0
+    shot(page, "similar_no_map")
+    page.click("nav.tabs a[data-tab='pca']")
+    assert "no PCA" in page.locator(".tab-body .note").inner_text()
+    page.click("nav.tabs a[data-tab='']")
+    page.locator(".tokens .tok").first.wait_for()
+    assert page.locator(".head-overview polyline").count() == 0
+    assert page.locator(".error, .error-text").count() == 0
 
 
 # ------------------------------------------------------------------ static hosting
@@ -373,7 +423,6 @@ def test_live_views_show_the_needs_server_note_when_static(page, app_url, view, 
 
 def test_run_location_comes_from_the_page_url(page, app_url, site, run_dir):
     n_layers, per_layer = run_shape(run_dir)
-    n_total = n_layers * per_layer
     other = site / "runs" / "second"
     if not other.exists():
         shutil.copytree(site / "run", other)
@@ -385,7 +434,7 @@ def test_run_location_comes_from_the_page_url(page, app_url, site, run_dir):
     )
     page.click(".head-title a.back")
     page.wait_for_function("window.__headscope.ready === 'heads'")
-    assert hooks(page, "markCount") == n_total
+    assert hooks(page, "markCount") == n_layers * per_layer
 
 
 # ------------------------------------------------------------------ export
@@ -413,88 +462,158 @@ def test_export_buttons_download_svg_and_png(page, app_url):
     assert Path(dl.value.path()).read_bytes()[:4] == b"\x89PNG"
 
 
-# ------------------------------------------------------------------ live views (fake API)
+# ------------------------------------------------------------------ live views (real server)
 
 
-def test_custom_text_ranks_heads_and_attributes_a_pair(page, app_url, fake_api, shot, run_dir):
+def test_custom_text_ranks_heads_and_attributes_a_pair(page, live_url, run_dir, shot):
     n_layers, per_layer = run_shape(run_dir)
-    n_total = n_layers * per_layer
-    text = "Madrid, Barcelona, Seville, Lyon and Valencia are all cities in Spain."
-    open_view(page, app_url, f"#/custom?text={quote(text)}&head=L2H1", "custom")
-    tokens = fake_api.tokens(text)
+    text = "The cat sat on the mat. The cat sat on the"
+    tokens = server_tokens(page, live_url, text)
+    assert len(tokens) == len(text) + 1, "the tiny tokenizer is byte-level, plus BOS"
+    q, k = len(tokens) - 1, 5  # the "e" of the last "the" → the "c" of the first "cat"
+    open_view(page, live_url, f"#/custom?text={quote(text)}&head=L2H1", "custom")
     page.wait_for_function(
         "n => document.querySelectorAll('.custom-out .tok').length === n", arg=len(tokens)
     )
     assert page.locator(".badge.live").inner_text().startswith("live")
-    page.hover(".custom-out .tok[data-i='9']")
+    page.hover(f".custom-out .tok[data-i='{q}']")
     assert page.locator("#tooltip").is_visible()
-    page.click(".custom-out .tok[data-i='9']")
-    page.click(".custom-out .tok[data-i='7']")
-    page.locator("#rank-table tbody tr").first.wait_for()
-    assert page.locator("#rank-table tbody tr").count() == n_total
+    page.click(f".custom-out .tok[data-i='{q}']")
+    page.click(f".custom-out .tok[data-i='{k}']")
+    rows = page.locator("#rank-table tbody tr")
+    rows.first.wait_for(timeout=LIVE_TIMEOUT)
+    assert rows.count() == n_layers * per_layer
     attn = [float(x) for x in page.locator("#rank-table tbody td:nth-child(3)").all_inner_texts()]
     assert attn == sorted(attn, reverse=True)
     page.click("button:has-text('QK / OV attribution')")
-    line = page.locator(".attribution .check-line")
-    line.wait_for()
-    t = re.search(r"total = (-?\d+\.\d{4}) · model score = (-?\d+\.\d{4})", line.inner_text())
-    assert t and t[1] == t[2]
-    assert "live server" in page.locator(".attribution .badge").first.inner_text()
+    panel = page.locator(".attribution")
+    total, score = check_line(panel)
+    assert total == score
+    assert "live server" in panel.locator(".badge").first.inner_text()
+    ov_block = panel.locator(".attr-block", has_text="OV attribution")
+    assert ov_block.locator("tbody tr").count() > 0
+    assert "model ‖output‖" in ov_block.locator("h3").inner_text()
+    page.locator(".attribution .circuit svg").wait_for()
     shot(page, "custom")
     page.click("button:has-text('Composition')")
-    page.locator("h4:has-text('K-composition')").wait_for()
-    assert "composition" in fake_api.calls
-    head_link = page.locator("#rank-table tbody tr").nth(1).locator("a.head-link")
+    page.locator("h4:has-text('K-composition')").wait_for(timeout=LIVE_TIMEOUT)
+    comp_rows = page.locator(".attr-grid .marg").first.locator("tbody tr")
+    assert comp_rows.count() > 0
+    assert re.fullmatch(r"L[01]H\d", comp_rows.first.locator("a").inner_text())
+    shot(page, "composition")
+    head_link = rows.nth(1).locator("a.head-link")
     other = head_link.inner_text()
     head_link.click()
     page.wait_for_function("h => location.hash.includes('head=' + h)", arg=other)
-    page.locator(f"h3:has-text('{other} on your text')").wait_for()
+    page.locator(f"h3:has-text('{other} on your text')").wait_for(timeout=LIVE_TIMEOUT)
 
 
-def test_sweep_plots_attention_against_the_value(page, app_url, fake_api, shot):
-    tpl = quote("The war lasted from {} to 1800.")
-    open_view(
-        page, app_url, f"#/sweep?tpl={tpl}&vals=1900..2000:5&heads=L0H1,L2H3&q=last&k=4", "sweep"
+def test_live_attribution_of_a_run_example_matches_the_model_score(page, live_url, run_dir, shot):
+    head = load_head(run_dir, "L2H3")
+    ex = head["examples"][0]
+    q, keys = busiest_query(ex)
+    k = next(k for k, _ in keys if k not in (0, q))
+    assert (
+        f"L2H3/{ex['sequence']}_{q}_{k}_qk.json"
+        not in json.loads((run_dir / "manifest.json").read_text())["attributions"]
     )
-    page.locator("#sweep-chart svg").wait_for()
+    open_view(page, live_url, f"#/head/L2H3?ex=0&q={q}&k={k}", "head:L2H3")
+    panel = page.locator(".attribution")
+    total, score = check_line(panel)
+    assert total == score
+    assert "live server" in panel.locator(".badge").first.inner_text()
+    panel.locator(".circuit svg").wait_for()
+    panel.evaluate(
+        "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 130)"
+    )
+    shot(page, "live_attribution", full_page=False)
+
+
+def test_sweep_plots_attention_against_the_value(page, live_url, shot):
+    tpl = quote("The war lasted from {} to 1800.")
+    open_view(page, live_url, f"#/sweep?tpl={tpl}&vals=1900..2000:5&heads=L0H1,L2H3", "sweep")
+    page.locator("#sweep-chart svg").wait_for(timeout=LIVE_TIMEOUT)
     assert page.locator("#sweep-chart svg polyline").count() == 2
     assert hooks(page, "sweepPoints") == 21
+    # Defaults: from the value's last token to its first (the year's "0" → "1").
+    heading = page.locator(".panel-head h3").first.inner_text()
+    assert "slot:-1" in heading and "slot:0" in heading
     page.click("button:has-text('Show tokens')")
-    page.locator(".chip-btn").first.wait_for()
+    page.locator(".chip-btn").first.wait_for(timeout=LIVE_TIMEOUT)
+    assert page.locator(".chip-btn").count() == len("The war lasted from 1900 to 1800.") + 1
     shot(page, "sweep")
-    open_view(page, app_url, f"#/sweep?tpl={tpl}&vals=cat,dog,bird&heads=L0H1&q=last&k=4", "sweep")
-    page.locator("#sweep-chart svg").wait_for()
+    open_view(page, live_url, f"#/sweep?tpl={tpl}&vals=cat,dog,bird&heads=L0H1&q=last&k=4", "sweep")
+    page.locator("#sweep-chart svg").wait_for(timeout=LIVE_TIMEOUT)
     assert page.locator("#sweep-chart svg rect[fill='#0072B2']").count() == 3
 
 
-def test_geometry_draws_a_heatmap_per_head_and_the_residual_stream(page, app_url, fake_api, shot):
-    queries = quote("The country France\nThe country Japan\nThe country Brazil")
+def test_geometry_draws_a_heatmap_per_head_and_the_residual_stream(page, live_url, shot):
+    queries = quote("The country [[France]]\nThe country [[Japan]]\nThe country [[Brazil]]")
     keys = quote(
-        "The city Paris is well known\nThe city Tokyo is well known\nThe city Rio is well known\nThe city Lyon is well known"
+        "The city [[Paris]] is well known\nThe city [[Tokyo]] is well known\n"
+        "The city [[Rio]] is well known\nThe city Lyon"
     )
     open_view(
-        page, app_url, f"#/geometry?queries={queries}&keys={keys}&heads=L3H1,L4H2", "geometry"
+        page, live_url, f"#/geometry?queries={queries}&keys={keys}&heads=L1H1,L2H2", "geometry"
     )
-    page.locator("#geo-heatmaps svg").first.wait_for()
+    page.locator("#geo-heatmaps svg").first.wait_for(timeout=LIVE_TIMEOUT)
     assert page.locator("#geo-heatmaps > div").count() == 3
     assert page.locator("#geo-heatmaps svg").nth(0).locator("rect[width]").count() >= 12
     assert "residual stream" in page.locator("#geo-heatmaps").inner_text()
     shot(page, "geometry")
 
 
-def test_api_errors_show_the_server_detail(page, app_url, fake_api):
+def test_api_errors_show_the_server_detail(page, live_url):
     tpl = quote("In {} the")
-    open_view(page, app_url, f"#/sweep?tpl={tpl}&vals=1,2&heads=L9H0&q=last&k=1", "sweep")
+    open_view(page, live_url, f"#/sweep?tpl={tpl}&vals=1,2&heads=L9H0&q=last&k=1", "sweep")
     err = page.locator(".note.error")
-    err.wait_for()
+    err.wait_for(timeout=LIVE_TIMEOUT)
     assert "unknown head 'L9H0'" in err.inner_text()
     # The browser itself logs the failed request; the app must not add errors of its own.
-    expected = [e for e in page.console_errors if "status of 422" in e and "/api/sweep" in e]
-    assert len(expected) == 1
+    expected = [e for e in page.console_errors if "status of 4" in e and "/api/sweep" in e]
+    assert len(expected) == 1, page.console_errors
     page.console_errors.remove(expected[0])
 
 
-# ------------------------------------------------------------------ performance at 5,120 heads
+# ------------------------------------------------------------------ time budgets
+
+
+def head_page_ms(page, url: str, name: str) -> float:
+    """Milliseconds from clicking `name`'s mark in the head selector to its head page showing
+    examples that answer a hover."""
+    layer = int(name[1:].split("H")[0])
+    # One layer, x = head index: the marks are far apart, so the click lands on `name`.
+    open_view(page, url, f"#/heads?x=head&l0={layer}&l1={layer}", "heads", timeout=30_000)
+    target = next(
+        m for m in page.evaluate("window.__headscope.markPositions()") if m["name"] == name
+    )
+    page.mouse.move(target["x"], target["y"])
+    page.wait_for_function("n => window.__headscope.hovered === n", arg=name)
+    t0 = time.perf_counter()
+    page.mouse.click(target["x"], target["y"])
+    page.wait_for_function(
+        "r => window.__headscope.ready === r && document.querySelector('.tokens .tok') !== null",
+        arg=f"head:{name}",
+    )
+    page.hover(".tokens[data-example='0'] .tok[data-i='3']")
+    page.wait_for_function("() => document.querySelector('.tokens .hovered') !== null")
+    elapsed = (time.perf_counter() - t0) * 1000
+    assert page.locator("#tooltip").is_visible()
+    print(
+        f"\nhead page of {name} interactive {elapsed:.0f} ms after the click "
+        f"(in-page to ready {hooks(page, 'readyMs'):.0f} ms)"
+    )
+    return elapsed
+
+
+def test_head_page_is_interactive_within_1s_of_the_click(page, app_url):
+    assert head_page_ms(page, app_url, "L2H1") < 1000
+
+
+@pytest.mark.integration
+def test_default_model_head_page_is_interactive_within_1s(page, default_app_url, shot):
+    assert head_page_ms(page, default_app_url, "L5H3") < 1000
+    shot(page, "default_head", full_page=False)
 
 
 def test_hover_answers_within_50ms_at_5120_heads(page, big_app_url):
@@ -517,91 +636,3 @@ def test_hover_answers_within_50ms_at_5120_heads(page, big_app_url):
         f"handler max {max(handler):.2f} ms; round trip incl. Playwright max {max(round_trip):.1f} ms"
     )
     assert max(in_page) < 50
-
-
-def test_head_page_is_interactive_within_1s_of_the_click(page, big_app_url):
-    # Layer 40 only, x = head index: the 64 marks are far apart, so the click lands on L40H10.
-    open_view(page, big_app_url, "#/heads?x=head&l0=40&l1=40", "heads", timeout=30_000)
-    target = next(
-        m for m in page.evaluate("window.__headscope.markPositions()") if m["name"] == "L40H10"
-    )
-    page.mouse.move(target["x"], target["y"])
-    page.wait_for_function("() => window.__headscope.hovered !== null")
-    name = hooks(page, "hovered")
-    assert name == "L40H10"
-    t0 = time.perf_counter()
-    page.mouse.click(target["x"], target["y"])
-    page.wait_for_function(
-        "r => window.__headscope.ready === r && document.querySelector('.tokens .tok') !== null",
-        arg=f"head:{name}",
-    )
-    elapsed = time.perf_counter() - t0
-    print(
-        f"\nhead page interactive {elapsed * 1000:.0f} ms after the click (in-page {hooks(page, 'readyMs'):.0f} ms)"
-    )
-    assert elapsed < 1.0
-    page.hover(".tokens[data-example='0'] .tok[data-i='3']")
-    assert page.locator("#tooltip").is_visible()
-
-
-# ------------------------------------------------------------------ real live server
-
-
-def live_head(page, live_url: str, layer: int = 5, index: int = 3) -> str:
-    """A head that exists in the served model (the requested one, clamped to its size)."""
-    health = page.request.get(live_url + "api/health").json()
-    assert health["model"], "the live server has no model"
-    return f"L{min(layer, health['n_layers'] - 1)}H{min(index, health['n_heads'] - 1)}"
-
-
-@pytest.mark.live
-def test_live_attribution_total_matches_the_model_score(page, live_url, shot):
-    text = "The capital of France is Paris. The capital of Spain is Madrid."
-    head = live_head(page, live_url)
-    open_view(
-        page, live_url, f"#/custom?text={quote(text)}&head={head}&q=12&k=5&panel=attr", "custom"
-    )
-    line = page.locator(".attribution .check-line")
-    line.wait_for(timeout=60_000)
-    t = re.search(r"total = (-?\d+\.\d{4}) · model score = (-?\d+\.\d{4})", line.inner_text())
-    assert t and t[1] == t[2]
-    page.locator(".attribution .circuit svg").wait_for()
-    shot(page, "live_attribution")
-
-
-@pytest.mark.live
-def test_live_custom_text_shows_attention(page, live_url):
-    text = "I had a dream of summer light, of fields that shone with silver gleam."
-    head = live_head(page, live_url, 1, 0)
-    open_view(page, live_url, f"#/custom?text={quote(text)}&head={head}", "custom")
-    page.locator(".custom-out .tok").first.wait_for(timeout=60_000)
-    page.hover(".custom-out .tok >> nth=5")
-    assert page.locator("#tooltip").is_visible()
-
-
-@pytest.mark.live
-def test_live_rank_heads_on_a_pair(page, live_url, shot):
-    text = "The capital of France is Paris. The capital of France is"
-    head = live_head(page, live_url, 0, 0)
-    open_view(page, live_url, f"#/custom?text={quote(text)}&head={head}&q=10&k=3", "custom")
-    page.locator("#rank-table tbody tr").first.wait_for(timeout=60_000)
-    attn = [float(x) for x in page.locator("#rank-table tbody td:nth-child(3)").all_inner_texts()]
-    assert attn == sorted(attn, reverse=True)
-    page.click("button:has-text('Composition')")
-    page.locator("h4:has-text('K-composition')").wait_for(timeout=60_000)
-    shot(page, "live_custom")
-
-
-@pytest.mark.live
-def test_live_sweep_and_geometry(page, live_url, shot):
-    head = live_head(page, live_url)
-    tpl = quote("The war lasted from {} to 1800.")
-    open_view(page, live_url, f"#/sweep?tpl={tpl}&vals=1900..2000:10&heads={head}", "sweep")
-    page.locator("#sweep-chart svg polyline").wait_for(timeout=60_000)
-    shot(page, "live_sweep")
-    queries = quote("The country [[France]]\nThe country [[Japan]]")
-    keys = quote("The city [[Paris]] is well known\nThe city [[Tokyo]] is well known")
-    open_view(page, live_url, f"#/geometry?queries={queries}&keys={keys}&heads={head}", "geometry")
-    page.locator("#geo-heatmaps svg").first.wait_for(timeout=60_000)
-    assert page.locator("#geo-heatmaps > div").count() == 2
-    shot(page, "live_geometry")

@@ -129,7 +129,8 @@ def finalize(
                             "sequence": seq,
                             "max_attention": round(score, 4),
                             "tokens": ids.tolist(),
-                            "doc_starts": starts.nonzero().flatten().tolist(),
+                            # first tokens of documents (position 0 is the BOS sink, not a document)
+                            "doc_starts": (starts[1:].nonzero().flatten() + 1).tolist(),
                             **state.payloads.example(layer, h, seq),
                         }
                     )

@@ -4,7 +4,7 @@
 // pointer never redraws the marks. toSVG() re-draws the same marks as SVG for export.
 
 import { h } from './dom.js';
-import { s, svgRoot, linear, niceTicks, tickLabel, extent, FONT, textWidth, fitText } from './svg.js';
+import { s, svgRoot, linear, niceTicks, tickFormat, extent, FONT, textWidth, fitText } from './svg.js';
 
 const CELL = 16;
 const PICK_PX = 9;
@@ -138,13 +138,15 @@ export class ScatterPlot {
     ctx.lineWidth = 1;
     const xt = d.xTicks || niceTicks(xs.domain[0], xs.domain[1], Math.max(2, Math.floor((area.x1 - area.x0) / 70)));
     const yt = d.yTicks || niceTicks(ys.domain[0], ys.domain[1], Math.max(2, Math.floor((area.y1 - area.y0) / 40)));
+    const xLab = tickFormat(xt);
+    const yLab = tickFormat(yt);
     ctx.textAlign = 'right';
     ctx.textBaseline = 'middle';
     for (const v of yt) {
       const y = Math.round(ys(v)) + 0.5;
       if (y < area.y0 - 1 || y > area.y1 + 1) continue;
       ctx.beginPath(); ctx.moveTo(area.x0, y); ctx.lineTo(area.x1, y); ctx.stroke();
-      ctx.fillText(tickLabel(v), area.x0 - 6, y);
+      ctx.fillText(yLab(v), area.x0 - 6, y);
     }
     ctx.textAlign = 'center';
     ctx.textBaseline = 'top';
@@ -152,7 +154,7 @@ export class ScatterPlot {
       const x = Math.round(xs(v)) + 0.5;
       if (x < area.x0 - 1 || x > area.x1 + 1) continue;
       ctx.beginPath(); ctx.moveTo(x, area.y0); ctx.lineTo(x, area.y1); ctx.stroke();
-      ctx.fillText(tickLabel(v), x, area.y1 + 6);
+      ctx.fillText(xLab(v), x, area.y1 + 6);
     }
     ctx.strokeStyle = '#555b66';
     ctx.beginPath(); ctx.moveTo(area.x0, area.y0); ctx.lineTo(area.x0, area.y1); ctx.lineTo(area.x1, area.y1); ctx.stroke();
@@ -187,7 +189,9 @@ export class ScatterPlot {
     ctx.font = `10px ${FONT}`;
     ctx.textAlign = 'left';
     ctx.textBaseline = 'middle';
-    for (const v of niceTicks(cb.lo, cb.hi, 5)) ctx.fillText(tickLabel(v), g.x + g.w + 4, ys(v));
+    const cbTicks = niceTicks(cb.lo, cb.hi, 5);
+    const cbLab = tickFormat(cbTicks);
+    for (const v of cbTicks) ctx.fillText(cbLab(v), g.x + g.w + 4, ys(v));
     ctx.save();
     ctx.translate(g.x - 8, (g.y0 + g.y1) / 2);
     ctx.rotate(-Math.PI / 2);
@@ -297,17 +301,19 @@ export class ScatterPlot {
     const axisG = s('g', {});
     const xt = d.xTicks || niceTicks(xs.domain[0], xs.domain[1], Math.max(2, Math.floor((area.x1 - area.x0) / 70)));
     const yt = d.yTicks || niceTicks(ys.domain[0], ys.domain[1], Math.max(2, Math.floor((area.y1 - area.y0) / 40)));
+    const xLab = tickFormat(xt);
+    const yLab = tickFormat(yt);
     for (const v of yt) {
       const y = ys(v);
       if (y < area.y0 - 1 || y > area.y1 + 1) continue;
       axisG.append(s('line', { x1: area.x0, x2: area.x1, y1: y, y2: y, stroke: '#e6e8ec' }));
-      axisG.append(s('text', { x: area.x0 - 6, y: y + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555b66' }, tickLabel(v)));
+      axisG.append(s('text', { x: area.x0 - 6, y: y + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555b66' }, yLab(v)));
     }
     for (const v of xt) {
       const x = xs(v);
       if (x < area.x0 - 1 || x > area.x1 + 1) continue;
       axisG.append(s('line', { x1: x, x2: x, y1: area.y0, y2: area.y1, stroke: '#e6e8ec' }));
-      axisG.append(s('text', { x, y: area.y1 + 17, 'text-anchor': 'middle', 'font-size': 11, fill: '#555b66' }, tickLabel(v)));
+      axisG.append(s('text', { x, y: area.y1 + 17, 'text-anchor': 'middle', 'font-size': 11, fill: '#555b66' }, xLab(v)));
     }
     axisG.append(s('path', { d: `M${area.x0},${area.y0}V${area.y1}H${area.x1}`, fill: 'none', stroke: '#555b66' }));
     axisG.append(s('text', { x: (area.x0 + area.x1) / 2, y: area.y1 + 38, 'text-anchor': 'middle' }, d.xLabel || ''));
@@ -334,7 +340,9 @@ export class ScatterPlot {
       g.append(s('defs', {}, s('linearGradient', { id, x1: 0, y1: 0, x2: 0, y2: 1 }, stops)));
       g.append(s('rect', { x: geo.x, y: geo.y0, width: geo.w, height: geo.y1 - geo.y0, fill: `url(#${id})`, stroke: '#999' }));
       const cys = linear([cb.lo, cb.hi], [geo.y1, geo.y0]);
-      for (const v of niceTicks(cb.lo, cb.hi, 5)) g.append(s('text', { x: geo.x + geo.w + 4, y: cys(v) + 3.5, 'font-size': 10, fill: '#555b66' }, tickLabel(v)));
+      const cbTicks = niceTicks(cb.lo, cb.hi, 5);
+      const cbLab = tickFormat(cbTicks);
+      for (const v of cbTicks) g.append(s('text', { x: geo.x + geo.w + 4, y: cys(v) + 3.5, 'font-size': 10, fill: '#555b66' }, cbLab(v)));
       const my = (geo.y0 + geo.y1) / 2;
       g.append(s('text', { x: geo.x - 8, y: my, transform: `rotate(-90 ${geo.x - 8} ${my})`, 'text-anchor': 'middle', 'font-size': 11 }, cb.label));
     }

@@ -73,6 +73,29 @@ export function tickLabel(v) {
   return String(+v.toPrecision(4));
 }
 
+/**
+ * A label function for evenly spaced `ticks` (from niceTicks): as many decimals as the step
+ * needs, so neighbouring ticks never read the same (a metric spread over 0.1080–0.1083 gets
+ * 0.10805, 0.1081, … rather than 0.108 three times).
+ */
+export function tickFormat(ticks) {
+  if (ticks.length < 2) return tickLabel;
+  const step = Math.abs(ticks[1] - ticks[0]);
+  if (!(step > 0)) return tickLabel;
+  const big = Math.max(...ticks.map(Math.abs));
+  const decimals = (x) => {
+    let d = 0;
+    for (let y = x; d < 15 && (Math.round(y) === 0 || Math.abs(Math.round(y) - y) > 1e-6 * y); y *= 10) d++;
+    return d;
+  };
+  const d = decimals(step);
+  if (big < 1e5 && (big >= 1e-3 || d <= 5)) return (v) => String(+v.toFixed(d));
+  // Very large or very small values: scientific notation with the digits the step needs.
+  const e = Math.floor(Math.log10(step));
+  const digits = Math.min(6, Math.max(0, Math.floor(Math.log10(big)) - e) + decimals(step / 10 ** e));
+  return (v) => (v === 0 ? '0' : v.toExponential(digits));
+}
+
 let measureCtx = null;
 /** Width in px of `text` drawn in `px`-sized FONT. */
 export function textWidth(text, px = 12) {
@@ -95,10 +118,12 @@ export function fitText(text, maxPx, px = 12) {
 }
 
 /** Axes with gridlines for a plot area {x0, x1, y0 (top), y1 (bottom)}. */
-export function axes(area, xs, ys, { xLabel = '', yLabel = '', xTicks, yTicks, xFormat = tickLabel, yFormat = tickLabel } = {}) {
+export function axes(area, xs, ys, { xLabel = '', yLabel = '', xTicks, yTicks, xFormat = null, yFormat = null } = {}) {
   const g = s('g', {});
   const xt = xTicks || niceTicks(xs.domain[0], xs.domain[1], Math.max(2, Math.floor((area.x1 - area.x0) / 70)));
   const yt = yTicks || niceTicks(ys.domain[0], ys.domain[1], Math.max(2, Math.floor((area.y1 - area.y0) / 40)));
+  xFormat = xFormat || tickFormat(xt);
+  yFormat = yFormat || tickFormat(yt);
   for (const v of yt) {
     const y = ys(v);
     if (y < area.y0 - 0.5 || y > area.y1 + 0.5) continue;
@@ -248,10 +273,11 @@ export function colorLegend({ scale, lo, hi, label = '', width = 220 }) {
   const stops = [];
   for (let i = 0; i <= 10; i++) stops.push(s('stop', { offset: `${i * 10}%`, 'stop-color': scale(lo + ((hi - lo) * i) / 10) }));
   const ticks = niceTicks(lo, hi, 4);
+  const tickText = tickFormat(ticks);
   const xs = linear([lo, hi], [10, width - 10]);
   return svgRoot(width, 46,
     s('defs', {}, s('linearGradient', { id }, stops)),
     s('text', { x: 10, y: 12, 'font-size': 11 }, label),
     s('rect', { x: 10, y: 17, width: width - 20, height: 10, fill: `url(#${id})`, stroke: '#ccc' }),
-    ticks.map((v) => s('text', { x: xs(v), y: 40, 'text-anchor': 'middle', 'font-size': 10, fill: AXIS }, tickLabel(v))));
+    ticks.map((v) => s('text', { x: xs(v), y: 40, 'text-anchor': 'middle', 'font-size': 10, fill: AXIS }, tickText(v))));
 }

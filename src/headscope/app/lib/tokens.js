@@ -9,13 +9,21 @@ import { s, svgRoot, textWidth } from './svg.js';
 
 const SPECIAL = /^<\|?[^<>]*\|?>$|^\[[A-Z]+\]$/;
 
+// Control and zero-width characters (a byte-level vocabulary has a token for each) draw as
+// nothing or as a missing-glyph box; they are shown as escapes, like the \xNN of partial UTF-8.
+const INVISIBLE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]/g;
+const escapeInvisible = (t) => t.replace(/\r\n/g, '\n').replace(INVISIBLE, (c) => {
+  const code = c.charCodeAt(0);
+  return code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+});
+
 /** How a token string is drawn: visible text, number of line breaks after it, CSS classes. */
 export function displayToken(str) {
   const t = String(str ?? '');
   if (t === '') return { text: '∅', breaks: 0, cls: 'ws' };
   if (SPECIAL.test(t)) return { text: t, breaks: 0, cls: 'special' };
   const breaks = Math.min(2, (t.match(/\n/g) || []).length);
-  let text = t.replace(/\r/g, '').replace(/\t/g, '⇥');
+  let text = escapeInvisible(t).replace(/\t/g, '⇥');
   if (/^[ \n⇥]+$/.test(text)) {
     text = text.replace(/ /g, '·').replace(/\n/g, '↵');
     return { text, breaks, cls: 'ws' };
@@ -25,7 +33,7 @@ export function displayToken(str) {
 
 /** A token as a one-line label for tables and tooltips: ␣ for edge spaces, ↵ for newlines. */
 export function labelToken(str) {
-  return String(str ?? '')
+  return escapeInvisible(String(str ?? ''))
     .replace(/\n/g, '↵').replace(/\t/g, '⇥')
     .replace(/^ +| +$/g, (m) => '␣'.repeat(m.length));
 }

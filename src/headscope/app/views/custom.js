@@ -3,7 +3,7 @@
 // for it. URL params: text, head, q, k, panel (attr|comp), color.
 
 import * as data from '../data.js';
-import { h, clear, fmt, fixed, errorBox, loading, needsServer, parseHead, typingTarget } from '../lib/dom.js';
+import { h, clear, fixed, errorBox, loading, needsServer, parseHead, typingTarget } from '../lib/dom.js';
 import { blues, oranges, gradient } from '../lib/color.js';
 import { TokenView, summarisePattern, labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
@@ -153,7 +153,7 @@ function build(container, ctx0, health) {
             h('td', {}, h('a', { href: ctx.href(['custom'], { text, head: r.head, q, k }), class: 'head-link' }, r.head)),
             h('td', { class: 'num' }, fixed(r.attention, 4)),
             h('td', { class: 'barcell' }, h('div', { class: 'hbar' }, h('div', { style: { width: `${(100 * r.attention) / maxA}%` } }))),
-            h('td', { class: 'num' }, fmt(r.score)),
+            h('td', { class: 'num' }, fixed(r.score, 4)),
             h('td', {}, h('a', { href: ctx.href(['head', r.head]), class: 'small' }, 'page')))))))));
     } catch (err) {
       clear(rankEl).append(errorBox(err));

@@ -118,8 +118,8 @@ function overview(p, m, name) {
     width: 330, height: 160, xLabel: 'prefix length', yLabel: 'score', xTicks: ys.map((_, j) => j + 1),
     yDomain: [0, Math.max(0.05, ...ys) * 1.1],
   });
-  const tokTable = (rows, what) => h('div', { class: 'table-scroll short' }, h('table', { class: 'data compact' },
-    h('thead', {}, h('tr', {}, h('th', {}, what), h('th', { class: 'num', title: 'mean max attention' }, 'mass'), h('th', { class: 'num' }, 'count'))),
+  const tokTable = (rows, what, massDoc) => h('div', { class: 'table-scroll short' }, h('table', { class: 'data compact' },
+    h('thead', {}, h('tr', {}, h('th', {}, what), h('th', { class: 'num', title: massDoc }, 'mass'), h('th', { class: 'num', title: 'occurrences in the run' }, 'count'))),
     h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: 'tokcell' }, labelToken(r.token)), h('td', { class: 'num' }, fmt(r.mass, 3)), h('td', { class: 'num' }, r.count))))));
   return h('aside', { class: 'head-overview' },
     section('Metrics', h('table', { class: 'data metrics' },
@@ -127,8 +127,8 @@ function overview(p, m, name) {
     hist ? section('Max attention per sequence', hist(), exportButtons(`${name}_histogram`, { svg: hist })) : null,
     curves.map(([cname, ys]) => section(label(cname), curveSvg(cname, ys), exportButtons(`${name}_${cname}`, { svg: () => curveSvg(cname, ys) }))),
     section('Top tokens', h('div', {},
-      h('h4', {}, 'as query'), tokTable(p.top_query_tokens, 'query token'),
-      h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token'))));
+      h('h4', {}, 'as query'), tokTable(p.top_query_tokens, 'query token', 'mean attention the token pays to anything but the first position'),
+      h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token', 'mean total attention the token receives from later queries (can exceed 1)'))));
 }
 
 /** Dataset examples grouped by decile bucket; see TokenView for hover/click behaviour. */
@@ -152,9 +152,8 @@ function renderExamples(el, { payload, ctx, name }) {
     modeBtn('query', 'max as query'), modeBtn('key', 'max as key'),
     h('kbd', { title: 'keyboard shortcut' }, 't'),
     h('span', { class: 'legend' }, '0 ', bar, ' 1'),
-    modeLabel,
-    h('span', { class: 'grow' }),
-    h('span', { class: 'muted small', title: 'Click a query token, then an earlier (or the same) key token, to open its QK/OV attribution; Esc clears' }, 'click query → key for attribution · Esc clears'));
+    modeLabel);
+  const hint = h('p', { class: 'muted small examples-hint' }, 'Click a query token, then an earlier (or the same) key token, to open its QK/OV attribution; Esc clears.');
 
   function showMode() {
     modeLabel.textContent = mode === 'key'
@@ -242,7 +241,7 @@ function renderExamples(el, { payload, ctx, name }) {
   }
   document.addEventListener('keydown', onKey);
 
-  el.append(modeBar, exs.length
+  el.append(modeBar, hint, exs.length
     ? h('div', { class: 'buckets' }, bucketEls)
     : h('div', { class: 'note' }, 'This head has no stored examples.'));
   showMode();

@@ -12,25 +12,36 @@ import { s, svgRoot } from '../lib/svg.js';
 
 const THUMB = 112;
 
-/** Draw the sparse pattern of `ex` as a T×T image: white → dark blue by weight. */
+/**
+ * Draw the sparse pattern of `ex` as an image: white → dark blue by weight. Sequences longer
+ * than the thumbnail are max-pooled to its pixel size, so a strong entry stays visible instead
+ * of being lost when the browser scales a T×T image down.
+ */
 export function patternThumbnail(ex) {
   const T = Math.max(1, ex.tokens.length);
-  const c = h('canvas', { class: 'thumb', width: T, height: T, style: { width: `${THUMB}px`, height: `${THUMB}px` } });
+  const S = Math.min(T, THUMB * (window.devicePixelRatio > 1 ? 2 : 1));
+  const c = h('canvas', { class: 'thumb', width: S, height: S, style: { width: `${THUMB}px`, height: `${THUMB}px` } });
   const ctx = c.getContext('2d');
-  const img = ctx.createImageData(T, T);
-  for (let i = 0; i < T * T; i++) {
-    const q = Math.floor(i / T);
-    const k = i % T;
+  const img = ctx.createImageData(S, S);
+  const cell = (pos) => Math.min(S - 1, Math.floor((pos * S) / T));
+  for (let i = 0; i < S * S; i++) {
+    const q = Math.floor(i / S);
+    const k = i % S;
     const shade = k <= q ? 250 : 236;
     img.data[i * 4] = shade; img.data[i * 4 + 1] = shade; img.data[i * 4 + 2] = k <= q ? 252 : 240; img.data[i * 4 + 3] = 255;
   }
+  const pooled = new Float32Array(S * S);
   for (const [q, k, w] of ex.sparse || []) {
     if (q >= T || k >= T) continue;
-    const o = (q * T + k) * 4;
-    const t = Math.min(1, Math.max(0, w)) ** 0.5;
-    img.data[o] = Math.round(250 - 242 * t);
-    img.data[o + 1] = Math.round(250 - 202 * t);
-    img.data[o + 2] = Math.round(252 - 145 * t);
+    const o = cell(q) * S + cell(k);
+    pooled[o] = Math.max(pooled[o], w);
+  }
+  for (let o = 0; o < S * S; o++) {
+    if (!pooled[o]) continue;
+    const t = Math.min(1, Math.max(0, pooled[o])) ** 0.5;
+    img.data[o * 4] = Math.round(250 - 242 * t);
+    img.data[o * 4 + 1] = Math.round(250 - 202 * t);
+    img.data[o * 4 + 2] = Math.round(252 - 145 * t);
   }
   ctx.putImageData(img, 0, 0);
   return c;
@@ -70,9 +81,6 @@ export function renderSimilar(el, { payload, ctx, name, metrics }) {
     return c;
   }
 
-  cards.append(card(name, 'this head', null));
-  for (const sim of similar) cards.append(card(sim.head, '', sim.distance));
-
   const thumbsSVG = () => {
     const list = [[name, null], ...similar.map((x) => [x.head, x.distance])];
     const per = 6;
@@ -90,12 +98,27 @@ export function renderSimilar(el, { payload, ctx, name, metrics }) {
     return svgRoot(W, 40 + rows * (size + 40), parts);
   };
 
+  // The precompute writes `similar` from motifs/map.json, so a head without similar heads means
+  // a run without a motif map (e.g. one imported from HeadVis): say so instead of requesting a
+  // file that is not there.
+  if (!similar.length) {
+    el.append(h('section', { class: 'panel' },
+      h('div', { class: 'panel-head' }, h('h3', {}, 'Similar heads')),
+      h('div', { class: 'note no-motif-map' },
+        h('strong', {}, 'This run has no motif map'), ', so there are no similar heads or head map to show. ',
+        'Runs imported from HeadVis have none; ', h('code', {}, 'headscope precompute'), ' writes one (',
+        h('code', {}, 'motifs/map.json'), ').')));
+    return { unmount() { alive = false; } };
+  }
+  cards.append(card(name, 'this head', null));
+  for (const sim of similar) cards.append(card(sim.head, '', sim.distance));
+
   const mapBox = h('div', { class: 'panel' }, loading('Loading head map…'));
   el.append(
     h('section', { class: 'panel' },
       h('div', { class: 'panel-head' }, h('h3', {}, 'Nearest heads'), h('span', { class: 'muted small' }, 'by distance between pattern-motif embeddings; thumbnails show each head’s top example (query ↓, key →)'), h('span', { class: 'grow' }),
         exportButtons(`${name}_similar`, { svg: thumbsSVG })),
-      similar.length ? cards : h('div', { class: 'note' }, 'This run lists no similar heads for this head.')),
+      cards),
     mapBox);
 
   let plot = null;
