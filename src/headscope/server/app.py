@@ -19,7 +19,7 @@ import math
 import mimetypes
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -143,16 +143,34 @@ def _error(status: int, detail: str, headers: dict | None = None, **extra) -> JS
     return JSON({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
-def _readable(errors: list[dict]) -> str:
-    parts = []
+def _field_path(loc) -> str:
+    # pydantic puts union-member tags ("list[...]", "function-after[...]", "int", model class
+    # names) into locations; a user wants only the field names and list indices.
+    keep = []
+    for x in loc:
+        if x == "body":
+            continue
+        if isinstance(x, int) or (
+            isinstance(x, str) and x.isidentifier() and x.islower() and x not in _TYPE_TAGS
+        ):
+            keep.append(str(x))
+    return ".".join(keep) or "body"
+
+
+_TYPE_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
+
+
+def _readable(errors: Sequence[Any]) -> str:
+    parts: list[str] = []
     for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        where = ".".join(loc) or "body"
+        where = _field_path(e.get("loc", ()))
         msg = e.get("msg", "invalid")
         ctx = e.get("ctx") or {}
         if e.get("type") == "json_invalid" and "error" in ctx:
             msg = f"invalid JSON: {ctx['error']}"
-        parts.append(f"{where}: {msg}")
+        part = f"{where}: {msg}"
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts) or "invalid request"
 
 
@@ -280,7 +298,7 @@ def _file_response(path: Path) -> FileResponse:
 
 
 # ----- the app ------------------------------------------------------------------------------------
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": S.ErrorResponse, "description": "access token missing or wrong"},
     422: {"model": S.ErrorResponse, "description": "invalid request"},
     503: {"model": S.ErrorResponse, "description": "no model loaded, or busy (retry)"},
@@ -448,11 +466,9 @@ def create_app(
         """A head's pre-softmax score on (query, key) as query-component x key-component terms."""
         from headscope.analysis.attribution import qk_attribution
 
-        def run(sess: Session):
-            out = qk_attribution(sess, req.text, req.head, req.query, req.key, top=req.top)
-            return {**out, "basis": req.basis}
-
-        return await call(run)
+        return await call(
+            lambda sess: qk_attribution(sess, req.text, req.head, req.query, req.key, top=req.top)
+        )
 
     @app.post("/api/attribute/ov", response_model=S.OVResponse, responses=_ERRORS)
     async def attribute_ov(req: S.OVRequest):
@@ -460,10 +476,9 @@ def create_app(
         from headscope.analysis.attribution import ov_attribution
 
         def run(sess: Session):
-            out = ov_attribution(
+            return ov_attribution(
                 sess, req.text, req.head, req.query, req.key, top=req.top, n_tokens=req.n_tokens
             )
-            return {**out, "basis": req.basis}
 
         return await call(run)
 

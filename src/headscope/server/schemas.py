@@ -34,13 +34,34 @@ def _utf8(value: str) -> str:
     return value
 
 
-Str = Annotated[str, AfterValidator(_utf8)]
+_UTF8 = AfterValidator(_utf8)
 Text = Annotated[
-    Str,
+    str,
     Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the text; BOS is added"),
+    _UTF8,
 ]
 HeadName = Annotated[
-    Str, Field(min_length=1, max_length=32, description="a head name such as L5H3")
+    str, Field(min_length=1, max_length=32, description="a head name such as L5H3"), _UTF8
+]
+Template = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TEXT_CHARS, description="text with exactly one {} slot"),
+    _UTF8,
+]
+SweepValue = Annotated[str, Field(max_length=1000), _UTF8]
+Component = Annotated[
+    str,
+    Field(min_length=1, max_length=64, description="embed, pos_embed, bias, L3H1 or L3.mlp"),
+    _UTF8,
+]
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_TEXT_CHARS,
+        description="a prompt with its token marked as [[token]]",
+    ),
+    _UTF8,
 ]
 Position = Annotated[
     int,
@@ -255,12 +276,10 @@ PositionSpec = Annotated[
 
 
 class SweepRequest(Request):
-    template: Str = Field(
-        min_length=1, max_length=MAX_TEXT_CHARS, description="text with exactly one {} slot"
-    )
+    template: Template
     values: (
         Annotated[
-            list[Annotated[Str, Field(max_length=1000)]],
+            list[SweepValue],
             Field(min_length=1, max_length=MAX_SWEEP_VALUES),
         ]
         | ValueRange
@@ -290,16 +309,6 @@ class SweepResponse(Response):
     attention: dict[str, list[float]] = Field(description="head -> one weight per value")
 
 
-Prompt = Annotated[
-    Str,
-    Field(
-        min_length=1,
-        max_length=MAX_TEXT_CHARS,
-        description="a prompt with its token marked as [[token]]",
-    ),
-]
-
-
 class GeometryRequest(Request):
     queries: list[Prompt] = Field(min_length=1, max_length=MAX_GEOMETRY_PROMPTS)
     keys: list[Prompt] = Field(min_length=1, max_length=MAX_GEOMETRY_PROMPTS)
@@ -327,7 +336,7 @@ class GeometryResponse(Response):
 class InterveneRequest(Request):
     text: Text
     heads: list[HeadName] = Field(min_length=1, max_length=MAX_HEADS)
-    component: Str = Field(min_length=1, max_length=64, description="e.g. L3H1, L2.mlp, embed")
+    component: Component
     side: Literal["query", "key"]
     scale: float = Field(allow_inf_nan=False, ge=-1e6, le=1e6)
     query: Position

@@ -1,0 +1,179 @@
+"""Latency of the live server with the default model, measured through HTTP on 127.0.0.1.
+
+    python benchmarks/live.py [--model default] [--reps 20] [--tokens 256]
+
+Prints p50/p95 of: QK attribution on a new text (one forward pass + the attribution), QK
+attribution on an already-seen text (another pair: no forward pass), and head ranking on a
+seen text. Targets (printed, not asserted): new text p50 < 400 ms, seen text p50 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import httpx
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "out",
+    "can",
+    "who",
+    "up",
+    "said",
+    "about",
+    "them",
+    "some",
+    "could",
+    "him",
+    "into",
+    "its",
+    "then",
+    "two",
+    "only",
+    "river",
+    "Paris",
+    "1776",
+    "mountain",
+    "quickly",
+    "because",
+    "although",
+    "library",
+    "window",
+    "seventeen",
+    "Zambia",
+]
+
+
+def make_text(client: httpx.Client, rng: random.Random, n_tokens: int) -> str:
+    """A fresh text of exactly ``n_tokens`` tokens (BOS included), checked with /api/tokenize."""
+    words = [rng.choice(WORDS) for _ in range(n_tokens * 2)]
+    text = f"{rng.randrange(10**12)} " + " ".join(words)
+    tokens = client.post("/api/tokenize", json={"text": text}).json()["tokens"]
+    text = "".join(tokens[1:n_tokens])
+    got = len(client.post("/api/tokenize", json={"text": text}).json()["tokens"])
+    if got != n_tokens:  # a re-tokenisation merged across the cut; try another text
+        return make_text(client, rng, n_tokens)
+    return text
+
+
+def timed(client: httpx.Client, path: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    r = client.post(path, json=body)
+    dt = time.perf_counter() - t0
+    r.raise_for_status()
+    return dt
+
+
+def summary(name: str, seconds: list[float], target_ms: float | None = None) -> str:
+    ms = sorted(s * 1e3 for s in seconds)
+    p50 = statistics.median(ms)
+    p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+    verdict = ""
+    if target_ms is not None:
+        verdict = f"  target p50 < {target_ms:.0f} ms: {'met' if p50 < target_ms else 'MISSED'}"
+    return f"{name:<34} n={len(ms):<3} p50 {p50:7.1f} ms   p95 {p95:7.1f} ms{verdict}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from headscope.server import serve
+
+    t0 = time.perf_counter()
+    handle = serve(model=args.model)
+    print(
+        f"model {args.model} loaded and serving at {handle.url} in {time.perf_counter() - t0:.1f} s"
+    )
+    rng = random.Random(args.seed)
+    try:
+        with httpx.Client(base_url=handle.url, timeout=120) as client:
+            health = client.get("/api/health").json()
+            heads = [
+                f"L{la}H{h}" for la in range(health["n_layers"]) for h in range(health["n_heads"])
+            ]
+            n = args.tokens
+            texts = [make_text(client, rng, n) for _ in range(args.reps + 3)]
+            new, seen, rank = [], [], []
+            for i, text in enumerate(texts):
+                head = rng.choice(heads)
+                q = rng.randrange(n // 2, n)
+                body = {"text": text, "head": head, "query": q, "key": rng.randrange(0, q + 1)}
+                t_new = timed(client, "/api/attribute/qk", body)
+                other = {**body, "head": rng.choice(heads), "key": rng.randrange(0, q + 1)}
+                t_seen = timed(client, "/api/attribute/qk", other)
+                pair = {"text": text, "query": q, "key": rng.randrange(0, q + 1)}
+                t_rank = timed(client, "/api/rank-heads", pair)
+                if i >= 3:  # the first few warm up torch and the allocator
+                    new.append(t_new)
+                    seen.append(t_seen)
+                    rank.append(t_rank)
+    finally:
+        handle.stop()
+
+    print(
+        f"{health['model']}: {health['n_layers']} layers x {health['n_heads']} heads, "
+        f"{n}-token texts, {args.reps} texts, client and server on 127.0.0.1"
+    )
+    print(summary("QK attribution, new text", new, 400))
+    print(summary("QK attribution, seen text", seen, 50))
+    print(summary("rank heads, seen text", rank))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The live server under load: 20 concurrent clients for 30 s of mixed requests against a real
+uvicorn server on 127.0.0.1 (a separate process, so its memory is measured alone).
+
+Passes when no request fails (every status is the one its request calls for: 200, or 4xx for
+the deliberately bad ones; never 5xx, never a transport error) and the server's resident memory
+after the run is within 300 MB of where it was after warm-up. The Session's text cache is
+bounded (32 MB here), so the many new texts exercise eviction rather than growth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENTS = 20
+DURATION_S = 30.0
+RSS_SLACK_MB = 300
+TOKEN = "load-test-token"
+
+SERVER = """
+import sys
+from headscope.analysis.session import Session
+from headscope.server import serve
+
+run, model = sys.argv[1], sys.argv[2]
+if model == "tiny":
+    import torch
+    from tests.tiny_models import tiny_adapter
+    # The tiny model gains nothing from intra-op threads, and on a shared machine OpenMP's
+    # spinning makes every call far slower: one thread measures the server, not the contention.
+    torch.set_num_threads(1)
+    adapter = tiny_adapter("llama")
+else:
+    from headscope.model import ModelAdapter
+    adapter = ModelAdapter.load(model)
+handle = serve(run, Session(adapter, cache_bytes=32 << 20), token=sys.argv[3], queue_size=64)
+print("URL", handle.url, adapter.spec.n_layers, adapter.spec.n_heads, flush=True)
+handle.wait()
+"""
+
+WORDS = [
+    "the",
+    "head",
+    "attends",
+    "to",
+    "a",
+    "token",
+    "when",
+    "the",
+    "query",
+    "and",
+    "key",
+    "agree",
+    "on",
+    "what",
+    "came",
+    "before",
+    "it",
+    "in",
+    "Paris",
+    "London",
+    "1776",
+    "1984",
+    "cats",
+    "dogs",
+    "quickly",
+    "slowly",
+    "because",
+    "although",
+    "river",
+    "mountain",
+]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of ``pid`` in MB, from /proc."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + f" {rng.randrange(10**9)}"
+
+
+class Workload:
+    """Picks a request; knows which status it must get."""
+
+    def __init__(self, n_layers: int, n_heads: int, seen: list[str], long_words: int):
+        self.heads = [f"L{la}H{h}" for la in range(n_layers) for h in range(n_heads)]
+        self.seen = seen
+        self.long_words = long_words
+
+    def pick(self, rng: random.Random) -> tuple[str, str, str, object, int]:
+        text = rng.choice(self.seen) if rng.random() < 0.6 else random_text(rng, self.long_words)
+        head = rng.choice(self.heads)
+        edge = {"text": text, "query": -1, "key": rng.randrange(0, 4)}
+        kind = rng.choices(
+            [
+                "health",
+                "tokenize",
+                "attend",
+                "rank-heads",
+                "qk",
+                "ov",
+                "composition",
+                "sweep",
+                "geometry",
+                "intervene",
+                "run-file",
+                "bad-head",
+                "bad-pair",
+                "traversal",
+            ],
+            weights=[3, 6, 5, 8, 14, 8, 6, 3, 2, 3, 4, 3, 3, 2],
+        )[0]
+        later = [h for h in self.heads if not h.startswith("L0H")]
+        match kind:
+            case "health":
+                return kind, "GET", "/api/health", None, 200
+            case "tokenize":
+                return kind, "POST", "/api/tokenize", {"text": text}, 200
+            case "attend":
+                return kind, "POST", "/api/attend", {"text": text, "heads": [head]}, 200
+            case "rank-heads":
+                return kind, "POST", "/api/rank-heads", edge, 200
+            case "qk":
+                return kind, "POST", "/api/attribute/qk", {**edge, "head": head}, 200
+            case "ov":
+                return kind, "POST", "/api/attribute/ov", {**edge, "head": head}, 200
+            case "composition":
+                return kind, "POST", "/api/composition", {**edge, "head": head}, 200
+            case "sweep":
+                start = rng.randrange(1000, 2000)
+                body = {
+                    "template": "In the year {} the river",
+                    "values": {"start": start, "stop": start + 8},
+                    "heads": [head],
+                    "query": "last",
+                    "key": "slot:0",
+                }
+                return kind, "POST", "/api/sweep", body, 200
+            case "geometry":
+                body = {
+                    "queries": [f"The country [[{w}]]" for w in rng.sample(WORDS, 4)],
+                    "keys": [f"The city [[{w}]] is" for w in rng.sample(WORDS, 4)],
+                    "heads": [head],
+                }
+                return kind, "POST", "/api/geometry", body, 200
+            case "intervene":
+                body = {
+                    **edge,
+                    "heads": [rng.choice(later)],
+                    "component": "embed",
+                    "side": rng.choice(["query", "key"]),
+                    "scale": rng.uniform(-1, 2),
+                }
+                return kind, "POST", "/api/intervene", body, 200
+            case "run-file":
+                return kind, "GET", "/run/manifest.json", None, 200
+            case "bad-head":
+                return kind, "POST", "/api/attribute/qk", {**edge, "head": "L999H0"}, 422
+            case "bad-pair":
+                return kind, "POST", "/api/rank-heads", {"text": text, "query": 1, "key": 3}, 422
+            case _:
+                return kind, "GET", "/run/%2e%2e/%2e%2e/etc/passwd", None, 404
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [("tiny", 12), pytest.param("default", 40, marks=pytest.mark.integration)],
+)
+def test_twenty_clients_for_thirty_seconds(tmp_path, model, words):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("memory is read from /proc (Linux)")
+    run = tmp_path / "loadrun"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "status": "complete"}))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(run), model, TOKEN],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "URL", "the server did not start"
+        url, n_layers, n_heads = line[1], int(line[2]), int(line[3])
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        rng = random.Random(0)
+        seen = [random_text(rng, words) for _ in range(10)]
+        work = Workload(n_layers, n_heads, seen, words)
+        with httpx.Client(base_url=url, headers=auth, timeout=120) as warm:
+            for text in seen:  # warm-up: every seen text analysed once, allocator settled
+                r = warm.post("/api/rank-heads", json={"text": text, "query": -1, "key": 1})
+                assert r.status_code == 200, r.text
+            for _ in range(30):
+                _, method, path, body, _ = work.pick(rng)
+                warm.request(method, path, json=body)
+        start_mem = memory_mb(proc.pid)
+
+        latencies: dict[str, list[float]] = defaultdict(list)
+        failures: list[str] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + DURATION_S
+
+        def client(seed: int) -> None:
+            crng = random.Random(seed)
+            with httpx.Client(base_url=url, headers=auth, timeout=120) as c:
+                while time.monotonic() < deadline:
+                    kind, method, path, body, want = work.pick(crng)
+                    t0 = time.perf_counter()
+                    try:
+                        r = c.request(method, path, json=body)
+                        status, text = r.status_code, r.text[:200]
+                    except httpx.HTTPError as err:
+                        status, text = -1, repr(err)
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        latencies[kind].append(dt)
+                        if status != want:
+                            failures.append(f"{kind} {path}: {status} (wanted {want}) {text}")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        end_mem = memory_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    total = sum(len(v) for v in latencies.values())
+    print(
+        f"\n[{model}] {CLIENTS} clients x {DURATION_S:.0f} s: {total} requests "
+        f"({total / DURATION_S:.1f}/s), {len(failures)} failures"
+    )
+    print(f"{'request':<12} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+    for kind, values in sorted(latencies.items()):
+        print(
+            f"{kind:<12} {len(values):>6} {percentile(values, 50) * 1e3:>8.1f} "
+            f"{percentile(values, 95) * 1e3:>8.1f} {max(values) * 1e3:>8.1f}"
+        )
+    print(
+        f"server RSS after warm-up {start_mem['VmRSS']:.0f} MB (peak {start_mem['VmHWM']:.0f} MB); "
+        f"at the end {end_mem['VmRSS']:.0f} MB (peak {end_mem['VmHWM']:.0f} MB)"
+    )
+    assert not failures, "\n".join(failures[:20])
+    assert total > CLIENTS
+    assert end_mem["VmRSS"] < start_mem["VmRSS"] + RSS_SLACK_MB
