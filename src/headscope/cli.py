@@ -292,17 +292,17 @@ def _precompute(args):
 # ----- serving, export, demo ---------------------------------------------------------------------
 @command("serve")
 def _serve(args):
-    import time
-
     from headscope.server.serve import serve
 
-    handle = serve(args.run, args.model, host=args.host, port=args.port, token=args.token)
-    print(f"headscope: serving {args.run or '(no run)'} at {handle.browser_url}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        handle.stop()
+    serve(
+        args.run,
+        args.model,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        dictionaries=args.dictionaries,
+        block=True,
+    )
 
 
 @command("demo")
@@ -492,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--port", type=int, default=8765)
     sp.add_argument("--token", help="access token (generated when --host is not local)")
+    sp.add_argument(
+        "--dictionaries",
+        help="residual SAEs for feature-basis attributions (default: RUN/dictionaries)",
+    )
 
     sp = sub.add_parser(
         "demo", help="corpus + precompute + attributions on the default model, then serve"

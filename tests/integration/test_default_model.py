@@ -86,7 +86,9 @@ def test_feature_basis_attributions_exact_on_default(default_session, tmp_path):
 
     g = torch.Generator().manual_seed(0)
     for layer in (4, 9):
-        cfg = SAEConfig(d_in=576, d_sae=1024, k=32, site="resid", layers=(layer,), model_name="default")
+        cfg = SAEConfig(
+            d_in=576, d_sae=1024, k=32, site="resid", layers=(layer,), model_name="default"
+        )
         save_sae(SAE(cfg, generator=g), tmp_path / f"resid_L{layer}")
     dicts = DictionarySet(tmp_path)
     n = default_session.state(TEXT).n_tokens

@@ -76,3 +76,24 @@ def test_rank_heads_matches_patterns_and_bad_inputs():
     assert all(
         c["head"].startswith(("L0", "L1")) for c in comp["k_composition"] + comp["q_composition"]
     )
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "gpt2"])
+def test_recomputed_rows_and_logits_match_the_forward(arch):
+    """Session rows (sliding windows included) and logits_at equal a full capture."""
+    sess = Session(tiny_adapter(arch))
+    st = sess.state(TEXT)
+    cap = sess.adapter.run(st.ids, patterns=True)
+    for layer in range(sess.adapter.spec.n_layers):
+        for q in (3, st.n_tokens - 1):
+            _, rows = sess.pattern_rows(st, layer, q)
+            assert torch.allclose(rows, cap.layers[layer].pattern[0, :, q, : q + 1], atol=1e-6)
+    assert torch.allclose(sess.logits_at(st, 7), cap.logits[0, 7], atol=1e-5)
+
+
+def test_learned_positions_cap_the_text_length():
+    sess = Session(tiny_adapter("gpt2"))  # 128 learned positions
+    assert sess.max_tokens == 128
+    with pytest.raises(InputError, match="limit is 128"):
+        sess.state("x" * 200)
+    assert Session(tiny_adapter("llama")).max_tokens == 2048  # RoPE: the default limit

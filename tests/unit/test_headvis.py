@@ -188,7 +188,8 @@ def validate_tree(tree: Path, *, n_sequences: int | None = None) -> dict:
             for seq in d["sequences"]:
                 n = len(seq["tokens"])
                 assert lo <= seq["max_attention"] <= hi, (where, lo, hi, seq["max_attention"])
-                assert seq["doc_starts"][0] == 0 and all(0 <= s < n for s in seq["doc_starts"])
+                starts = seq["doc_starts"]
+                assert starts == sorted(starts) and all(0 <= s < n for s in starts)
                 assert seq["sparse_attention"], "a kept sequence has some attention"
                 for triple in seq["sparse_attention"]:
                     assert len(triple) == 3, (where, triple)
@@ -380,7 +381,7 @@ def test_import_a_hand_written_tree(tmp_path):
     assert a["max_attention"] == 0.8  # derived: queries >= 1, keys 1..q
     assert a["max_as_query"] == [0.0, 0.0, 0.8, 0.0, 0.75]
     assert a["max_as_key"] == [0.9, 0.8, 0.75, 0.0, 0.0]
-    assert a["doc_starts"] == [0] and b["doc_starts"] == [0]
+    assert a["doc_starts"] == [] and b["doc_starts"] == []
     assert (a["sequence"], b["sequence"]) == (0, 1), "numbered by first appearance"
     assert run.head("L1H1")["examples"][0]["sequence"] == 0, "same tokens, same number"
     assert p["histogram"] == {"edges": [0.0, 0.5, 1.0], "counts": [1, 1]}

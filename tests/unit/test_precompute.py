@@ -159,3 +159,44 @@ def test_existing_other_run_is_refused(assets, reference):
     root, model, data = assets
     result = _run(_cmd(model, data, reference, ["--seed", "5"]))
     assert result.returncode == 2 and "different configuration" in result.stderr
+
+
+def _peak_rss_mb(cmd) -> float:
+    code = (
+        "import resource, subprocess, sys; "
+        f"r = subprocess.run({cmd!r}, capture_output=True, text=True); "
+        "assert r.returncode == 0, r.stderr[-2000:]; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
+    out = _run([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.strip())
+
+
+def test_peak_memory_does_not_grow_with_tokens(assets):
+    root, model, data = assets
+    big = write_texts(root / "big.jsonl", n_docs=400)
+    rss = {}
+    for n in (64, 256):
+        cmd = [
+            sys.executable,
+            "-m",
+            "headscope",
+            "precompute",
+            "--model",
+            str(model),
+            "--data",
+            str(big),
+            "--out",
+            str(root / f"mem{n}"),
+            "--sequences",
+            str(n),
+            "--seq-len",
+            "48",
+            "--batch-size",
+            "4",
+            "--json",
+        ]
+        rss[n] = _peak_rss_mb(cmd)
+    print(f"peak RSS: 64 sequences {rss[64]:.0f} MB, 256 sequences {rss[256]:.0f} MB")
+    assert abs(rss[256] - rss[64]) / rss[64] < 0.15

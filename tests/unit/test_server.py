@@ -216,7 +216,7 @@ BAD = [
     ("/api/attribute/qk", {**QK, "text": ""}, "text"),
     ("/api/attribute/qk", {**QK, "text": "   \n "}, "empty"),
     ("/api/attribute/qk", {**QK, "text": "x" * 2100}, "limit is 2048"),
-    ("/api/attribute/qk", {**QK, "basis": "sae"}, "basis"),
+    ("/api/attribute/qk", {**QK, "basis": "sae"}, "no dictionaries loaded"),
     ("/api/attribute/qk", {**QK, "colour": "red"}, "colour"),
     ("/api/attribute/qk", {"text": TEXT, "head": "L1H1", "query": 3}, "key: Field required"),
     ("/api/attribute/qk", {**QK, "query": "three"}, "query"),

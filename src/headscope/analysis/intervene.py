@@ -130,7 +130,7 @@ def intervene(
     )
     with torch.no_grad(), capturing(req):
         logits = ad.model(input_ids=st.ids, use_cache=False).logits
-    clean_logits = st.cap.logits[0, query]
+    clean_logits = session.logits_at(st, query)
     new_logits = logits[0, query]
     p_clean = torch.log_softmax(clean_logits.float(), -1)
     p_new = torch.log_softmax(new_logits.float(), -1)

@@ -56,7 +56,8 @@ class Session:
         if adapter.dtype != torch.float32:
             raise ValueError("live analysis needs the model in float32 (exact attributions)")
         self.adapter = adapter
-        self.max_tokens = max_tokens
+        limit = adapter.spec.max_positions
+        self.max_tokens = min(max_tokens, limit) if limit else max_tokens
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str | tuple[int, ...], TextState] = OrderedDict()
         self._lock = threading.Lock()
@@ -74,7 +75,8 @@ class Session:
                 if not 1 <= len(text) <= self.max_tokens:
                     raise InputError(f"need 1..{self.max_tokens} token ids, got {len(text)}")
                 ids = torch.tensor([list(text)], dtype=torch.long)
-            cap = self.adapter.run(ids, patterns=False, residuals=True, logits=True)
+            # No logits kept (V floats per position): logits_at() recomputes one position.
+            cap = self.adapter.run(ids, patterns=False, residuals=True, logits=False)
             display = self.adapter.tokens.displays(ids[0])
             st = TextState(
                 text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap)
@@ -85,6 +87,17 @@ class Session:
                 _, old = self._cache.popitem(last=False)
                 used -= old.nbytes
             return st
+
+    def logits_at(self, st: TextState, pos: int) -> torch.Tensor:
+        """The model's logits ``[V]`` at ``pos``: final norm, unembedding, final softcap."""
+        from headscope.model.spec import get_module
+
+        ad = self.adapter
+        with torch.no_grad():
+            x = get_module(ad.model, ad.spec.layout.final_norm)(st.cap.resid_final[:, pos])
+            logits = get_module(ad.model, ad.spec.layout.unembed)(x)[0]
+        cap = ad.spec.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     # ----- attention rows ---------------------------------------------------------------------
     def pattern_rows(

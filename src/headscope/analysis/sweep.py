@@ -22,7 +22,7 @@ _SLOT = re.compile(r"slot:(-?\d+)")
 def expand_range(spec: str) -> list[str]:
     """``"1000:2000"`` or ``"0:100:5"`` -> the values as strings (stop excluded)."""
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(p.strip().lstrip("-").isdigit() for p in parts):
+    if len(parts) not in (2, 3) or not all(re.fullmatch(r"\s*-?[0-9]+\s*", p) for p in parts):
         raise InputError(f"range {spec!r} must look like START:STOP or START:STOP:STEP")
     start, stop, *step = (int(p) for p in parts)
     return [str(v) for v in range(start, stop, step[0] if step else 1)]
@@ -31,7 +31,7 @@ def expand_range(spec: str) -> list[str]:
 def resolve_position(spec: str | int, n_tokens: int, slot: list[int]) -> int:
     """A position spec: an int (negative counts from the end), ``last``, or ``slot:i`` (the
     i-th token of the slot's value; negative counts from the value's last token)."""
-    if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
+    if isinstance(spec, int) or (isinstance(spec, str) and re.fullmatch(r"-?[0-9]+", spec)):
         pos = int(spec)
         pos = pos + n_tokens if pos < 0 else pos
     elif spec == "last":

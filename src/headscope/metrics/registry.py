@@ -178,7 +178,8 @@ class LayerBatch:
         """
         B, H, T, _ = self.pattern.shape
         out = self.pattern.new_zeros(B, H, T)
-        out[:, :, 1:] = self.pattern[:, :, 1:, 1:].amax(-1)
+        if T > 1:
+            out[:, :, 1:] = self.pattern[:, :, 1:, 1:].amax(-1)
         return torch.where(self.query_mask[:, None, :], out, 0.0)
 
     @cached_property

@@ -135,6 +135,7 @@ class ArchSpec:
     attn_softcap: float | None
     final_softcap: float | None
     sliding_window: tuple[int | None, ...]  # per layer; None = full causal attention
+    max_positions: int | None  # longest sequence learned positions allow (None: RoPE, no limit)
     post_attn_norm: bool
     post_mlp_norm: bool
     parallel_residual: bool
@@ -199,10 +200,12 @@ def arch_spec(model: nn.Module) -> ArchSpec:
         scale = 1.0
     layer_types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
+    if not getattr(cfg, "use_sliding_window", True):
+        window = None  # Qwen 2 carries a window size it does not use by default
     if layer_types is not None and window:
         windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
-    else:
-        windows = tuple(None for _ in range(n_layers))
+    else:  # Mistral: one window for every layer
+        windows = tuple(window for _ in range(n_layers))
     return ArchSpec(
         architecture=model_type,
         n_layers=n_layers,
@@ -219,6 +222,12 @@ def arch_spec(model: nn.Module) -> ArchSpec:
         attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
         sliding_window=windows,
+        # Learned positions are a hard limit; RoPE's max_position_embeddings is only nominal.
+        max_positions=(
+            getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        )
+        if layout.pos_embed is not None
+        else None,
         post_attn_norm=layout.post_attn_norm is not None,
         post_mlp_norm=layout.post_mlp_norm is not None,
         parallel_residual=bool(getattr(cfg, "use_parallel_residual", False)),

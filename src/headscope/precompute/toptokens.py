@@ -150,7 +150,7 @@ class TopTokens:
         """
         order = self._sorted_slots  # columns in token-id order, so stable sorts break ties by id
         tokens = self._sorted_tokens.tolist()
-        lists = {}
+        ranked = {}
         for side, sums, counts in (
             ("query", self.query_sum, self.query_count),
             ("key", self.key_sum, self.key_count),
@@ -160,16 +160,16 @@ class TopTokens:
             mean = s / c.clamp_min(1)[:, None, :]
             mean = mean.masked_fill((c < min_count)[:, None, :], float("-inf"))
             best = mean.argsort(dim=-1, descending=True, stable=True)[..., :k]  # [L, H, k]
-            lists[side] = (best.tolist(), mean.gather(-1, best).tolist(), c.tolist())
-        out = {}
+            ranked[side] = (best.tolist(), mean.gather(-1, best).tolist(), c.tolist())
+        out: dict[tuple[int, int], dict[str, list[tuple[int, float, int]]]] = {}
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
-                entry = {}
-                for side, (best, means, counts) in lists.items():
-                    entry[side] = [
-                        (tokens[i], m, counts[layer][i])
-                        for i, m in zip(best[layer][head], means[layer][head], strict=True)
+                out[(layer, head)] = {
+                    side: [
+                        (tokens[i], m, n[layer][i])
+                        for i, m in zip(best_i[layer][head], means[layer][head], strict=True)
                         if m != float("-inf")
                     ]
-                out[(layer, head)] = entry
+                    for side, (best_i, means, n) in ranked.items()
+                }
         return out

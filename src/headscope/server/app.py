@@ -323,6 +323,7 @@ def create_app(
     token: str | None = None,
     queue_size: int = 8,
     allowed_hosts: set[str] | None = None,
+    dictionaries=None,
 ) -> FastAPI:
     """The live server app.
 
@@ -331,12 +332,18 @@ def create_app(
     ``token``: when set, required on every ``/api`` and ``/run`` request.
     ``queue_size``: model calls that may wait behind the running one before new ones get 503.
     ``allowed_hosts``: accepted Host header names (None: any); :func:`serve` sets the loopback
-    names when it binds to loopback."""
+    names when it binds to loopback.
+    ``dictionaries``: a ``DictionarySet`` for ``basis="sae"`` attributions (default: the run's
+    ``dictionaries/`` folder when it has one)."""
     run_root = None
     if run_dir is not None:
         run_root = Path(run_dir).expanduser().resolve()
         if not run_root.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        if dictionaries is None and (run_root / "dictionaries").is_dir():
+            from headscope.dictionaries.basis import DictionarySet
+
+            dictionaries = DictionarySet(run_root / "dictionaries")
     app_root = APP_DIR.resolve()
     queue = ModelQueue(queue_size)
 
@@ -357,6 +364,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.session = session
+    app.state.dictionaries = dictionaries
     app.state.queue = queue
     app.state.run_dir = run_root
     app.add_middleware(Guard, token=token, allowed_hosts=allowed_hosts)
@@ -461,13 +469,25 @@ def create_app(
 
         return await call(lambda sess: fn(sess, req.text, req.query, req.key))
 
+    def basis(name: str):
+        if name == "components":
+            return None
+        if app.state.dictionaries is None:
+            raise InputError(
+                "no dictionaries loaded: serve with --dictionaries DIR, or put residual SAEs in "
+                "RUN/dictionaries/"
+            )
+        return app.state.dictionaries
+
     @app.post("/api/attribute/qk", response_model=S.QKResponse, responses=_ERRORS)
     async def attribute_qk(req: S.QKRequest):
         """A head's pre-softmax score on (query, key) as query-component x key-component terms."""
         from headscope.analysis.attribution import qk_attribution
 
         return await call(
-            lambda sess: qk_attribution(sess, req.text, req.head, req.query, req.key, top=req.top)
+            lambda sess: qk_attribution(
+                sess, req.text, req.head, req.query, req.key, top=req.top, basis=basis(req.basis)
+            )
         )
 
     @app.post("/api/attribute/ov", response_model=S.OVResponse, responses=_ERRORS)
@@ -477,7 +497,14 @@ def create_app(
 
         def run(sess: Session):
             return ov_attribution(
-                sess, req.text, req.head, req.query, req.key, top=req.top, n_tokens=req.n_tokens
+                sess,
+                req.text,
+                req.head,
+                req.query,
+                req.key,
+                top=req.top,
+                n_tokens=req.n_tokens,
+                basis=basis(req.basis),
             )
 
         return await call(run)

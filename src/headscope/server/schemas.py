@@ -136,14 +136,16 @@ class HeadPairRequest(PairRequest):
 
 
 class QKRequest(HeadPairRequest):
-    basis: Literal["components"] = Field(
-        "components", description="what the residual is decomposed into (model components)"
+    basis: Literal["components", "sae"] = Field(
+        "components",
+        description="what the residual is decomposed into: model components, or the features of "
+        "the server's residual dictionaries (sae)",
     )
     top: int = Field(200, ge=1, le=10_000, description="how many (query, key) terms to list")
 
 
 class OVRequest(HeadPairRequest):
-    basis: Literal["components"] = "components"
+    basis: Literal["components", "sae"] = "components"
     top: int = Field(30, ge=1, le=1000, description="how many components to list")
     n_tokens: int = Field(10, ge=1, le=100, description="promoted/suppressed tokens to list")
 

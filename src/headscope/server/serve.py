@@ -144,6 +144,7 @@ def serve(
     block: bool = False,
     queue_size: int = 8,
     log_level: str = "warning",
+    dictionaries: str | Path | None = None,
 ) -> ServerHandle:
     """Serve the browser app, ``run_dir`` (under ``/run/``) and, with ``model``, the live API.
 
@@ -170,9 +171,15 @@ def serve(
             file=sys.stderr,
         )
     session = _session(model)
+    dicts = None
+    if dictionaries is not None:
+        from headscope.dictionaries.basis import DictionarySet
+
+        dicts = DictionarySet(dictionaries)
     app = create_app(
         run_dir,
         session,
+        dictionaries=dicts,
         token=token,
         queue_size=queue_size,
         allowed_hosts=LOOPBACK_NAMES if loopback else None,

@@ -129,7 +129,7 @@ def _export_sequence(example: dict, vocab: dict[int, str], where: str) -> dict:
         "sequence_index": example["sequence"],
         "tokens": tokens,
         "max_attention": example["max_attention"],
-        "doc_starts": example.get("doc_starts", [0]),
+        "doc_starts": example.get("doc_starts", []),
         "sparse_attention": example.get("sparse", []),
     }
 
@@ -377,7 +377,7 @@ def _parse_sequence(value: Any, where: _Where) -> _Sequence:
         max_attention = max((w for q, k, w in sparse if q >= 1 and k >= 1), default=0.0)
     key, raw = _first(d, "sequence_index", "index", "seq_idx")
     index = _int(raw, where / key) if key else None
-    starts = [0]
+    starts: list[int] = []
     if "doc_starts" in d:
         raw_starts = _list(d["doc_starts"], where / "doc_starts")
         starts = [_int(s, where / "doc_starts" / i) for i, s in enumerate(raw_starts)]
