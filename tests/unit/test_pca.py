@@ -186,3 +186,18 @@ def test_pca_of_too_few_points_pads_with_zeros():
     mask = torch.tensor([[True, True, False, False]])
     coords, ratio = _pca(x, mask, 3)
     assert coords.shape == (1, 4, 3) and (coords[0, :, 2] == 0).all() and ratio[0, 2] == 0
+
+
+def test_output_basis_is_an_isometry_of_w_o():
+    """v @ U S has the norms and pairwise geometry of v @ W_O (so the same PCA)."""
+    from headscope.precompute.runner import output_basis
+    from tests.tiny_models import tiny_adapter
+
+    ad = tiny_adapter("llama")
+    v = torch.randn(50, ad.spec.n_heads, ad.spec.d_head)
+    full = torch.einsum("nhd,hdm->nhm", v, ad.weights(1).W_O)
+    small = torch.einsum("nhd,hde->nhe", v, output_basis(ad, 1))
+    assert torch.allclose(full.norm(dim=-1), small.norm(dim=-1), atol=1e-5)
+    gram_full = torch.einsum("nhm,khm->hnk", full, full)
+    gram_small = torch.einsum("nhe,khe->hnk", small, small)
+    assert torch.allclose(gram_full, gram_small, atol=1e-4)

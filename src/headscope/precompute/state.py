@@ -131,7 +131,8 @@ class StreamState:
         self.metrics = MetricAccumulator(L, H)
         self.examples = ExampleSelector(L, H, cfg.top_k, cfg.per_bucket, cfg.seed)
         self.top_tokens = TopTokens(L, H)
-        self.pairs = PairCollector(L, H, spec.d_head, spec.d_model, n_pairs=cfg.pca_pairs)
+        # O vectors in each head's output basis: D dims, the norms and PCA of the d_model ones
+        self.pairs = PairCollector(L, H, spec.d_head, spec.d_head, n_pairs=cfg.pca_pairs)
         self.payloads = ExamplePayloads(cfg.sparse_top_k, cfg.sparse_threshold)
         self.motifs: Tensor | None = None  # [L, H, M, F] float32, filled for sequences < M
         self.motif_filled = torch.zeros(cfg.motif_sequences, dtype=torch.bool)  # [M]
@@ -148,7 +149,7 @@ class StreamState:
         pattern: Tensor,  # [B, H, T, T] float32
         q: Tensor,  # [B, H, T, D]
         k: Tensor,  # [B, H, T, D] expanded to query heads
-        v_o: Tensor,  # [B, H, T, d_model] each key's value through W_O
+        v_o: Tensor,  # [B, H, T, D] each key's value through W_O, in the head's output basis
         out_norm: Tensor,  # [B, H, T]
         matches: TokenMatches,
     ) -> None:
