@@ -32,7 +32,7 @@ def attend(
     cap = adapter.run(ids, layers=layers, patterns=True, logits=False)
     patterns = {}
     for layer, h in pairs:
-        pat = cap.layers[layer].pattern[0, h].float()  # [T, T]
+        pat = cap.layers[layer].weights()[0, h]  # [T, T]
         patterns[head_name(layer, h)] = [
             [round(float(w), 6) for w in row[: q + 1]] for q, row in enumerate(pat.tolist())
         ]

@@ -21,13 +21,13 @@ def component_vectors(session: Session, st: TextState, component: str, layer: in
     """One residual component at every position, ``[T, d_model]``, as read by ``layer``."""
     ad, cap = session.adapter, st.cap
     if component == "embed":
-        return cap.embed[0]
+        return cap.get("embed")[0]
     if component == "pos_embed":
         if cap.pos_embed is None:
             raise InputError("this model has no learned positional embedding")
         return cap.pos_embed[0]
     if component == "bias":
-        total = torch.zeros_like(cap.embed[0])
+        total = torch.zeros_like(cap.get("embed")[0])
         for lay in range(layer):
             factor = ad.post_attn_factor(cap.attn_out[lay][0], lay)
             b = ad.weights(lay).b_O

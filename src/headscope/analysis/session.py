@@ -94,7 +94,7 @@ class Session:
 
         ad = self.adapter
         with torch.no_grad():
-            x = get_module(ad.model, ad.spec.layout.final_norm)(st.cap.resid_final[:, pos])
+            x = get_module(ad.model, ad.spec.layout.final_norm)(st.cap.get("resid_final")[:, pos])
             logits = get_module(ad.model, ad.spec.layout.unembed)(x)[0]
         cap = ad.spec.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
@@ -126,7 +126,7 @@ class Session:
         ``layer = n_layers`` decomposes the input of the final norm. Rows sum to the residual."""
         ad, cap = self.adapter, st.cap
         labels: list[str] = ["embed"]
-        rows: list[torch.Tensor] = [cap.embed[0, pos][None]]
+        rows: list[torch.Tensor] = [cap.get("embed")[0, pos][None]]
         if cap.pos_embed is not None:
             labels.append("pos_embed")
             rows.append(cap.pos_embed[0, pos][None])
@@ -148,7 +148,7 @@ class Session:
     def resid(self, st: TextState, layer: int, pos: int) -> torch.Tensor:
         """The actual residual entering ``layer`` (``n_layers``: the final norm's input) ``[d]``."""
         if layer == self.adapter.spec.n_layers:
-            return st.cap.resid_final[0, pos]
+            return st.cap.get("resid_final")[0, pos]
         return st.cap.resid_pre[layer][0, pos]
 
     def check_layer(self, layer: int) -> None:

@@ -6,6 +6,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,8 +56,16 @@ class Capture:
     mlp_contrib: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T, d] added to resid
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # cos, sin
 
+    def get(self, name: str) -> torch.Tensor:
+        """A captured tensor field (``embed``, ``resid_final``, ``logits``...); raises a clear
+        error when this pass did not capture it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{name} was not captured (run with residuals=True / logits=True)")
+        return value
 
-def _linear_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def _linear_weight(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W [in, out], b [out]) of an ``nn.Linear`` or GPT-2's ``Conv1D``, in ``x @ W`` form."""
     if isinstance(mod, nn.Linear):
         return mod.weight.T, mod.bias
@@ -67,16 +76,17 @@ class ModelAdapter:
     """Any supported causal LM: sizes, per-head weights, norms, RoPE and a capture API."""
 
     def __init__(
-        self, model: nn.Module, tokenizer, *, name: str, source: str, bos_token: str | None = None
+        self, model: Any, tokenizer, *, name: str, source: str, bos_token: str | None = None
     ):
         cap.register()
         model.set_attn_implementation(cap.ATTN_NAME)
-        self.model = model
+        # Hugging Face modules are reached by attribute paths: typed as Any at this boundary.
+        self.model: Any = model
         self.name = name
         self.source = source
         self.spec: ArchSpec = arch_spec(model)
         self.tokens = Tokens(tokenizer, bos_token)
-        self._layers = get_module(model, self.spec.layout.layers)
+        self._layers: Any = get_module(model, self.spec.layout.layers)
 
     @classmethod
     def load(
@@ -117,13 +127,13 @@ class ModelAdapter:
         }
 
     # ----- modules -----------------------------------------------------------------------------
-    def layer(self, layer: int) -> nn.Module:
+    def layer(self, layer: int) -> Any:
         return self._layers[layer]
 
-    def attn(self, layer: int) -> nn.Module:
+    def attn(self, layer: int) -> Any:
         return getattr(self._layers[layer], self.spec.layout.attn)
 
-    def _norm_weights(self, mod: nn.Module) -> NormWeights:
+    def _norm_weights(self, mod: Any) -> NormWeights:
         w = mod.weight.detach() + self.spec.norm.weight_offset
         bias = getattr(mod, "bias", None)
         return NormWeights(w, None if bias is None else bias.detach())

@@ -32,7 +32,13 @@ class LayerTensors:
     scores: torch.Tensor | None = (
         None  # [B, H, T, T] pre-softmax (scaled, softcapped; masked = -inf)
     )
-    pattern: torch.Tensor | None = None  # [B, H, T, T] attention weights, query-major
+    pattern: torch.Tensor | None = None  # [B, H, T, T] float32 attention weights, query-major
+
+    def weights(self) -> torch.Tensor:
+        """The pattern ``[B, H, T, T]``; raises if this capture ran without patterns."""
+        if self.pattern is None:
+            raise ValueError(f"layer {self.layer} was captured without patterns")
+        return self.pattern
 
 
 @dataclass

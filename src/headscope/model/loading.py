@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers.modeling_utils  # noqa: F401  (import cost paid once, not inside load timings)
@@ -200,7 +201,7 @@ def load_hf(resolved: ResolvedModel, *, dtype: torch.dtype, device: str):
     hf_logging.disable_progress_bar()
     target = str(resolved.directory)
     tok = _load_tokenizer(resolved.directory)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     model.to(device)
     model.eval()
     return model, tok

@@ -158,14 +158,14 @@ def _get(root: nn.Module, path: str) -> Any:
     return obj
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: nn.Module, path: str) -> Any:
     return _get(root, path)
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
     """Read an :class:`ArchSpec` from a loaded Hugging Face causal LM."""
-    cfg = model.config
-    model_type = cfg.model_type
+    cfg: Any = model.config
+    model_type: str = cfg.model_type
     if model_type not in LAYOUTS:
         raise ValueError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}"
@@ -176,7 +176,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     d_model = cfg.hidden_size
     d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
-    layers = _get(model, layout.layers)
+    layers: Any = _get(model, layout.layers)
     attn0 = getattr(layers[0], layout.attn)
     ln0 = getattr(layers[0], layout.ln_attn)
     if isinstance(ln0, nn.LayerNorm):
@@ -184,8 +184,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     else:
         eps = getattr(ln0, "variance_epsilon", None) or getattr(ln0, "eps", 1e-6)
         offset = 1.0 if model_type.startswith("gemma") else 0.0
-        norm = NormSpec("rms", float(eps), offset)
+        norm = NormSpec("rms", float(eps or 1e-6), offset)
 
+    positional: Literal["rope", "learned"]
     if layout.pos_embed is not None:
         positional, rotary_dim = "learned", 0
     else:

@@ -117,7 +117,8 @@ def finalize(
     vocab_ids: set[int] = set()
     for layer in layers:
         for h in range(s.n_heads):
-            examples, buckets = [], []
+            examples: list[dict] = []
+            buckets: list[dict] = []
             for lo, hi, items in selected[(layer, h)]:
                 idx = []
                 for seq, score in items:

@@ -30,7 +30,7 @@ def _edge_attention(
     rows = torch.arange(ids.shape[0])[:, None].expand_as(q)
     out = torch.zeros(adapter.spec.n_layers, adapter.spec.n_heads)
     for layer in layers:
-        pat = cap.layers[layer].pattern.float()  # [B, H, T, T]
+        pat = cap.layers[layer].weights()  # [B, H, T, T]
         out[layer] = pat[rows, :, q, k].mean(dim=(0, 1))  # pat[b, :, q, k] -> [B, J, H]
     return out
 
