@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run directory (default: the user cache)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8765)
-    sp.add_argument("--sequences", type=int, default=96)
+    sp.add_argument("--sequences", type=int, default=64)
     sp.add_argument("--seq-len", type=int, default=256)
     sp.add_argument("--no-serve", action="store_true", help="build the demo run and exit")
 

@@ -27,7 +27,7 @@ def default_demo_dir() -> Path:
 
 
 def build_demo(
-    out: Path | None = None, *, sequences: int = 96, seq_len: int = 256, log=print
+    out: Path | None = None, *, sequences: int = 64, seq_len: int = 256, log=print
 ) -> Path:
     """Precompute the demo run (resumes or reuses a finished one); returns its directory."""
     from headscope.data.corpus import ensure_default_corpus
