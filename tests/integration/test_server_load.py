@@ -190,7 +190,22 @@ def percentile(values: list[float], p: float) -> float:
 
 @pytest.mark.parametrize(
     ("model", "words"),
-    [("tiny", 12), pytest.param("default", 40, marks=pytest.mark.integration)],
+    [
+        ("tiny", 12),
+        # The default model serialises 20 clients behind one ~0.5 s forward pass: minutes of
+        # queueing that add nothing the tiny model doesn't check. Opt in with HEADSCOPE_LOAD_DEFAULT=1.
+        pytest.param(
+            "default",
+            40,
+            marks=[
+                pytest.mark.integration,
+                pytest.mark.skipif(
+                    not os.environ.get("HEADSCOPE_LOAD_DEFAULT"),
+                    reason="set HEADSCOPE_LOAD_DEFAULT=1 to load-test the default model",
+                ),
+            ],
+        ),
+    ],
 )
 def test_twenty_clients_for_thirty_seconds(tmp_path, model, words):
     if not Path("/proc/self/status").exists():
