@@ -347,6 +347,36 @@ def _import_headvis(args):
     _emit(args, {"run": str(out)}, f"imported {args.tree} as run {out}")
 
 
+# ----- dictionaries -------------------------------------------------------------------------------
+@command("train-sae")
+def _train_sae(args):
+    from headscope.dictionaries.pipeline import format_stats, train_dictionaries
+    from headscope.dictionaries.train import TrainStats
+
+    out = train_dictionaries(
+        _adapter(args),
+        Path(args.data) if args.data else None,
+        args.site,
+        args.layers,
+        out=Path(args.out),
+        n_features=args.n_features,
+        k=args.k,
+        n_tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        lr=args.lr,
+        label_tokens=args.label_tokens,
+        text_field=args.text_field,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    lines = [
+        f"{key}: {format_stats(TrainStats.from_dict(sae['stats']))}\n  -> {sae['path']}"
+        for key, sae in out["saes"].items()
+    ]
+    _emit(args, out, "\n".join(lines))
+
+
 @command("corpus build")
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
@@ -527,6 +557,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("tree")
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser(
+        "train-sae", help="train SAEs on resid, z or v activations, label features, report heads"
+    )
+    model_args(sp)
+    sp.add_argument(
+        "--site",
+        choices=["resid", "z", "v"],
+        required=True,
+        help="resid / z: one SAE per layer; v: one SAE on the values of one or two layers",
+    )
+    sp.add_argument("--layers", type=int, nargs="+", required=True)
+    sp.add_argument("--out", required=True, help="output folder: one SAELens folder per SAE")
+    sp.add_argument(
+        "--data",
+        help="text file/folder, JSONL, Parquet or HF dataset dir (default: the default corpus)",
+    )
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--n-features", type=int, default=2048)
+    sp.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
+    sp.add_argument("--tokens", type=int, default=200_000, help="training tokens")
+    sp.add_argument(
+        "--label-tokens",
+        type=int,
+        default=100_000,
+        help="tokens after the training stretch for feature cards (0: none)",
+    )
+    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    sp.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3*sqrt(2048/n))")
+    sp.add_argument("--seed", type=int, default=0)
 
     corpus = sub.add_parser("corpus", help="the default corpus").add_subparsers(
         dest="corpus_cmd", required=True

@@ -1,8 +1,8 @@
 """``headscope demo``: the whole product on the embedded default model, from nothing.
 
 Builds the default corpus, precomputes the default model on it, precomputes attributions for the
-most distinctive heads, trains the demo dictionaries when the dictionary module is available,
-then serves the run with the live model and prints the URL to open.
+most distinctive heads, trains residual dictionaries for two layers, then serves the run with the
+live model (and the dictionaries, for feature-basis attributions) and prints the URL to open.
 """
 
 from __future__ import annotations
@@ -27,9 +27,18 @@ def default_demo_dir() -> Path:
 
 
 def build_demo(
-    out: Path | None = None, *, sequences: int = 64, seq_len: int = 256, log=print
+    out: Path | None = None,
+    *,
+    sequences: int = 64,
+    seq_len: int = 256,
+    dict_tokens: int = 100_000,
+    label_tokens: int = 30_000,
+    log=print,
 ) -> Path:
-    """Precompute the demo run (resumes or reuses a finished one); returns its directory."""
+    """Precompute the demo run (resumes or reuses a finished one); returns its directory.
+
+    The run gets residual dictionaries for two layers (those of its strongest induction and
+    previous-token heads) in ``RUN/dictionaries/``, so feature-basis attributions work."""
     from headscope.data.corpus import ensure_default_corpus
     from headscope.precompute.config import PrecomputeConfig
     from headscope.precompute.runner import run_precompute
@@ -38,7 +47,7 @@ def build_demo(
     out = out or default_demo_dir()
     t0 = time.perf_counter()
     corpus = ensure_default_corpus()
-    log(f"[1/3] default corpus: {corpus}")
+    log(f"[1/4] default corpus: {corpus}")
     cfg = PrecomputeConfig(
         model="default",
         data=str(corpus),
@@ -47,7 +56,7 @@ def build_demo(
         batch_size=4,
         dtype="bf16",
     )
-    log(f"[2/3] precomputing {sequences} sequences x {seq_len} tokens into {out}")
+    log(f"[2/4] precomputing {sequences} sequences x {seq_len} tokens into {out}")
     run_precompute(cfg, out)
     run = open_run(out)
     if not run.manifest.get("attributions"):
@@ -59,8 +68,32 @@ def build_demo(
         heads = list(
             dict.fromkeys(name for metric in DEMO_METRICS for name in m.nlargest(2, metric)["name"])
         )
-        log(f"[3/3] precomputing attributions for {len(heads)} heads: {', '.join(heads)}")
+        log(f"[3/4] precomputing attributions for {len(heads)} heads: {', '.join(heads)}")
         precompute_attributions(out, Session(ModelAdapter.load("default")), heads)
+    dict_dir = out / "dictionaries"
+    if dict_tokens > 0 and not dict_dir.is_dir():
+        from headscope.dictionaries.pipeline import train_dictionaries
+
+        m = run.metrics
+        metrics = ("prefix_matching_score", "prev_token_score")
+        layers = sorted({int(m.nlargest(1, c)["layer"].iloc[0]) for c in metrics})
+        if len(layers) == 1:
+            layers.append(max(0, layers[0] - 1))
+        log(f"[4/4] training residual dictionaries for layers {layers} on {dict_tokens} tokens")
+        tmp = out / ".dictionaries.partial"
+        train_dictionaries(
+            "default",
+            corpus,
+            "resid",
+            sorted(layers),
+            out=tmp,
+            n_features=2048,
+            k=32,
+            n_tokens=dict_tokens,
+            label_tokens=label_tokens,
+            log=log,
+        )
+        tmp.rename(dict_dir)
     log(f"demo run ready in {time.perf_counter() - t0:.0f} s")
     return out
 

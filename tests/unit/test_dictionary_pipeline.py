@@ -14,7 +14,7 @@ from headscope.dictionaries import activations as act_mod
 from headscope.dictionaries import load_sae, save_sae
 from headscope.dictionaries.activations import capture_sites
 from headscope.dictionaries.basis import DictionarySet
-from headscope.dictionaries.labels import MAX_CARD_BYTES, _fit, marked_token
+from headscope.dictionaries.labels import MAX_CARD_BYTES, _fit, marked_token, sae_site
 from headscope.dictionaries.pipeline import (
     TrainConfig,
     dictionary_sites,
@@ -104,10 +104,20 @@ def test_site_lists_and_argument_errors() -> None:
         dictionary_sites("v", [1, 2, 3])
     with pytest.raises(ValueError, match="site must be"):
         dictionary_sites("mlp", [1])
+    adapter = tiny_adapter("llama")
     with pytest.raises(ValueError, match="out of range"):
-        train_dictionaries(
-            tiny_adapter("llama"), None, "z", [7], out=Path("/nonexistent"), n_features=8, k=2
+        train_dictionaries(adapter, None, "z", [7], out=Path("/nonexistent"), n_features=8, k=2)
+    with pytest.raises(ValueError, match="one layer"):
+        train_sites(adapter, None, [("z", (0, 1))], out=Path("/nonexistent"))
+    d = adapter.spec.d_model
+    for hook, expected in (("blocks.1.hook_resid_pre", (1,)), ("blocks.1.hook_resid_post", (2,))):
+        cfg = SAEConfig.from_dict({"d_in": d, "d_sae": 8, "k": 2, "hook_name": hook})
+        assert sae_site(adapter, SAE(cfg)) == ("resid", expected)
+    with pytest.raises(ValueError, match="resid_mid"):
+        cfg = SAEConfig.from_dict(
+            {"d_in": d, "d_sae": 8, "k": 2, "hook_name": "blocks.1.hook_resid_mid"}
         )
+        sae_site(adapter, SAE(cfg))
 
 
 def _stream_acts(adapter, data, sae, key, skip: int, n_tokens: int):

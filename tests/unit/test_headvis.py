@@ -281,13 +281,13 @@ def test_round_trip_is_byte_identical(run, tree, tmp_path):
         for e1, e2 in zip(p1["examples"], p2["examples"], strict=True):
             assert e2["sequence"] == e1["sequence"] and e2["sparse"] == e1["sparse"]
             assert [vocab2[str(t)] for t in e2["tokens"]] == [vocab1[str(t)] for t in e1["tokens"]]
-            # derived from the sparse pattern: never above the run's exact maxima
+            # derived from the sparse pattern: never above the run's maxima (stored to 0.01)
             assert len(e2["max_as_query"]) == len(e2["max_as_key"]) == len(e2["tokens"])
             for derived, exact in (("max_as_query", "max_as_query"), ("max_as_key", "max_as_key")):
-                assert all(d <= x + 1e-9 for d, x in zip(e2[derived], e1[exact], strict=True)), (
-                    derived
-                )
-            assert max(e2["max_as_query"]) == pytest.approx(max(e1["max_as_query"]), abs=1e-3)
+                assert all(
+                    d <= x + 0.005 + 1e-9 for d, x in zip(e2[derived], e1[exact], strict=True)
+                ), derived
+            assert max(e2["max_as_query"]) == pytest.approx(max(e1["max_as_query"]), abs=0.006)
 
 
 # ------------------------------------------------------------------- hand-written trees

@@ -38,13 +38,16 @@ class Dictionary:
 def _load_one(folder: Path) -> Dictionary:
     sae = load_sae(folder, dtype="float32").with_norm_scaling_folded()
     site, layers = parse_hook_name(sae.cfg.hook_name)
-    if site != "resid" or len(layers) != 1:
+    if site != "resid" or len(layers) != 1 or "resid_mid" in sae.cfg.hook_name:
         raise InputError(
             f"{folder}: attributions need a residual-stream SAE (hook {sae.cfg.hook_name!r})"
         )
+    layer = layers[0]
+    if sae.cfg.hook_name.endswith("hook_resid_post"):
+        layer += 1  # the residual after layer L is the one entering layer L + 1
     cards_path = folder / "features.json"
     cards = json.loads(cards_path.read_text()) if cards_path.is_file() else {}
-    return Dictionary(sae.eval(), layers[0], folder, cards)
+    return Dictionary(sae.eval(), layer, folder, cards)
 
 
 class DictionarySet:

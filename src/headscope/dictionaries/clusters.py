@@ -130,12 +130,15 @@ def plot_cluster_sizes(
     y_lo = min(min(s) for s in series.values())
     y_hi = max(max(s) for s in series.values())
     y_lo, y_hi = (y_lo / 2, y_hi * 2) if y_lo == y_hi else (y_lo, y_hi)
+    # Pad both log ranges so the extreme points do not sit on the axes or the plot's top edge.
+    x_pad, y_pad = x_hi**0.04, (y_hi / y_lo) ** 0.06
+    x0, x1, y0, y1 = 1 / x_pad, x_hi * x_pad, y_lo / y_pad, y_hi * y_pad
 
     def px(rank: float) -> float:
-        return left + (width - left - right) * np.log(rank) / np.log(x_hi)
+        return left + (width - left - right) * np.log(rank / x0) / np.log(x1 / x0)
 
     def py(size: float) -> float:
-        return height - bottom - (height - top - bottom) * np.log(size / y_lo) / np.log(y_hi / y_lo)
+        return height - bottom - (height - top - bottom) * np.log(size / y0) / np.log(y1 / y0)
 
     el = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

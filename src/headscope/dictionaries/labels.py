@@ -11,8 +11,9 @@ given (all sites captured in the same forward pass) and writes ``features.json``
      ...}
 
 This is what :meth:`headscope.dictionaries.basis.DictionarySet.cards` serves to the browser app.
-Identical contexts (repeated text) are listed once. A card stays under :data:`MAX_CARD_BYTES` (long tokens are clipped, then the last contexts are
-dropped). ``features_meta.json`` beside it records how the cards were made.
+Identical contexts (repeated text) are listed once. A card stays under :data:`MAX_CARD_BYTES`
+(long tokens are clipped, then the last contexts are dropped). ``features_meta.json`` beside it
+records how the cards were made.
 
 Promoted tokens read a decoder direction through the final norm (its weight, and centring for
 LayerNorm; the scale is left out: it does not change the ranking) and the unembedding. A residual
@@ -85,26 +86,37 @@ def sae_folders(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 
 def sae_site(adapter: ModelAdapter, sae: SAE) -> tuple[str, tuple[int, ...]]:
-    """(site, layers) an SAE reads, checked against the model's sizes."""
+    """(site, layers) to capture for an SAE, checked against the model's sizes.
+
+    The stream captures the residual entering a layer, so a SAELens ``hook_resid_post`` SAE of
+    layer L reads ``resid`` at L + 1; ``hook_resid_mid`` SAEs are not supported.
+    """
     cfg = sae.cfg
     if cfg.site not in ("resid", "z", "v") or not cfg.layers:
         raise ValueError(f"SAE hook {cfg.hook_name!r}: only resid, z and v SAEs can be labelled")
-    s = adapter.spec
-    bad = [layer for layer in cfg.layers if not 0 <= layer < s.n_layers]
-    if bad:
-        raise ValueError(f"SAE reads layer(s) {bad}; the model has {s.n_layers} layers")
     if cfg.site != "v" and len(cfg.layers) != 1:
         raise ValueError(f"a {cfg.site} SAE reads one layer, got {list(cfg.layers)}")
+    layers = cfg.layers
+    if cfg.site == "resid" and "hook_resid_mid" in cfg.hook_name:
+        raise ValueError(f"SAE hook {cfg.hook_name!r}: resid_mid SAEs are not supported")
+    if cfg.site == "resid" and cfg.hook_name.endswith("hook_resid_post"):
+        layers = (layers[0] + 1,)
+    s = adapter.spec
+    bad = [layer for layer in layers if not 0 <= layer < s.n_layers]
+    if bad:
+        raise ValueError(
+            f"SAE {cfg.hook_name!r} reads layer input(s) {bad}; the model has {s.n_layers} layers"
+        )
     width = {
         "resid": s.d_model,
         "z": s.n_heads * s.d_head,
-        "v": len(cfg.layers) * s.n_kv_heads * s.d_head,
+        "v": len(layers) * s.n_kv_heads * s.d_head,
     }[cfg.site]
     if cfg.d_in != width:
         raise ValueError(
             f"SAE {cfg.hook_name!r} has d_in={cfg.d_in}, but this model's {cfg.site} width is {width}"
         )
-    return cfg.site, cfg.layers
+    return cfg.site, layers
 
 
 def output_directions(adapter: ModelAdapter, sae: SAE) -> torch.Tensor:
@@ -206,7 +218,7 @@ def label_features(
         ``stats.json`` (so labels come from text the SAE was not trained on), else 0.
     n_tokens: tokens (BOS left out) the top contexts and densities are measured on.
     context: tokens shown on each side of the activating token; top: contexts per feature.
-    Returns ``{site key: path of features.json}``.
+    Returns ``{SAE folder: path of its features.json}``.
     """
     say = log or (lambda _msg: None)
     paths = sae_folders(folders)
@@ -218,11 +230,13 @@ def label_features(
     if skip_sequences is None:
         skip_sequences = max((_recorded_sequences(p) for p in paths), default=0)
     saes: list[tuple[Path, str, SAE]] = []
+    sites: list[tuple[str, tuple[int, ...]]] = []
     for path in paths:
         sae = load_sae(path, device=adapter.device, dtype="float32").eval()
-        site, layers = sae_site(adapter, sae)
-        saes.append((path, site_key(site, layers), sae))
-    sites = list(dict.fromkeys((sae.cfg.site, sae.cfg.layers) for _, _, sae in saes))
+        site = sae_site(adapter, sae)
+        saes.append((path, site_key(*site), sae))
+        if site not in sites:
+            sites.append(site)
     # Twice the candidates: repeated text (boilerplate) gives identical contexts, shown once.
     tops = [_TopK(sae.cfg.d_sae, 2 * top) for _, _, sae in saes]
 
@@ -289,7 +303,7 @@ def label_features(
         _write_json(path / FEATURES_META_FILENAME, cfg.to_dict(), indent=2)
         alive = sum(1 for c in cards.values() if c["density"] > 0)
         say(f"labels: {key}: {alive}/{len(cards)} features fire -> {out}")
-        written[key] = out
+        written[str(path)] = out
     return written
 
 
@@ -372,4 +386,6 @@ def feature_densities(cards: dict[str, dict[str, Any]], n_features: int) -> torc
     """[F] densities from cards, or None when any feature has no card."""
     if not all(str(i) in cards for i in range(n_features)):
         return None
-    return torch.tensor([float(cards[str(i)]["density"]) for i in range(n_features)])
+    return torch.tensor(
+        [float(cards[str(i)]["density"]) for i in range(n_features)], dtype=torch.float64
+    )

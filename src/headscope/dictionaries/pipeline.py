@@ -22,6 +22,7 @@ of one or two layers, clustered with k-means over a sweep of k.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -70,6 +71,7 @@ class TrainConfig:
     model: str
     model_source: str
     data: str
+    text_field: str
     sites: tuple[str, ...]  # site keys, e.g. ("resid_L3", "resid_L4") or ("v_L3+L4",)
     n_features: int
     k: int
@@ -79,7 +81,7 @@ class TrainConfig:
     sae_batch_size: int  # activation rows per optimiser step
     n_eval: int
     seed: int
-    lr: float | None
+    lr: float
     label_tokens: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +94,17 @@ class TrainConfig:
         kw = {f.name: d[f.name] for f in fields(cls)}
         kw["sites"] = tuple(kw["sites"])
         return cls(**kw)
+
+
+def default_lr(n_features: int) -> float:
+    """Adam learning rate for short runs: 2e-3 · sqrt(2048 / n_features).
+
+    Gao et al.'s 2e-4 / sqrt(n_features / 2^14) (the trainer's default) is tuned for runs of
+    billions of tokens; with the ~1M tokens a CPU run sees, 3.5x that learns faster (SmolLM2-135M
+    layer 3, 2048 features, k=32, 400k tokens, batches of 1024: explained variance 0.939 vs 0.915).
+    The 1/sqrt(n_features) scaling is Gao et al.'s.
+    """
+    return 2e-3 * math.sqrt(2048 / n_features)
 
 
 def dictionary_sites(site: str, layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
@@ -136,6 +149,7 @@ def train_sites(
     seed: int = 0,
     lr: float | None = None,
     label_tokens: int = 100_000,
+    text_field: str = "text",
     device: str = "cpu",
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -146,11 +160,6 @@ def train_sites(
     """
     say = log or (lambda _msg: None)
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter.load(model, device=device)
-    if data is None:
-        from headscope.data.corpus import ensure_default_corpus
-
-        data = ensure_default_corpus()
-    data = Path(data)
     s = adapter.spec
     norm_sites = [(site, tuple(int(x) for x in layers)) for site, layers in sites]
     for site, layers in norm_sites:
@@ -159,15 +168,26 @@ def train_sites(
         bad = [layer for layer in layers if not 0 <= layer < s.n_layers]
         if bad:
             raise ValueError(f"layer(s) {bad} out of range: the model has {s.n_layers} layers")
+        if not 1 <= len(layers) <= (2 if site == "v" else 1):
+            raise ValueError(
+                f"a {site} SAE reads {'one or two layers' if site == 'v' else 'one layer'}"
+            )
     keys = [site_key(site, layers) for site, layers in norm_sites]
     if len(set(keys)) != len(keys):
         raise ValueError(f"SAEs repeat: {keys}")
     if not 1 <= k <= n_features:
         raise ValueError(f"need 1 <= k <= n_features, got k={k}, n_features={n_features}")
+    lr = default_lr(n_features) if lr is None else lr
+    if data is None:
+        from headscope.data.corpus import ensure_default_corpus
+
+        data = ensure_default_corpus()
+    data = Path(data)
     cfg = TrainConfig(
         model=adapter.name,
         model_source=adapter.source,
         data=str(data),
+        text_field=text_field,
         sites=tuple(keys),
         n_features=n_features,
         k=k,
@@ -207,6 +227,7 @@ def train_sites(
         n_tokens=n_tokens + n_eval,
         seq_len=seq_len,
         batch_size=batch_size,
+        text_field=text_field,
     )
     saes, stats = train_saes(
         _counted(stream, chunks),
@@ -250,6 +271,7 @@ def train_sites(
             skip_sequences=chunks[0] * batch_size,
             seq_len=seq_len,
             batch_size=batch_size,
+            text_field=text_field,
             log=log,
         )
     for key, (site, _) in zip(keys, norm_sites, strict=True):
@@ -290,6 +312,7 @@ def train_dictionaries(
     label_tokens: int = 100_000,
     sae_batch_size: int = 1024,
     n_eval: int = 8192,
+    text_field: str = "text",
     device: str = "cpu",
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -302,8 +325,10 @@ def train_dictionaries(
 
     n_tokens: training tokens (BOS left out), after ``n_eval`` held-out tokens the stats are
     measured on. batch_size: sequences of ``seq_len`` tokens per forward pass; sae_batch_size:
-    rows per optimiser step. lr: default 2e-4 / sqrt(n_features / 2^14) (Gao et al.).
+    rows per optimiser step. lr: Adam learning rate, default :func:`default_lr`.
     label_tokens: tokens read after the training stretch for ``features.json`` (0: no labels).
+    text_field: the field holding the text in JSONL/Parquet data. device: where a model given
+    by name is loaded; the SAEs train on the model's device.
     Then ``z`` SAEs get :func:`z_head_report` and ``v`` SAEs :func:`value_cluster_report`.
 
     Writes ``out/{site key}/`` per SAE (see the module docstring) and returns
@@ -324,6 +349,7 @@ def train_dictionaries(
         seed=seed,
         lr=lr,
         label_tokens=label_tokens,
+        text_field=text_field,
         device=device,
         log=log,
     )
@@ -419,6 +445,8 @@ def z_head_report(
     -> [F, H]) divided by their sum (rows sum to 1). Each head's top features rank by
     share × density (density from ``features.json``; without it, by share alone). Per head:
 
+    - ``top_by_share``: the live features with the largest share alone (Kissane et al.'s
+      decoder-weight attribution: features the head writes nearly alone, however rare);
     - ``n_dominant``: live features whose largest share is this head's (``n_majority``: > 0.5);
     - ``activity``: this head's part of all feature activity, Σ_f share·density / Σ_f density;
     - ``effective_features``: exp(entropy) of share·density over all features — how many
@@ -459,20 +487,22 @@ def z_head_report(
         for f in range(F)
     ]
     total_activity = float(score.sum())
+
+    def entry(f: int, h: int) -> dict[str, Any]:
+        return {
+            "feature": f,
+            "share": round(float(shares[f, h]), 4),
+            "density": None if dens_t is None else float(density[f]),
+            "score": float(score[f, h]),
+            **_label(cards.get(str(f))),
+        }
+
     head_rows = []
     for h in range(H):
-        order = np.argsort(-score[:, h], kind="stable")[:top]
-        order = [int(f) for f in order if score[f, h] > 0]
-        tops = [
-            {
-                "feature": f,
-                "share": round(float(shares[f, h]), 4),
-                "density": None if dens_t is None else float(density[f]),
-                "score": float(score[f, h]),
-                **_label(cards.get(str(f))),
-            }
-            for f in order
-        ]
+        ranked = np.argsort(-score[:, h], kind="stable")[:top]
+        order = [int(f) for f in ranked if score[f, h] > 0]
+        tops = [entry(f, h) for f in order]
+        by_share = np.argsort(-np.where(live, shares[:, h], -1.0), kind="stable")[:top]
         group_of = _groups([_group_keys(cards.get(str(f))) for f in order])
         group_w = np.zeros(max(group_of, default=-1) + 1)
         for f, g in zip(order, group_of, strict=True):
@@ -489,6 +519,7 @@ def z_head_report(
                 "n_groups": len(group_w),
                 "effective_groups": _entropy_exp(group_w),
                 "top_features": tops,
+                "top_by_share": [entry(int(f), h) for f in by_share if live[f]],
             }
         )
     report = {
@@ -616,7 +647,7 @@ def value_cluster_report(
     sweep = kmeans_sweep(loadings, ks, seed=seed)
     for entry in sweep.values():
         entry["loglog_slope"] = _loglog_slope(entry["sizes"])
-    dominant = np.bincount(loadings.argmax(1), minlength=len(columns)) if len(loadings) else []
+    dominant = np.bincount(loadings.argmax(1), minlength=len(columns)) if len(loadings) else None
     report = {
         "sae": str(folder),
         "hook_name": cfg.hook_name,
@@ -627,7 +658,7 @@ def value_cluster_report(
         "n_clustered": int(live.sum()),
         "n_dead_excluded": int((~live).sum()),
         "mean_loading": [round(float(x), 4) for x in loadings.mean(0)],
-        "dominant_counts": [int(x) for x in dominant],
+        "dominant_counts": [] if dominant is None else [int(x) for x in dominant],
         "seed": seed,
         "sweep": {str(k): v for k, v in sweep.items()},
     }

@@ -21,10 +21,11 @@ class PrecomputeConfig:
     layers: tuple[int, ...] | None = None  # None: every layer
     seed: int = 0
     # examples per head: a deterministic top-K in the top bucket, a reservoir in the others
-    top_k: int = 10
-    per_bucket: int = 3
-    sparse_top_k: int = 3  # keys kept per query row in an example's sparse pattern
-    sparse_threshold: float = 0.05
+    # sized so a head's payload stays under 0.5 MB at 512-token sequences (docs/run-format.md)
+    top_k: int = 6
+    per_bucket: int = 2
+    sparse_top_k: int = 2  # keys kept per query row in an example's sparse pattern
+    sparse_threshold: float = 0.15
     pca_pairs: int = 256  # (query, key) pairs per head for the Q/K/O PCA
     motif_sequences: int = 32  # sequences whose patterns feed the motif embedding
     probe_sequences: int = 16  # repeated-random-token sequences per synthetic probe

@@ -80,6 +80,17 @@ def _similar(
     return similar
 
 
+def _round(x):
+    """Floats to 4 significant digits (PCA coordinates need no more; keeps payloads small)."""
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    return x
+
+
 def finalize(
     adapter: ModelAdapter,
     cfg: PrecomputeConfig,
@@ -144,7 +155,7 @@ def finalize(
                     for t, m, c in rows_
                 ]
 
-            p = pca[(layer, h)]
+            p = _round(pca[(layer, h)])
             for point in p.get("points", []):
                 point["query"] = toks.display(point.pop("query_token"))
                 point["key"] = toks.display(point.pop("key_token"))

@@ -73,8 +73,8 @@ class ExamplePayloads:
             [a, b, c] for a, b, c in zip(q.tolist(), k[keep].tolist(), wr.tolist(), strict=True)
         ]
         return {
-            "max_as_query": [round(x, 3) for x in mq.float().tolist()],
-            "max_as_key": [round(x, 3) for x in mk.float().tolist()],
+            "max_as_query": [round(x, 2) for x in mq.float().tolist()],
+            "max_as_key": [round(x, 2) for x in mk.float().tolist()],
             "sparse": sparse,
         }
 
