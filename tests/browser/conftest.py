@@ -132,6 +132,12 @@ def tiny(tmp_path_factory) -> TinyRun:
         sequences=16,
         seq_len=64,
         batch_size=4,
+        # more examples than the default (6 + 2 per bucket) so every token kind the tests
+        # look for (newlines, tabs, spaces) is among the shown examples
+        top_k=10,
+        per_bucket=3,
+        sparse_top_k=3,
+        sparse_threshold=0.05,
         motif_sequences=8,
         pca_pairs=64,
         probe_sequences=4,
