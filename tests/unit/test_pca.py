@@ -190,13 +190,12 @@ def test_pca_of_too_few_points_pads_with_zeros():
 
 def test_output_basis_is_an_isometry_of_w_o():
     """v @ U S has the norms and pairwise geometry of v @ W_O (so the same PCA)."""
-    from headscope.precompute.runner import output_basis
     from tests.tiny_models import tiny_adapter
 
     ad = tiny_adapter("llama")
     v = torch.randn(50, ad.spec.n_heads, ad.spec.d_head)
     full = torch.einsum("nhd,hdm->nhm", v, ad.weights(1).W_O)
-    small = torch.einsum("nhd,hde->nhe", v, output_basis(ad, 1))
+    small = torch.einsum("nhd,hde->nhe", v, ad.output_basis(1))
     assert torch.allclose(full.norm(dim=-1), small.norm(dim=-1), atol=1e-5)
     gram_full = torch.einsum("nhm,khm->hnk", full, full)
     gram_small = torch.einsum("nhe,khe->hnk", small, small)

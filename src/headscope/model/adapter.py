@@ -225,6 +225,15 @@ class ModelAdapter:
         kv_of_head = torch.arange(H, device=wo.device) // (H // KV)
         return HeadWeights(wq, bq, wk, bk, wv, bv, wo, bo, kv_of_head)
 
+    @functools.cache  # noqa: B019
+    def output_basis(self, layer: int) -> torch.Tensor:
+        """``U S`` of each head's ``W_O[h] = U S V^T``: ``[H, D, D]``.
+
+        ``v @ U S`` is ``v @ W_O[h]`` written in the orthonormal basis ``V^T`` of W_O's row
+        space: the same norms and geometry as the d_model-wide output at D/d_model of the cost."""
+        U, S, _ = torch.linalg.svd(self.weights(layer).W_O.float(), full_matrices=False)
+        return U * S[:, None, :]
+
     # ----- linear pieces (used by attribution) -------------------------------------------------
     def apply_norm_frozen(
         self, x: torch.Tensor, factor: torch.Tensor, norm: NormWeights

@@ -89,21 +89,6 @@ def _stack(batch: list[Sequence], pad: int) -> tuple[torch.Tensor, ...]:
     return torch.tensor([s.index for s in batch]), ids, starts, valid
 
 
-_OUT_BASIS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def output_basis(adapter: ModelAdapter, layer: int) -> torch.Tensor:
-    """``U S`` of each head's ``W_O[h] = U S V^T``: ``[H, D, D]``.
-
-    ``v @ U S`` is ``v @ W_O[h]`` written in the orthonormal basis ``V^T`` of W_O's row space:
-    the same norms and the same PCA as the d_model-wide output, at D/d_model of the cost."""
-    key = (id(adapter), layer)
-    if key not in _OUT_BASIS:
-        U, S, _ = torch.linalg.svd(adapter.weights(layer).W_O.float(), full_matrices=False)
-        _OUT_BASIS[key] = U * S[:, None, :]  # [H, D, D]
-    return _OUT_BASIS[key]
-
-
 def _process_batch(
     adapter: ModelAdapter, state: StreamState, layers: list[int], batch: list[Sequence]
 ) -> None:
@@ -115,7 +100,7 @@ def _process_batch(
     def on_layer(t) -> None:
         k = t.k.repeat_interleave(rep, 1).float()  # [B, H, T, D]
         v = t.v.repeat_interleave(rep, 1).float()
-        v_o = torch.einsum("bhtd,hde->bhte", v, output_basis(adapter, t.layer))  # [B, H, T, D]
+        v_o = torch.einsum("bhtd,hde->bhte", v, adapter.output_basis(t.layer))  # [B, H, T, D]
         state.update_layer(
             t.layer,
             seq_idx,
