@@ -35,6 +35,32 @@ def test_patterns_match_eager_and_logits_unchanged(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_bf16_patterns_are_bit_identical_to_eager(arch):
+    """The precompute's path (bf16, store=False, patterns in reused workspace buffers, GQA heads
+    multiplied as groups) reproduces transformers' eager bf16 attention exactly."""
+    ref = build(arch, attn="eager").to(torch.bfloat16)
+    ids = random_tokens(16, seed=3, batch=2)
+    with torch.no_grad():
+        ref_logits, ref_att = _eager_patterns(ref, ids)
+    ad = tiny_adapter(arch)
+    ad.model.to(torch.bfloat16)
+    seen: dict[int, torch.Tensor] = {}
+    buffers: set[int] = set()
+
+    def keep(t):
+        buffers.add(t.pattern.data_ptr())
+        seen[t.layer] = t.pattern.clone()
+
+    logits = ad.run(ids, patterns=True, store=False, on_layer=keep).logits
+    assert len(seen) == ad.spec.n_layers
+    assert len(buffers) == 1  # every layer's pattern was computed into the same buffer
+    for layer, pattern in seen.items():
+        # eager returns its float32 softmax cast to the model's dtype
+        assert torch.equal(pattern.to(torch.bfloat16), ref_att[layer]), layer
+    assert torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_head_outputs_sum_to_attention_output(arch):
     ad = tiny_adapter(arch)
     ids = random_tokens(10, seed=2)

@@ -6,6 +6,11 @@ captures q, k, v, z, scores and patterns for all of them. Outside a capture (or 
 asked for) it runs fused SDPA; for captured layers it computes the pattern explicitly
 (softcapping and sliding windows included) and uses it for the output, so captured patterns are
 exactly the ones that produced the output.
+
+A capture that keeps nothing (``store=False``, each layer reduced by ``on_layer``) computes
+every layer's scores and pattern into the same reused buffers (a :class:`Workspace`): fresh
+pattern-sized tensors (tens of MB) come straight from the operating system on every allocation,
+and their page faults cost more than the attention itself on a CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +46,35 @@ class LayerTensors:
         return self.pattern
 
 
+class Workspace:
+    """Named scratch tensors reused from call to call (one per name, reallocated on a new shape).
+
+    A tensor handed out under a name is overwritten the next time that name is asked for."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def _scratch(
+    workspace: Workspace | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, shape, dtype, device)
+
+
 @dataclass
 class CaptureRequest:
     """Which layers to capture and what to do with them.
@@ -57,6 +91,16 @@ class CaptureRequest:
     # override(layer, query, key, value, mask, scaling, softcap, window) -> (out [B,T,H,D], pattern)
     override: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     results: dict[int, LayerTensors] = field(default_factory=dict)
+    workspace: Workspace | None = None  # created on first use when store=False
+
+    def scratch(self) -> Workspace | None:
+        """The buffers patterns are computed into: shared across layers only when nothing is
+        stored."""
+        if self.store:
+            return None
+        if self.workspace is None:
+            self.workspace = Workspace()
+        return self.workspace
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -87,29 +131,49 @@ def eager_attention(
     scaling: float,
     softcap: float | None = None,
     window: int | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [B,H,T,S], pattern [B,H,T,S] (float32) and output [B,T,H,D], computed explicitly.
 
-    The softmax runs in float32 as in transformers' eager attention; the output uses the pattern
-    cast to the model's dtype, exactly as eager attention does."""
+    The same operations, in the same order and precision, as transformers' eager attention
+    (scores in the model's dtype, softmax in float32, the output from the pattern cast back to
+    the model's dtype), so the results are bit-identical to it. Query heads sharing a key/value
+    head are multiplied as one group instead of repeating keys and values. With a
+    ``workspace`` the scores and pattern are written into its buffers (see :class:`Workspace`).
+    """
+    B, H, T, D = query.shape
+    S = key.shape[2]
     # Query head h reads key/value head h // rep (GQA/MQA); callers may pass keys or values
     # already expanded to one per query head.
-    rep_k, rep_v = query.shape[1] // key.shape[1], query.shape[1] // value.shape[1]
-    k = key.repeat_interleave(rep_k, dim=1) if rep_k > 1 else key
-    v = value.repeat_interleave(rep_v, dim=1) if rep_v > 1 else value
-    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
+    if key.shape[1] == value.shape[1] and H % key.shape[1] == 0:
+        groups = key.shape[1]
+    else:  # keys and values shared differently: expand both to one per query head
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+        value = value.repeat_interleave(H // value.shape[1], dim=1)
+        groups = H
+    rep = H // groups
+    q_grouped = query.reshape(B, groups, rep * T, D)  # heads of a group stacked along queries
+    scores = _scratch(workspace, "scores", (B, H, T, S), query.dtype, query.device)
+    torch.matmul(q_grouped, key.transpose(-1, -2), out=scores.view(B, groups, rep * T, S))
+    scores.mul_(scaling)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     if mask is None:
-        keep = causal_keep(query.shape[2], key.shape[2], window, query.device)
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores.masked_fill_(~causal_keep(T, S, window, query.device), float("-inf"))
     elif mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    else:
+        scores.masked_fill_(~mask, float("-inf"))
+    elif torch.result_type(scores, mask) == scores.dtype:
+        scores.add_(mask)
+    else:  # a wider additive mask widens the scores, as in eager attention
         scores = scores + mask
-    pattern = torch.softmax(scores.float(), dim=-1)  # float32 whatever the model's dtype
-    out = torch.matmul(pattern.to(v.dtype), v).transpose(1, 2)
-    return scores, pattern, out
+    pattern = _scratch(workspace, "pattern", (B, H, T, S), torch.float32, query.device)
+    torch.softmax(pattern.copy_(scores), dim=-1, out=pattern)  # float32 whatever the dtype
+    weights = pattern
+    if value.dtype != torch.float32:
+        weights = _scratch(workspace, "weights", (B, H, T, S), value.dtype, query.device)
+        weights.copy_(pattern)
+    out = torch.matmul(weights.view(B, groups, rep * T, S), value)  # [B, groups, rep*T, D]
+    return scores, pattern, out.view(B, H, T, -1).transpose(1, 2)
 
 
 def headscope_attention(
@@ -138,7 +202,14 @@ def headscope_attention(
         scores = None
     elif need_pattern or softcap is not None:
         scores, pattern, out = eager_attention(
-            query, key, value, attention_mask, scaling, softcap, sliding_window
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            softcap,
+            sliding_window,
+            request.scratch() if request is not None else None,
         )
     else:
         scores = pattern = None
