@@ -1,11 +1,14 @@
 """Precompute throughput against the plain forward pass on the same tokens.
 
-Prints tokens/s of (a) the plain forward pass with logits (``model(input_ids)``, fused SDPA),
-(b) the plain forward pass of the base model without the unembedding (the part the precompute
-also runs), and (c) the precompute's streaming pass (patterns of every layer reduced into every
-metric, example, top-token, PCA and motif accumulator), all on the same batches, plus the ratios.
+For every batch, in turn: (a) the plain forward pass with logits (``model(input_ids)``, fused
+SDPA), (b) the plain forward pass of the base model without the unembedding (the part the
+precompute also runs), and (c) the precompute's streaming pass (patterns of every layer reduced
+into every metric, example, top-token, PCA and motif accumulator). Interleaving the three on
+each batch keeps drifts of the machine's speed out of the ratios. Prints tokens/s of each and
+the ratios, overall and per quarter of the run: the first batches cost the precompute more
+(every head keeps every sequence until its example buckets and top-N pairs fill up).
 
-    .venv/bin/python benchmarks/precompute.py --dtype bf16 --sequences 32
+    .venv/bin/python benchmarks/precompute.py --dtype bf16 --sequences 256
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
@@ -39,42 +42,68 @@ def main() -> None:
         iter_sequences(ad.tokens, ensure_default_corpus(), args.seq_len, limit=args.sequences)
     )
     batches = list(_batches(iter(seqs), args.batch_size))
-    n_tokens = sum(s.ids.shape[0] for s in seqs)
-    warm = torch.stack([s.ids for s in batches[0]]).to(args.device)
-
-    def timed(fn) -> float:
-        fn(batches[0])  # warm-up, not counted
-        t0 = time.perf_counter()
-        for b in batches:
-            fn(b)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    cfg = PrecomputeConfig(
+        model=args.model, dtype=args.dtype, seq_len=args.seq_len, batch_size=args.batch_size
+    )
+    layers = list(range(ad.spec.n_layers))
+    cuda = args.device.startswith("cuda")
 
     def ids(b):
         return torch.stack([s.ids for s in b]).to(args.device)
 
-    with torch.no_grad():
-        ad.model(input_ids=warm, use_cache=False)
-        full = timed(lambda b: ad.model(input_ids=ids(b), use_cache=False))
-        base = timed(lambda b: ad.model.base_model(input_ids=ids(b), use_cache=False))
-    cfg = PrecomputeConfig(
-        model=args.model, dtype=args.dtype, seq_len=args.seq_len, batch_size=args.batch_size
-    )
+    def timed(fn, b) -> float:
+        t0 = time.perf_counter()
+        fn(b)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def full(b):
+        ad.model(input_ids=ids(b), use_cache=False)
+
+    def base(b):
+        ad.model.base_model(input_ids=ids(b), use_cache=False)
+
     state = StreamState(ad.spec, cfg)
-    layers = list(range(ad.spec.n_layers))
-    pre = timed(lambda b: _process_batch(ad, state, layers, b))
+
+    def pre(b):
+        _process_batch(ad, state, layers, b)
+
+    with torch.no_grad():  # warm-up on the first batch, not counted (a throwaway state)
+        full(batches[0])
+        base(batches[0])
+        _process_batch(ad, StreamState(ad.spec, cfg), layers, batches[0])
+    rows = []  # (tokens, plain s, base s, precompute s) per batch
+    with torch.no_grad():
+        for b in batches:
+            n = sum(s.ids.shape[0] for s in b)
+            rows.append((n, timed(full, b), timed(base, b), timed(pre, b)))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(
         f"model {args.model}, {args.dtype}, {args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, device {args.device}"
     )
-    print(f"plain forward (with logits):       {n_tokens / full:8.1f} tok/s")
-    print(f"plain forward (base, no unembed):  {n_tokens / base:8.1f} tok/s")
-    print(f"precompute stream (every head):    {n_tokens / pre:8.1f} tok/s")
-    print(f"ratio precompute / plain forward:  {full / pre:.3f}")
-    print(f"ratio precompute / base forward:   {base / pre:.3f}")
+
+    def report(label: str, part: list[tuple[int, float, float, float]]) -> None:
+        n = sum(r[0] for r in part)
+        t_full, t_base, t_pre = (sum(r[i] for r in part) for i in (1, 2, 3))
+        print(
+            f"{label:<24} plain {n / t_full:7.1f} tok/s   base {n / t_base:7.1f} tok/s   "
+            f"precompute {n / t_pre:7.1f} tok/s   ratio vs plain {t_full / t_pre:.3f}   "
+            f"vs base {t_base / t_pre:.3f}"
+        )
+
+    quarter = max(1, len(rows) // 4)
+    done = 0
+    for i in range(0, len(rows), quarter):
+        part = rows[i : i + quarter]
+        seqs_in = sum(len(b) for b in batches[i : i + quarter])
+        report(f"sequences {done + 1}-{done + seqs_in}", part)
+        done += seqs_in
+    report("whole run", rows)
+    t_full, t_pre = sum(r[1] for r in rows), sum(r[3] for r in rows)
+    print(f"ratio precompute / plain forward:  {t_full / t_pre:.3f}")
 
 
 if __name__ == "__main__":

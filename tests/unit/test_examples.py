@@ -11,12 +11,12 @@ from headscope.precompute.examples import (
     BUCKET_EDGES,
     ExampleSelector,
     bucket_of,
-    max_as_key,
-    max_as_query,
+    received_maxima_,
     sequence_max_attention,
-    sparse_pattern,
 )
+from headscope.precompute.state import ExamplePayloads
 from headscope.precompute.toptokens import TopTokens
+from tests.unit.test_metrics import make_batch
 
 L, H, N_SEQ = 2, 3, 120
 
@@ -154,35 +154,37 @@ def test_sequence_max_attention_excludes_key_zero_and_padding():
     assert sequence_max_attention(batch)[:, 0].tolist() == pytest.approx([0.6, 0.0])
 
 
-def test_sparse_pattern_and_position_maxima():
+def test_example_payload_sparse_pattern_and_position_maxima():
     a = torch.tensor(
         [
-            [1.0, 0.0, 0.0, 0.0],
-            [0.3, 0.7, 0.0, 0.0],
-            [0.02, 0.49, 0.49, 0.0],
-            [0.1, 0.2, 0.3, 0.4],
+            [1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.3, 0.7, 0.0, 0.0, 0.0],
+            [0.02, 0.49, 0.49, 0.0, 0.0],
+            [0.1, 0.2, 0.3, 0.4, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 1.0],  # padding row: never counts
         ]
     )
-    assert sparse_pattern(a, top_k=2, threshold=0.05) == [
-        [0, 0, 1.0],
-        [1, 1, 0.7],
-        [1, 0, 0.3],
-        [2, 1, 0.49],  # tie: lower key first
-        [2, 2, 0.49],
-        [3, 3, 0.4],
-        [3, 2, 0.3],
+    pattern = torch.stack([torch.eye(5), a])[None]  # [1, 2, 5, 5]: head 1 holds a
+    valid = torch.tensor([[True, True, True, True, False]])
+    batch = make_batch(pattern, valid=valid)
+    payloads = ExamplePayloads(top_k=2, threshold=0.35)
+    payloads.add(3, batch, torch.tensor([0]), torch.tensor([1]), torch.tensor([17]))
+    assert torch.equal(pattern[0, 1], a)  # the batch's pattern is left as it was
+    ex = payloads.example(3, 1, 17)
+    # top-2 keys per row, those >= 0.35 kept (the 0.49 tie in row 2 keeps both keys)
+    assert sorted(map(tuple, ex["sparse"])) == [
+        (0, 0, 1.0),
+        (1, 1, 0.7),
+        (2, 1, 0.49),
+        (2, 2, 0.49),
+        (3, 3, 0.4),
     ]
-    assert sparse_pattern(a, top_k=3, threshold=0.35) == [
-        [0, 0, 1.0],
-        [1, 1, 0.7],
-        [2, 1, 0.49],
-        [2, 2, 0.49],
-        [3, 3, 0.4],
-    ]
-    assert max_as_query(a).tolist() == pytest.approx([0.0, 0.7, 0.49, 0.4])
-    assert max_as_key(a).tolist() == pytest.approx([0.3, 0.49, 0.3, 0.0])
-    # batched input gives the same per-pattern answer
-    assert torch.equal(max_as_query(a[None].repeat(2, 1, 1))[1], max_as_query(a))
+    assert ex["max_as_query"] == pytest.approx([0.0, 0.7, 0.49, 0.4], abs=1e-3)  # keys >= 1
+    assert ex["max_as_key"] == pytest.approx([0.3, 0.49, 0.3, 0.0], abs=1e-3)  # later queries
+    # the same pattern seen through received_maxima_ directly (which overwrites its input)
+    assert received_maxima_(a[None].clone(), valid).tolist()[0] == pytest.approx(
+        [0.3, 0.49, 0.3, 0.0, 0.0]
+    )
 
 
 # ---------------------------------------------------------------- top tokens

@@ -11,9 +11,9 @@ diagonal is kept). Scores fall into ten fixed buckets ``[0, 0.1), [0.1, 0.2), ..
   arrive in, on the batch size, or on how the dataset was split into shards, and two shards
   merge exactly.
 
-The selector stores only sequence indices and scores (a few kB per head); the precompute
-re-materialises tokens and patterns of the kept sequences in a second pass and builds the
-example JSON with :func:`sparse_pattern`, :func:`max_as_query` and :func:`max_as_key`.
+The selector stores only sequence indices and scores (a few kB per head); what an example
+shows (its sparse pattern, each position's maximum as query and as key) is captured while the
+sequence streams past, by :class:`~headscope.precompute.state.ExamplePayloads`.
 """
 
 from __future__ import annotations
@@ -192,33 +192,13 @@ class ExampleSelector:
         return self.hist.clone()
 
 
-def sparse_pattern(pattern: Tensor, top_k: int = 3, threshold: float = 0.05) -> list[list]:
-    """The strongest keys of every query row, as ``[[q, k, w], ...]`` for the example JSON.
+def received_maxima_(patterns: Tensor, valid: Tensor) -> Tensor:
+    """The largest attention each position receives from a later valid query.
 
-    pattern: [T, T] one head on one sequence (sliced to its valid length). Keeps up to
-    ``top_k`` keys per row with weight >= ``threshold`` (key 0 included), ``w`` rounded to 1e-3.
-    Ordered by query, then weight (highest first, ties by lower key).
+    patterns: [N, T, T] causal (zero above the diagonal), **overwritten**: the diagonal and the
+    padding rows are zeroed in place, which saves a copy of N x T x T. valid: [N, T] bool.
+    Returns [N, T]; 0 for the last position.
     """
-    T = pattern.shape[-1]
-    weights, keys = pattern.sort(dim=-1, descending=True, stable=True)  # [T, T]
-    weights, keys = weights[:, :top_k], keys[:, :top_k]  # [T, K]
-    keep = weights >= threshold
-    queries = torch.arange(T)[:, None].expand_as(keys)[keep]  # [N]
-    rounded = (weights[keep].double() * 1000).round() / 1000  # [N]
-    return [
-        [q, k, w]
-        for q, k, w in zip(queries.tolist(), keys[keep].tolist(), rounded.tolist(), strict=True)
-    ]
-
-
-def max_as_query(pattern: Tensor) -> Tensor:
-    """[..., T, T] -> [..., T]: each position's largest attention to any key but key 0."""
-    out = pattern.new_zeros(pattern.shape[:-1])
-    if pattern.shape[-1] > 1:
-        out[..., 1:] = pattern[..., 1:, 1:].tril().amax(-1)
-    return out
-
-
-def max_as_key(pattern: Tensor) -> Tensor:
-    """[..., T, T] -> [..., T]: the largest attention each position receives from a later query."""
-    return pattern.tril(-1).amax(-2)
+    patterns.diagonal(dim1=-2, dim2=-1).zero_()
+    patterns.masked_fill_(~valid[:, :, None], 0.0)
+    return patterns.amax(-2)

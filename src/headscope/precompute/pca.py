@@ -33,6 +33,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _EXACT_MAX_DIM = 128
 _OVERSAMPLE = 8
 _FIT_CHUNK = 32  # heads per batched PCA in fit()
+_KEY_GROUP = 32  # keys per tile in the candidate search of PairCollector
 _POWER_ITERS = 4
 
 
@@ -137,14 +138,21 @@ class PairCollector:
         N = self.n_pairs
         floor = self.norm[layer, :, -1].to(pattern.device)  # [H] N-th best so far, -inf until full
         if bool(torch.isfinite(floor).all()):
-            # Only rows whose best possible pair reaches the floor are read:
-            # max_k A[q, k] * ||v_o[k]|| <= max_k A[q, k] * max_k ||v_o[k]|| (keys >= 1).
-            bound = pattern[..., 1:].amax(-1) * v_norm[..., 1:].amax(-1, keepdim=True)  # [B, H, T]
-            bound.masked_fill_(~valid[:, None, :], 0.0)
-            b, h, q = (bound >= floor[None, :, None]).nonzero(as_tuple=True)  # [R]
-            rows = pattern[b, h, q] * v_norm[b, h]  # [R, T] pair norms of those rows
-            r, k = (rows >= floor[h, None].clamp_min(_TINY)).nonzero(as_tuple=True)
-            b, h, q, norm = b[r], h[r], q[r], rows[r, k]
+            # Only tiles (one query row, a group of W keys) whose best possible pair reaches
+            # the floor are read: A[q, k] * ||v_o[k]|| <= (max over the group of A[q, .]) *
+            # (max over the group of ||v_o||). Groups of keys make the bound tight: one large
+            # value norm anywhere in the sequence no longer lets every row through.
+            W = _KEY_GROUP if T % _KEY_GROUP == 0 else T
+            G = T // W
+            floor = floor.clamp_min(_TINY)  # zero pairs never count
+            tiles_a = pattern.reshape(B, H, T, G, W)
+            tiles_v = v_norm.reshape(B, H, G, W)
+            bound = tiles_a.amax(-1) * tiles_v.amax(-1)[:, :, None, :]  # [B, H, T, G]
+            bound.masked_fill_(~valid[:, None, :, None], 0.0)
+            b, h, q, g = (bound >= floor[None, :, None, None]).nonzero(as_tuple=True)  # [R]
+            tiles = tiles_a[b, h, q, g] * tiles_v[b, h, g]  # [R, W] pair norms of those tiles
+            r, j = (tiles >= floor[h, None]).nonzero(as_tuple=True)
+            b, h, q, k, norm = b[r], h[r], q[r], g[r] * W + j, tiles[r, j]
             # at most N per (sequence, head) can make the final top N: keep each group's N
             # best by (-norm, q, k); the list is already in (b, h, q, k) order
             by_norm = (-norm).argsort(stable=True)

@@ -14,13 +14,14 @@ from headscope.model.spec import ArchSpec
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.examples import (
     ExampleSelector,
-    max_as_key,
-    max_as_query,
+    received_maxima_,
     sequence_max_attention,
 )
 from headscope.precompute.motifs import motif_features
 from headscope.precompute.pca import PairCollector
 from headscope.precompute.toptokens import TopTokens
+
+_PAYLOAD_CHUNK = 8  # patterns per gathered copy in ExamplePayloads.add (8 x 1 MB at T = 512)
 
 
 class ExamplePayloads:
@@ -45,18 +46,37 @@ class ExamplePayloads:
                 self.sequences[s] = (tokens[i, :n].int().clone(), doc_start[i, :n].clone())
 
     def add(
-        self, layer: int, heads: Tensor, seqs: Tensor, patterns: Tensor, lengths: Tensor
+        self,
+        layer: int,
+        batch: LayerBatch,
+        b: Tensor,  # [N] sequences in the batch
+        heads: Tensor,  # [N]
+        seq_ids: Tensor,  # [N] their sequence indices
     ) -> None:
-        """Store payloads for (layer, heads[i], seqs[i]) from ``patterns [N, T, T]``."""
-        if heads.numel() == 0:
-            return
-        w, k = patterns.topk(min(self.top_k, patterns.shape[-1]), dim=-1)  # [N, T, K]
-        mq = max_as_query(patterns).half()  # [N, T]
-        mk = max_as_key(patterns).half()
-        for i, (h, s, n) in enumerate(
-            zip(heads.tolist(), seqs.tolist(), lengths.tolist(), strict=True)
-        ):
-            self.items[(layer, h, s)] = (k[i, :n].short(), w[i, :n].half(), mq[i, :n], mk[i, :n])
+        """Store the payloads of (layer, heads[i]) on sequence b[i] of ``batch``."""
+        T = batch.pattern.shape[-1]
+        lengths = batch.valid.sum(-1)  # [B]
+        # a few patterns at a time: the gathered copy stays small enough to reuse freed memory
+        for c in range(0, b.numel(), _PAYLOAD_CHUNK):
+            bc, hc = b[c : c + _PAYLOAD_CHUNK], heads[c : c + _PAYLOAD_CHUNK]
+            rows = batch.pattern[bc, hc]  # [n, T, T] a copy
+            w, k = rows.topk(min(self.top_k, T), dim=-1)  # [n, T, K]
+            mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
+            mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
+            for i, (h, s, n) in enumerate(
+                zip(
+                    hc.tolist(),
+                    seq_ids[c : c + _PAYLOAD_CHUNK].tolist(),
+                    lengths[bc].tolist(),
+                    strict=True,
+                )
+            ):
+                self.items[(layer, h, s)] = (
+                    k[i, :n].short(),
+                    w[i, :n].half(),
+                    mq[i, :n],
+                    mk[i, :n],
+                )
 
     def prune(self, keep: set[tuple[int, int, int]]) -> None:
         self.items = {key: v for key, v in self.items.items() if key in keep}
@@ -174,12 +194,16 @@ class StreamState:
         bi, hi = bi[fresh], hi[fresh]
         if bi.numel():
             self.payloads.add_sequences(seq_idx, tokens, doc_start, valid)
-        self.payloads.add(layer, hi, seq_idx[bi], pattern[bi, hi], valid.sum(-1)[bi])
+        self.payloads.add(layer, batch, bi, hi, seq_idx[bi])
         self.top_tokens.update(layer, pattern, tokens, valid)
         self.pairs.update(layer, seq_idx, pattern, q, k, v_o, tokens, valid)
         in_motif = seq_idx < self.cfg.motif_sequences
         if in_motif.any():
-            feats = motif_features(pattern[in_motif], valid[in_motif])  # [B', H, F]
+            # the whole batch is the common case: no copy of the pattern then
+            whole = bool(in_motif.all())
+            feats = motif_features(
+                pattern if whole else pattern[in_motif], valid if whole else valid[in_motif]
+            )  # [B', H, F]
             if self.motifs is None:
                 self.motifs = torch.zeros(
                     self.spec.n_layers, self.spec.n_heads, self.cfg.motif_sequences, feats.shape[-1]
