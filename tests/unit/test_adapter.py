@@ -130,3 +130,38 @@ def test_token_display_keeps_spaces_newlines_and_partial_bytes():
     shown = ad.tokens.displays(ids)
     assert shown == ["<bos>", "a", " ", "b", "\n", "\\xc3", "\\xa9"]
     assert ids[0] == ad.tokens.bos_id
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_out_norm_is_the_norm_of_each_heads_output(arch):
+    from headscope.precompute.probes import head_out_norm
+
+    ad = tiny_adapter(arch)
+    cap = ad.run(random_tokens(9, seed=4, batch=2))
+    for layer, t in cap.layers.items():
+        expected = ad.head_outputs(t.z, layer).norm(dim=-1).transpose(1, 2)  # [B, H, T]
+        assert torch.allclose(head_out_norm(ad, t.z, layer), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", [0.125, 0.3535533905932738])  # power of two, and not
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eager_attention_is_bit_identical_to_transformers_formula(scaling, dtype):
+    """Grouped GQA products, the power-of-two scaling applied to the queries, the blockwise
+    causal mask and the workspace buffers change no bit of scores, pattern or output."""
+    from headscope.model.capture import Workspace
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 6, 70, 16, generator=g) * 3).to(dtype)
+    k = (torch.randn(2, 2, 70, 16, generator=g) * 3).to(dtype)
+    v = torch.randn(2, 2, 70, 16, generator=g).to(dtype)
+    # transformers' eager attention, step by step
+    kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    ref_scores = torch.matmul(q, kk.transpose(-1, -2)) * scaling
+    ref_scores = ref_scores.masked_fill(~torch.ones(70, 70, dtype=torch.bool).tril(), -torch.inf)
+    ref_pattern = torch.softmax(ref_scores, dim=-1, dtype=torch.float32)
+    ref_out = torch.matmul(ref_pattern.to(dtype), vv).transpose(1, 2)
+    for workspace in (None, Workspace()):
+        scores, pattern, out = eager_attention(q, k, v, None, scaling, workspace=workspace)
+        assert torch.equal(scores, ref_scores)
+        assert torch.equal(pattern, ref_pattern)
+        assert torch.equal(out, ref_out)

@@ -345,3 +345,31 @@ def test_single_token_sequences_have_no_pattern_metrics():
             assert value.tolist() == [1.0, 1.0, 1.0]
         else:
             assert torch.isnan(value).all(), name  # no eligible query: NaN, not a fake 0
+
+
+@pytest.mark.parametrize("T", [64, 45])  # a multiple of the key group, and not
+def test_row_reductions_match_direct_definitions(T):
+    from headscope.metrics.rows import KEY_GROUP, row_reductions
+
+    p = random_causal(3, 4, T=T, seed=7)
+    p[1, 2] = torch.eye(T)  # a sharp head: entropy 0, moments on the diagonal
+    valid = torch.ones(3, T, dtype=torch.bool)
+    valid[2, T - 9 :] = False  # padding at the end of one sequence
+    r = row_reductions(p, valid)
+    d = p.double()
+    entropy = -(d * d.clamp_min(1e-300).log()).sum(-1)
+    assert torch.allclose(r.entropy.double(), entropy, atol=1e-5)
+    row_max = torch.zeros(3, 4, T, dtype=torch.float64)
+    row_max[..., 1:] = d[..., 1:, 1:].amax(-1)
+    assert torch.equal(r.row_max.double(), row_max)
+    k = torch.arange(T, dtype=torch.float64)
+    assert torch.allclose(r.moments[..., 0].double(), d @ k, rtol=1e-5)
+    assert torch.allclose(r.moments[..., 1].double(), d @ (k * k), rtol=1e-5)
+    later = torch.ones(T, T, dtype=torch.bool).tril(-1)  # q > k
+    received = (d * later * valid[:, None, :, None]).sum(-2)
+    assert torch.allclose(r.received.double(), received, atol=1e-5)
+    if T % KEY_GROUP:
+        assert r.group_max is None
+    else:
+        assert r.group_max is not None
+        assert torch.equal(r.group_max, p.unflatten(-1, (T // KEY_GROUP, KEY_GROUP)).amax(-1))

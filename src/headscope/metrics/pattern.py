@@ -12,23 +12,17 @@ Conventions shared by every metric here (also stated in each docstring where it 
   counts as a match (see :class:`~headscope.metrics.registry.TokenMatches`).
 
 Everything is vectorised over batch, heads and positions. The only loop is
-:func:`row_entropy`'s loop over a few row blocks, which skips the all-zero upper triangle of
-the causal pattern (the logarithm is the most expensive operation here).
+:func:`~headscope.metrics.rows.row_reductions`' loop over blocks of rows: it reads the causal lower triangle once
+(skipping the all-zero upper triangle) and derives, block by block while it is in cache, every
+per-row and per-key quantity the metrics and the precompute's other accumulators need.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from headscope.metrics.registry import LayerBatch, MetricPartial, register_metric
-
-# Rows per block in row_entropy: small enough to skip most of the zero upper triangle
-# (32 rows of 512: 53% of the square is read), large enough that each block is still one
-# big vectorised op.
-_ENTROPY_ROW_BLOCK = 32
-_TINY = 1e-30
 
 
 def _masked_mean_partial(values: Tensor, mask: Tensor) -> MetricPartial:
@@ -36,41 +30,6 @@ def _masked_mean_partial(values: Tensor, mask: Tensor) -> MetricPartial:
     total = torch.where(mask[:, None, :], values, 0.0).sum(dim=(0, 2), dtype=torch.float64)  # [H]
     count = mask.sum(dtype=torch.float64).expand(values.shape[1]).clone()  # [H]
     return MetricPartial(total=total, count=count)
-
-
-def row_entropy(pattern: Tensor) -> Tensor:
-    """Entropy in nats of every attention row. pattern: [B, H, T, T] causal -> [B, H, T].
-
-    Only the causal lower triangle is read (row block ``[s, e)`` only needs keys ``< e``).
-    """
-    B, H, T, _ = pattern.shape
-    block = min(T, _ENTROPY_ROW_BLOCK)
-    out = pattern.new_empty(B, H, T)  # [B, H, T]
-    buf = pattern.new_empty(B, H, block, T)  # [B, H, block, T] scratch, reused by every block
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        rows = pattern[:, :, start:stop, :stop]  # [B, H, r, stop]
-        scratch = buf[:, :, : stop - start, :stop]
-        torch.clamp_min(rows, _TINY, out=scratch).log_().mul_(rows)  # A log A, 0 where A == 0
-        out[:, :, start:stop] = scratch.sum(-1).neg_()
-    return out
-
-
-def key_moments(pattern: Tensor) -> Tensor:
-    """Attention-weighted mean of the key position and of its square, per row.
-
-    pattern: [B, H, T, T] -> [B, H, T, 2] with ``[..., 0] = sum_k A[q,k] k`` and
-    ``[..., 1] = sum_k A[q,k] k^2``. One matrix product, float32.
-    """
-    B, H, T, _ = pattern.shape
-    k = torch.arange(T, dtype=pattern.dtype, device=pattern.device)  # [T]
-    basis = torch.stack([k, k * k])  # [2, T]
-    return F.linear(pattern.reshape(-1, T), basis).view(B, H, T, 2)
-
-
-def _batch_key_moments(batch: LayerBatch) -> Tensor:
-    """[B, H, T, 2] key moments of the batch, shared by the two distance metrics."""
-    return batch.memo("key_moments", lambda: key_moments(batch.pattern))
 
 
 def _match_partial(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> MetricPartial:
@@ -130,7 +89,7 @@ def pattern_entropy(batch: LayerBatch) -> MetricPartial:
     A uniform distribution over the q + 1 visible tokens has entropy log(q + 1). Averaged over
     non-padding query positions from 1 on.
     """
-    return _masked_mean_partial(row_entropy(batch.pattern), batch.query_mask)
+    return _masked_mean_partial(batch.rows.entropy, batch.query_mask)
 
 
 @register_metric("qk_distance")
@@ -141,7 +100,7 @@ def qk_distance(batch: LayerBatch) -> MetricPartial:
     Averaged over non-padding query positions from 1 on.
     """
     B, H, T, _ = batch.pattern.shape
-    mean_k = _batch_key_moments(batch)[..., 0]  # [B, H, T]
+    mean_k = batch.rows.moments[..., 0]  # [B, H, T]
     q = torch.arange(T, dtype=mean_k.dtype, device=mean_k.device)  # [T]
     return _masked_mean_partial(q - mean_k, batch.query_mask)
 
@@ -154,7 +113,7 @@ def qk_distance_variance(batch: LayerBatch) -> MetricPartial:
     query positions from 1 on. Computed in float32 in one pass, so values below about 0.1 are
     rounding noise on long sequences.
     """
-    moments = _batch_key_moments(batch)  # [B, H, T, 2]
+    moments = batch.rows.moments  # [B, H, T, 2]
     var = (moments[..., 1] - moments[..., 0].square()).clamp_min_(0.0)  # [B, H, T]
     return _masked_mean_partial(var, batch.query_mask)
 

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from headscope.metrics.rows import RowReductions, row_reductions
+
 MetricKind = Literal["stream", "probe", "weights"]
 METRIC_KINDS: tuple[str, ...] = ("stream", "probe", "weights")
 
@@ -176,11 +178,13 @@ class LayerBatch:
 
         Zero for row 0 and for padding rows.
         """
-        B, H, T, _ = self.pattern.shape
-        out = self.pattern.new_zeros(B, H, T)
-        if T > 1:
-            out[:, :, 1:] = self.pattern[:, :, 1:, 1:].amax(-1)
-        return torch.where(self.query_mask[:, None, :], out, 0.0)
+        return torch.where(self.query_mask[:, None, :], self.rows.row_max, 0.0)
+
+    @cached_property
+    def rows(self) -> RowReductions:
+        """Entropy, maxima, distance moments, attention received, key-group maxima of every row
+        (:func:`~headscope.metrics.rows.row_reductions`, one pass over the pattern)."""
+        return row_reductions(self.pattern, self.valid)
 
     @cached_property
     def token_matches(self) -> TokenMatches:

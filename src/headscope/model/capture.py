@@ -16,6 +16,7 @@ and their page faults cost more than the attention itself on a CPU.
 from __future__ import annotations
 
 import contextvars
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +124,24 @@ def causal_keep(
     return keep
 
 
+_MASK_BLOCK = 32
+
+
+def _mask_causal_(scores: torch.Tensor) -> None:
+    """Set the upper triangle of ``scores [..., T, T]`` to -inf in place.
+
+    Block by block of rows: everything right of the block's diagonal tile is filled (a write,
+    no read of the scores or of a mask), and only the tile itself goes through a mask. Several
+    times faster than one ``masked_fill_`` with a ``[T, T]`` mask on CPU."""
+    T = scores.shape[-1]
+    upper = torch.ones(_MASK_BLOCK, _MASK_BLOCK, dtype=torch.bool, device=scores.device).triu(1)
+    for start in range(0, T, _MASK_BLOCK):
+        stop = min(start + _MASK_BLOCK, T)
+        scores[..., start:stop, stop:].fill_(float("-inf"))
+        n = stop - start
+        scores[..., start:stop, start:stop].masked_fill_(upper[:n, :n], float("-inf"))
+
+
 def eager_attention(
     query: torch.Tensor,  # [B, H, T, D]
     key: torch.Tensor,  # [B, KV, S, D]
@@ -152,13 +171,20 @@ def eager_attention(
         value = value.repeat_interleave(H // value.shape[1], dim=1)
         groups = H
     rep = H // groups
-    q_grouped = query.reshape(B, groups, rep * T, D)  # heads of a group stacked along queries
+    # A power-of-two scaling commutes exactly with every rounding of the product, so it is
+    # applied to the queries (T x D) instead of the scores (T x S): the same bits, one pass less.
+    exact = math.frexp(scaling)[0] == 0.5
+    q = query * scaling if exact else query
+    q_grouped = q.reshape(B, groups, rep * T, D)  # heads of a group stacked along queries
     scores = _scratch(workspace, "scores", (B, H, T, S), query.dtype, query.device)
     torch.matmul(q_grouped, key.transpose(-1, -2), out=scores.view(B, groups, rep * T, S))
-    scores.mul_(scaling)
+    if not exact:
+        scores.mul_(scaling)
     if softcap is not None:
         scores.div_(softcap).tanh_().mul_(softcap)
-    if mask is None:
+    if mask is None and window is None and T == S:
+        _mask_causal_(scores)
+    elif mask is None:
         scores.masked_fill_(~causal_keep(T, S, window, query.device), float("-inf"))
     elif mask.dtype == torch.bool:
         scores.masked_fill_(~mask, float("-inf"))

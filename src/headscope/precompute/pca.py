@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from headscope.metrics.rows import KEY_GROUP
+
 _META = ("sequence", "q_pos", "k_pos", "query_token", "key_token")
 _SEQ_BITS, _POS_BITS = 23, 20
 _TINY = torch.finfo(torch.float32).tiny
@@ -33,7 +35,6 @@ _TINY = torch.finfo(torch.float32).tiny
 _EXACT_MAX_DIM = 128
 _OVERSAMPLE = 8
 _FIT_CHUNK = 32  # heads per batched PCA in fit()
-_KEY_GROUP = 32  # keys per tile in the candidate search of PairCollector
 _POWER_ITERS = 4
 
 
@@ -130,10 +131,16 @@ class PairCollector:
         self._buffer: Tensor | None = None  # scratch for pair norms, not part of the state
 
     def _candidates(
-        self, layer: int, pattern: Tensor, v_norm: Tensor, valid: Tensor
+        self,
+        layer: int,
+        pattern: Tensor,
+        v_norm: Tensor,
+        valid: Tensor,
+        group_max: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(sequence-in-batch, head, q, k, norm), each [M], of the pairs that can still enter
-        their head's top N. pattern: [B, H, T, T] causal; v_norm: [B, H, T] (0 at key 0)."""
+        their head's top N. pattern: [B, H, T, T] causal; v_norm: [B, H, T] (0 at key 0);
+        group_max: [B, H, T, T // KEY_GROUP] row maxima per key group, if already computed."""
         B, H, T, _ = pattern.shape
         N = self.n_pairs
         floor = self.norm[layer, :, -1].to(pattern.device)  # [H] N-th best so far, -inf until full
@@ -142,12 +149,13 @@ class PairCollector:
             # the floor are read: A[q, k] * ||v_o[k]|| <= (max over the group of A[q, .]) *
             # (max over the group of ||v_o||). Groups of keys make the bound tight: one large
             # value norm anywhere in the sequence no longer lets every row through.
-            W = _KEY_GROUP if T % _KEY_GROUP == 0 else T
+            W = KEY_GROUP if T % KEY_GROUP == 0 else T
             G = T // W
             floor = floor.clamp_min(_TINY)  # zero pairs never count
             tiles_a = pattern.reshape(B, H, T, G, W)
             tiles_v = v_norm.reshape(B, H, G, W)
-            bound = tiles_a.amax(-1) * tiles_v.amax(-1)[:, :, None, :]  # [B, H, T, G]
+            a_max = group_max if group_max is not None and W == KEY_GROUP else tiles_a.amax(-1)
+            bound = a_max * tiles_v.amax(-1)[:, :, None, :]  # [B, H, T, G]
             bound.masked_fill_(~valid[:, None, :, None], 0.0)
             b, h, q, g = (bound >= floor[None, :, None, None]).nonzero(as_tuple=True)  # [R]
             tiles = tiles_a[b, h, q, g] * tiles_v[b, h, g]  # [R, W] pair norms of those tiles
@@ -215,18 +223,20 @@ class PairCollector:
         v_o: Tensor,
         tokens: Tensor,
         valid: Tensor,
+        group_max: Tensor | None = None,
     ) -> None:
         """Offer every (query, key) pair of one layer batch.
 
         seq_indices: [B] int64; pattern: [B, H, T, T]; q, k: [B, H, T, D] (per query head,
         after any position encoding, i.e. what the dot product sees); v_o: [B, H, T, d_out]
-        (each key's value vector through W_O[h]); tokens: [B, T] int64; valid: [B, T] bool.
+        (each key's value vector through W_O[h]); tokens: [B, T] int64; valid: [B, T] bool;
+        group_max: :attr:`RowReductions.group_max` of the pattern, if already computed.
         """
         H = pattern.shape[1]
         dev = pattern.device
         v_norm = v_o.float().norm(dim=-1)  # [B, H, T]
         v_norm[:, :, 0] = 0.0  # key 0, the attention sink, never forms a pair
-        b, h, qi, ki, norms = self._candidates(layer, pattern, v_norm, valid)
+        b, h, qi, ki, norms = self._candidates(layer, pattern, v_norm, valid, group_max)
         M = b.numel()
         if M == 0:
             return

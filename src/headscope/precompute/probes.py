@@ -108,9 +108,7 @@ def copying_score(adapter: ModelAdapter) -> Tensor:
 
 
 def head_out_norm(adapter: ModelAdapter, z: Tensor, layer: int) -> Tensor:
-    """||z_h @ W_O[h]|| for ``z [B, T, H, D]`` -> ``[B, H, T]``, via the Gram matrix of W_O."""
-    W_O = adapter.weights(layer).W_O.float()  # [H, D, d]
-    gram = W_O @ W_O.transpose(1, 2)  # [H, D, D]
-    zf = z.float()
-    sq = torch.einsum("bthd,hde,bthe->bht", zf, gram, zf)
-    return sq.clamp_min(0).sqrt()
+    """||z_h @ W_O[h]|| for ``z [B, T, H, D]`` -> ``[B, H, T]``, in each head's D-dim output
+    basis (:meth:`ModelAdapter.output_basis`: the same norms at D/d_model of the cost)."""
+    basis = adapter.output_basis(layer)  # [H, D, D]
+    return torch.linalg.vector_norm(torch.matmul(z.transpose(1, 2).float(), basis), dim=-1)

@@ -195,8 +195,8 @@ class StreamState:
         if bi.numel():
             self.payloads.add_sequences(seq_idx, tokens, doc_start, valid)
         self.payloads.add(layer, batch, bi, hi, seq_idx[bi])
-        self.top_tokens.update(layer, pattern, tokens, valid)
-        self.pairs.update(layer, seq_idx, pattern, q, k, v_o, tokens, valid)
+        self.top_tokens.update(layer, pattern, tokens, valid, batch.rows.received)
+        self.pairs.update(layer, seq_idx, pattern, q, k, v_o, tokens, valid, batch.rows.group_max)
         in_motif = seq_idx < self.cfg.motif_sequences
         if in_motif.any():
             # the whole batch is the common case: no copy of the pattern then

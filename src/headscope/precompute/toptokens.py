@@ -76,11 +76,20 @@ class TopTokens:
         pos = torch.searchsorted(self._sorted_tokens, flat)
         return self._sorted_slots[pos].view(tokens.shape)
 
-    def update(self, layer: int, pattern: Tensor, tokens: Tensor, valid: Tensor) -> None:
+    def update(
+        self,
+        layer: int,
+        pattern: Tensor,
+        tokens: Tensor,
+        valid: Tensor,
+        received: Tensor | None = None,
+    ) -> None:
         """Add one layer batch.
 
         pattern: [B, H, T, T] float32 (padding rows may hold any finite values);
-        tokens: [B, T] int64; valid: [B, T] bool (padding at the end).
+        tokens: [B, T] int64; valid: [B, T] bool (padding at the end); ``received`` [B, H, T]:
+        the attention each key gets from later valid queries, if already computed
+        (:class:`~headscope.metrics.rows.RowReductions`).
         """
         B, H, T, _ = pattern.shape
         pos = torch.arange(T, device=valid.device)
@@ -89,9 +98,10 @@ class TopTokens:
         later[:, :-1] = valid[:, 1:]  # a later valid query exists (padding is at the end)
         key_ok = later & (pos >= 1)  # [B, T]
 
-        weights = valid.to(pattern.dtype)[:, None, None, :]  # [B, 1, 1, T] over queries
-        received = (weights @ pattern).squeeze(-2)  # [B, H, T]: sum over valid q of A[q, k]
-        received -= pattern.diagonal(dim1=-2, dim2=-1)
+        if received is None:
+            weights = valid.to(pattern.dtype)[:, None, None, :]  # [B, 1, 1, T] over queries
+            received = (weights @ pattern).squeeze(-2)  # [B, H, T]: sum over valid q of A[q, k]
+            received -= pattern.diagonal(dim1=-2, dim2=-1)
         query_mass = 1.0 - pattern[:, :, :, 0]  # [B, H, T]
 
         q_slots = self._slots(tokens[query_ok])  # [Nq]

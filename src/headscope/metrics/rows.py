@@ -1,0 +1,75 @@
+"""One pass over the lower triangle of a layer's attention patterns.
+
+Most of what a precompute derives from a pattern is a reduction along its rows or columns
+(entropy, maxima, distance moments, attention received, ...). Reading a ``[B, H, T, T]``
+pattern from memory costs more than most of these reductions, so :func:`row_reductions` reads
+it once, block of rows by block of rows, and computes all of them while the block is in cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows per block in row_reductions: small enough to skip most of the zero upper triangle
+# (32 rows of 512: 53% of the square is read) and to keep a block in cache while several
+# reductions read it, large enough that each block is still one big vectorised op.
+KEY_GROUP = 32  # keys per group in RowReductions.group_max
+_ROW_BLOCK = KEY_GROUP  # block edges fall on group edges
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class RowReductions:
+    """Per-row and per-key reductions of a causal pattern ``[B, H, T, T]``, from one pass."""
+
+    entropy: Tensor  # [B, H, T] entropy of each row in nats
+    row_max: Tensor  # [B, H, T] max of each row over keys 1..q (0 for row 0)
+    moments: Tensor  # [B, H, T, 2] sum_k A[q, k] k and sum_k A[q, k] k^2
+    received: Tensor  # [B, H, T] sum over later valid queries q > k of A[q, k]
+    # [B, H, T, T // KEY_GROUP] max of each row over keys [g * 32, (g + 1) * 32); None when
+    # T is not a multiple of KEY_GROUP
+    group_max: Tensor | None
+
+
+def row_reductions(pattern: Tensor, valid: Tensor) -> RowReductions:
+    """Every reduction of :class:`RowReductions` in one pass over the lower triangle.
+
+    pattern: [B, H, T, T] causal float32; valid: [B, T] bool (padding at the end). Row block
+    ``[s, e)`` only needs keys ``< e``; each block is read by all reductions while in cache.
+    """
+    B, H, T, _ = pattern.shape
+    block = min(T, _ROW_BLOCK)
+    entropy = pattern.new_empty(B, H, T)
+    row_max = pattern.new_zeros(B, H, T)
+    moments = pattern.new_empty(B, H, T, 2)
+    received = pattern.new_zeros(B, H, T)
+    groups = T // KEY_GROUP if T % KEY_GROUP == 0 else 0
+    group_max = pattern.new_zeros(B, H, T, groups) if groups else None
+    k = torch.arange(T, dtype=pattern.dtype, device=pattern.device)  # [T]
+    basis = torch.stack([k, k * k])  # [2, T]
+    query_weight = valid.to(pattern.dtype)  # [B, T]
+    all_valid = bool(valid.all())
+    buf = pattern.new_empty(B, H, block, T)  # [B, H, block, T] scratch, reused by every block
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        rows = pattern[:, :, start:stop, :stop]  # [B, H, r, stop]
+        scratch = buf[:, :, : stop - start, :stop]
+        torch.clamp_min(rows, _TINY, out=scratch).log_().mul_(rows)  # A log A, 0 where A == 0
+        entropy[:, :, start:stop] = scratch.sum(-1).neg_()
+        if stop > 1:
+            row_max[:, :, start:stop] = rows[..., 1:].amax(-1)
+        moments[:, :, start:stop] = F.linear(rows, basis[:, :stop])
+        if all_valid:
+            received[:, :, :stop] += rows.sum(-2)
+        else:
+            received[:, :, :stop] += torch.einsum("bhqk,bq->bhk", rows, query_weight[:, start:stop])
+        if group_max is not None:
+            g = stop // KEY_GROUP  # keys >= stop are all zero in these rows
+            group_max[:, :, start:stop, :g] = rows.unflatten(-1, (g, KEY_GROUP)).amax(-1)
+    # the diagonal is not "received from a later query"
+    received -= pattern.diagonal(dim1=-2, dim2=-1) * query_weight[:, None, :]
+    return RowReductions(entropy, row_max, moments, received, group_max)
