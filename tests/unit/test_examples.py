@@ -182,7 +182,7 @@ def test_example_payload_sparse_pattern_and_position_maxima():
     assert ex["max_as_query"] == pytest.approx([0.0, 0.7, 0.49, 0.4], abs=1e-3)  # keys >= 1
     assert ex["max_as_key"] == pytest.approx([0.3, 0.49, 0.3, 0.0], abs=1e-3)  # later queries
     # the same pattern seen through received_maxima_ directly (which overwrites its input)
-    assert received_maxima_(a[None].clone(), valid).tolist()[0] == pytest.approx(
+    assert received_maxima_(a[None].clone(), torch.tensor([4])).tolist()[0] == pytest.approx(
         [0.3, 0.49, 0.3, 0.0, 0.0]
     )
 
@@ -305,3 +305,16 @@ def test_toptokens_tables_hold_only_seen_tokens():
     tokens = torch.tensor([[100_000, 7, 262_000, 7]])
     tt.update(0, random_causal_tt(1, 2, 4, 0), tokens, torch.ones(1, 4, dtype=torch.bool))
     assert tt.state_dict()["tokens"].tolist() == [7, 262_000]  # position 0 is never counted
+
+
+def test_causal_topk_equals_topk_on_causal_patterns():
+    from headscope.precompute.state import _causal_topk
+
+    p = random_causal_tt(3, 1, 300, seed=5)[:, 0]  # [3, 300, 300], continuous: no ties
+    for k in (1, 2, 5):
+        values, indices = _causal_topk(p, k)
+        ref_values, ref_indices = p.topk(k, dim=-1)
+        assert torch.equal(values, ref_values)
+        # rows with fewer than k non-zero keys pick arbitrary zeros: compare where it matters
+        nonzero = ref_values > 0
+        assert torch.equal(indices[nonzero], ref_indices[nonzero])

@@ -24,6 +24,25 @@ from headscope.precompute.toptokens import TopTokens
 _PAYLOAD_CHUNK = 8  # patterns per gathered copy in ExamplePayloads.add (8 x 1 MB at T = 512)
 
 
+_TOPK_ROWS = 128  # rows per block in _causal_topk
+
+
+def _causal_topk(patterns: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``topk`` along the keys of causal ``patterns [N, T, T]`` -> values, indices ``[N, T, k]``.
+
+    Row block ``[s, e)`` only searches keys ``< max(e, k)``: the rest of the row is zero."""
+    N, T, _ = patterns.shape
+    k = min(k, T)
+    values = patterns.new_empty(N, T, k)
+    indices = torch.empty(N, T, k, dtype=torch.long, device=patterns.device)
+    for start in range(0, T, _TOPK_ROWS):
+        stop = min(start + _TOPK_ROWS, T)
+        values[:, start:stop], indices[:, start:stop] = patterns[
+            :, start:stop, : max(stop, k)
+        ].topk(k, dim=-1)
+    return values, indices
+
+
 class ExamplePayloads:
     """The display data (sparse pattern, max-as-query, max-as-key) of every kept example.
 
@@ -54,15 +73,14 @@ class ExamplePayloads:
         seq_ids: Tensor,  # [N] their sequence indices
     ) -> None:
         """Store the payloads of (layer, heads[i]) on sequence b[i] of ``batch``."""
-        T = batch.pattern.shape[-1]
         lengths = batch.valid.sum(-1)  # [B]
         # a few patterns at a time: the gathered copy stays small enough to reuse freed memory
         for c in range(0, b.numel(), _PAYLOAD_CHUNK):
             bc, hc = b[c : c + _PAYLOAD_CHUNK], heads[c : c + _PAYLOAD_CHUNK]
             rows = batch.pattern[bc, hc]  # [n, T, T] a copy
-            w, k = rows.topk(min(self.top_k, T), dim=-1)  # [n, T, K]
+            w, k = _causal_topk(rows, self.top_k)  # [n, T, K]
             mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
-            mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
+            mk = received_maxima_(rows, lengths[bc]).half()  # consumes rows
             for i, (h, s, n) in enumerate(
                 zip(
                     hc.tolist(),
