@@ -72,10 +72,8 @@ class ServerHandle:
     def wait(self) -> None:
         """Block until the server stops (Ctrl-C stops it)."""
         try:
-            # sleep, not join(): a KeyboardInterrupt that lands inside Thread.join can leave the
-            # thread's state lock held, and every later join() then waits out its timeout
             while self._thread.is_alive():
-                time.sleep(0.2)
+                self._thread.join(0.5)
         except KeyboardInterrupt:
             pass
         finally:
