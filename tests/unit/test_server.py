@@ -597,7 +597,12 @@ def test_serve_off_loopback_warns_and_requires_a_token(monkeypatch, capsys, sess
 
 
 def test_serve_block_runs_until_ctrl_c():
+    # A command started with & by a non-interactive shell (as CI runners may start the suite)
+    # inherits SIGINT ignored, and so would this child: give it the default Ctrl-C behaviour
+    # a terminal user has.
     code = (
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from headscope.server import serve\n"
         "h = serve(block=True)\n"
         "print('stopped', h.running, flush=True)\n"
