@@ -182,7 +182,7 @@ def test_example_payload_sparse_pattern_and_position_maxima():
     assert ex["max_as_query"] == pytest.approx([0.0, 0.7, 0.49, 0.4], abs=1e-3)  # keys >= 1
     assert ex["max_as_key"] == pytest.approx([0.3, 0.49, 0.3, 0.0], abs=1e-3)  # later queries
     # the same pattern seen through received_maxima_ directly (which overwrites its input)
-    assert received_maxima_(a[None].clone(), torch.tensor([4])).tolist()[0] == pytest.approx(
+    assert received_maxima_(a[None].clone(), valid).tolist()[0] == pytest.approx(
         [0.3, 0.49, 0.3, 0.0, 0.0]
     )
 

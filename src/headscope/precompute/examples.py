@@ -192,16 +192,14 @@ class ExampleSelector:
         return self.hist.clone()
 
 
-def received_maxima_(patterns: Tensor, lengths: Tensor) -> Tensor:
+def received_maxima_(patterns: Tensor, valid: Tensor) -> Tensor:
     """The largest attention each position receives from a later valid query.
 
     patterns: [N, T, T] causal (zero above the diagonal), **overwritten**: the diagonal and the
-    padding rows are zeroed in place, which saves a copy of N x T x T. lengths: [N] valid
-    positions of each pattern (padding at the end). Returns [N, T]; 0 for the last position.
+    padding rows are zeroed in place, which saves a copy of N x T x T. valid: [N, T] bool
+    (padding at the end). Returns [N, T]; 0 for the last position.
     """
     patterns.diagonal(dim1=-2, dim2=-1).zero_()
-    T = patterns.shape[-1]
-    for i, n in enumerate(lengths.tolist()):
-        if n < T:
-            patterns[i, n:].zero_()
+    if not bool(valid.all()):  # only sequences that end in padding pay for the mask
+        patterns.masked_fill_(~valid[:, :, None], 0.0)
     return patterns.amax(-2)

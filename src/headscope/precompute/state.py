@@ -80,7 +80,7 @@ class ExamplePayloads:
             rows = batch.pattern[bc, hc]  # [n, T, T] a copy
             w, k = _causal_topk(rows, self.top_k)  # [n, T, K]
             mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
-            mk = received_maxima_(rows, lengths[bc]).half()  # consumes rows
+            mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
             for i, (h, s, n) in enumerate(
                 zip(
                     hc.tolist(),
