@@ -20,9 +20,8 @@ from headscope.dictionaries.pipeline import (
     dictionary_sites,
     train_dictionaries,
     train_sites,
-    value_cluster_report,
-    z_head_report,
 )
+from headscope.dictionaries.reports import value_cluster_report, z_head_report
 from headscope.dictionaries.sae import SAE, SAEConfig
 from headscope.precompute.runner import _batches, _stack
 from headscope.precompute.sequences import iter_sequences
