@@ -152,8 +152,15 @@ def train_sites(
 ) -> dict[str, Any]:
     """Train one TopK SAE per ``(site, layers)`` in lockstep from one activation stream.
 
-    Same as :func:`train_dictionaries` but with the SAEs listed explicitly, so residual, z and
-    value SAEs of different layers can share one pass over the data.
+    :func:`train_dictionaries` with the SAEs listed explicitly, so residual, z and value SAEs
+    of different layers can share one pass over the data.
+
+    n_tokens: training tokens (BOS left out), after ``n_eval`` held-out tokens the stats are
+    measured on. batch_size: sequences of ``seq_len`` tokens per forward pass; sae_batch_size:
+    rows per optimiser step. lr: Adam learning rate, default :func:`default_lr`.
+    label_tokens: tokens read after the training stretch for ``features.json`` (0: no labels).
+    text_field: the field holding the text in JSONL/Parquet data. device: where a model given
+    by name is loaded; the SAEs train on the model's device.
     """
     say = log or (lambda _msg: None)
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter.load(model, device=device)
@@ -299,19 +306,7 @@ def train_dictionaries(
     layers: Sequence[int],
     *,
     out: Path,
-    n_features: int = 2048,
-    k: int = 32,
-    n_tokens: int = 200_000,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    lr: float | None = None,
-    label_tokens: int = 100_000,
-    sae_batch_size: int = 1024,
-    n_eval: int = 8192,
-    text_field: str = "text",
-    device: str = "cpu",
-    log: Callable[[str], None] | None = print,
+    **options: Any,
 ) -> dict[str, Any]:
     """Train TopK SAEs on one site of ``model`` and write them with labels and reports.
 
@@ -320,36 +315,13 @@ def train_dictionaries(
     layers. All SAEs train in lockstep from one activation stream (each forward pass feeds all
     of them and stops after the deepest layer). data None = the default corpus.
 
-    n_tokens: training tokens (BOS left out), after ``n_eval`` held-out tokens the stats are
-    measured on. batch_size: sequences of ``seq_len`` tokens per forward pass; sae_batch_size:
-    rows per optimiser step. lr: Adam learning rate, default :func:`default_lr`.
-    label_tokens: tokens read after the training stretch for ``features.json`` (0: no labels).
-    text_field: the field holding the text in JSONL/Parquet data. device: where a model given
-    by name is loaded; the SAEs train on the model's device.
+    ``options`` are :func:`train_sites`' keyword arguments (sizes, token counts, seed, ...).
     Then ``z`` SAEs get :func:`z_head_report` and ``v`` SAEs :func:`value_cluster_report`.
 
     Writes ``out/{site key}/`` per SAE (see the module docstring) and returns
     ``{"out", "config", "saes": {site key: {"path", "stats", ...}}}``.
     """
-    return train_sites(
-        model,
-        data,
-        dictionary_sites(site, layers),
-        out=out,
-        n_features=n_features,
-        k=k,
-        n_tokens=n_tokens,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        sae_batch_size=sae_batch_size,
-        n_eval=n_eval,
-        seed=seed,
-        lr=lr,
-        label_tokens=label_tokens,
-        text_field=text_field,
-        device=device,
-        log=log,
-    )
+    return train_sites(model, data, dictionary_sites(site, layers), out=out, **options)
 
 
 def format_stats(st: TrainStats) -> str:
