@@ -11,6 +11,7 @@ from headscope.precompute.examples import (
     BUCKET_EDGES,
     ExampleSelector,
     bucket_of,
+    causal_topk,
     received_maxima_,
     sequence_max_attention,
 )
@@ -308,11 +309,9 @@ def test_toptokens_tables_hold_only_seen_tokens():
 
 
 def test_causal_topk_equals_topk_on_causal_patterns():
-    from headscope.precompute.state import _causal_topk
-
     p = random_causal_tt(3, 1, 300, seed=5)[:, 0]  # [3, 300, 300], continuous: no ties
     for k in (1, 2, 5):
-        values, indices = _causal_topk(p, k)
+        values, indices = causal_topk(p, k)
         ref_values, ref_indices = p.topk(k, dim=-1)
         assert torch.equal(values, ref_values)
         # rows with fewer than k non-zero keys pick arbitrary zeros: compare where it matters

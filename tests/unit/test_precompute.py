@@ -27,11 +27,11 @@ def assets(tmp_path_factory):
     return root, model, data
 
 
-def _cmd(model, data, out, extra=()):
+def _cmd(model, data, out, extra=(), launcher=("-m", "headscope")):
+    """The precompute command line; ``launcher`` replaces ``-m headscope`` (e.g. torchrun)."""
     return [
         sys.executable,
-        "-m",
-        "headscope",
+        *launcher,
         "precompute",
         "--model",
         str(model),
@@ -125,26 +125,8 @@ def test_torchrun_two_processes_equal_one(assets, reference):
 
     root, model, data = assets
     out = root / "dist"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29533",
-        "-m",
-        "headscope",
-        "precompute",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *ARGS,
-        "--json",
-    ]
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533")
+    cmd = _cmd(model, data, out, launcher=(*torchrun, "-m", "headscope"))
     result = _run(cmd, input="")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = open_run(reference).metrics, open_run(out).metrics

@@ -192,6 +192,25 @@ class ExampleSelector:
         return self.hist.clone()
 
 
+_TOPK_ROWS = 128  # rows per block in causal_topk
+
+
+def causal_topk(patterns: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``topk`` along the keys of causal ``patterns [N, T, T]`` -> values, indices ``[N, T, k]``.
+
+    Row block ``[s, e)`` only searches keys ``< max(e, k)``: the rest of the row is zero."""
+    N, T, _ = patterns.shape
+    k = min(k, T)
+    values = patterns.new_empty(N, T, k)
+    indices = torch.empty(N, T, k, dtype=torch.long, device=patterns.device)
+    for start in range(0, T, _TOPK_ROWS):
+        stop = min(start + _TOPK_ROWS, T)
+        values[:, start:stop], indices[:, start:stop] = patterns[
+            :, start:stop, : max(stop, k)
+        ].topk(k, dim=-1)
+    return values, indices
+
+
 def received_maxima_(patterns: Tensor, valid: Tensor) -> Tensor:
     """The largest attention each position receives from a later valid query.
 

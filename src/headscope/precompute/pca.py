@@ -154,7 +154,7 @@ class PairCollector:
             floor = floor.clamp_min(_TINY)  # zero pairs never count
             tiles_a = pattern.reshape(B, H, T, G, W)
             tiles_v = v_norm.reshape(B, H, G, W)
-            a_max = group_max if group_max is not None and W == KEY_GROUP else tiles_a.amax(-1)
+            a_max = tiles_a.amax(-1) if group_max is None else group_max  # [B, H, T, G]
             bound = a_max * tiles_v.amax(-1)[:, :, None, :]  # [B, H, T, G]
             bound.masked_fill_(~valid[:, None, :, None], 0.0)
             b, h, q, g = (bound >= floor[None, :, None, None]).nonzero(as_tuple=True)  # [R]

@@ -14,6 +14,7 @@ from headscope.model.spec import ArchSpec
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.examples import (
     ExampleSelector,
+    causal_topk,
     received_maxima_,
     sequence_max_attention,
 )
@@ -22,25 +23,6 @@ from headscope.precompute.pca import PairCollector
 from headscope.precompute.toptokens import TopTokens
 
 _PAYLOAD_CHUNK = 8  # patterns per gathered copy in ExamplePayloads.add (8 x 1 MB at T = 512)
-
-
-_TOPK_ROWS = 128  # rows per block in _causal_topk
-
-
-def _causal_topk(patterns: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``topk`` along the keys of causal ``patterns [N, T, T]`` -> values, indices ``[N, T, k]``.
-
-    Row block ``[s, e)`` only searches keys ``< max(e, k)``: the rest of the row is zero."""
-    N, T, _ = patterns.shape
-    k = min(k, T)
-    values = patterns.new_empty(N, T, k)
-    indices = torch.empty(N, T, k, dtype=torch.long, device=patterns.device)
-    for start in range(0, T, _TOPK_ROWS):
-        stop = min(start + _TOPK_ROWS, T)
-        values[:, start:stop], indices[:, start:stop] = patterns[
-            :, start:stop, : max(stop, k)
-        ].topk(k, dim=-1)
-    return values, indices
 
 
 class ExamplePayloads:
@@ -78,7 +60,7 @@ class ExamplePayloads:
         for c in range(0, b.numel(), _PAYLOAD_CHUNK):
             bc, hc = b[c : c + _PAYLOAD_CHUNK], heads[c : c + _PAYLOAD_CHUNK]
             rows = batch.pattern[bc, hc]  # [n, T, T] a copy
-            w, k = _causal_topk(rows, self.top_k)  # [n, T, K]
+            w, k = causal_topk(rows, self.top_k)  # [n, T, K]
             mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
             mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
             for i, (h, s, n) in enumerate(
