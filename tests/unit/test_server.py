@@ -21,7 +21,8 @@ from headscope.analysis.attend import attend
 from headscope.analysis.session import Session
 from headscope.server import create_app, serve
 from headscope.server import schemas as S
-from headscope.server.app import NO_MODEL, TOKEN_COOKIE
+from headscope.server.app import NO_MODEL
+from headscope.server.guard import TOKEN_COOKIE
 from tests.tiny_models import tiny_adapter
 
 TEXT = "abcab cabc aab. The quick brown fox; the quick brown"

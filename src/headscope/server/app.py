@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
-import math
 import mimetypes
-import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from headscope.analysis.inputs import InputError
 from headscope.server import schemas as S
+from headscope.server.guard import Guard
+from headscope.server.responses import JSON, error_response, readable_errors
 
 if TYPE_CHECKING:
     from headscope.analysis.session import Session
@@ -41,8 +39,6 @@ log = logging.getLogger("headscope.server")
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
 NO_MODEL = "no model loaded: start the server with --model M"
-TOKEN_COOKIE = "headscope_token"
-MAX_BODY_BYTES = 16 << 20
 # attend returns T(T+1)/2 weights per head; beyond this the JSON alone is tens of megabytes.
 MAX_ATTEND_VALUES = 4_000_000
 MAX_GEOMETRY_VALUES = 4_000_000
@@ -109,164 +105,6 @@ class ModelQueue:
             ex, self._executor = self._executor, None
         if ex is not None:
             ex.shutdown(wait=False, cancel_futures=True)
-
-
-# ----- JSON out -----------------------------------------------------------------------------------
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-class JSON(JSONResponse):
-    """Compact JSON; non-finite floats (a masked key's -inf score) become null, because the
-    browser's JSON.parse rejects NaN and Infinity."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except ValueError:
-            text = json.dumps(
-                _finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            )
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: escape everything instead
-            return json.dumps(json.loads(text), allow_nan=False).encode("ascii")
-
-
-def _error(status: int, detail: str, headers: dict | None = None, **extra) -> JSON:
-    return JSON({"detail": detail, **extra}, status_code=status, headers=headers)
-
-
-def _field_path(loc) -> str:
-    # pydantic puts union-member tags ("list[...]", "function-after[...]", "int", model class
-    # names) into locations; a user wants only the field names and list indices.
-    keep = []
-    for x in loc:
-        if x == "body":
-            continue
-        if isinstance(x, int) or (
-            isinstance(x, str) and x.isidentifier() and x.islower() and x not in _TYPE_TAGS
-        ):
-            keep.append(str(x))
-    return ".".join(keep) or "body"
-
-
-_TYPE_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
-
-
-def _readable(errors: Sequence[Any]) -> str:
-    parts: list[str] = []
-    for e in errors:
-        where = _field_path(e.get("loc", ()))
-        msg = e.get("msg", "invalid")
-        ctx = e.get("ctx") or {}
-        if e.get("type") == "json_invalid" and "error" in ctx:
-            msg = f"invalid JSON: {ctx['error']}"
-        part = f"{where}: {msg}"
-        if part not in parts:
-            parts.append(part)
-    return "; ".join(parts) or "invalid request"
-
-
-# ----- access control -----------------------------------------------------------------------------
-def _host_only(header: str) -> str:
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-class Guard:
-    """ASGI middleware: Host check, body-size bound and the optional access token.
-
-    ``allowed_hosts`` (host names without port) defends a loopback server against DNS
-    rebinding: a web page cannot make the browser send it requests under a foreign Host name.
-    With a ``token``, every ``/api`` and ``/run`` request needs ``Authorization: Bearer <t>``,
-    ``?token=<t>``, or the cookie set when a page was opened with ``?token=<t>``."""
-
-    def __init__(self, app, token: str | None, allowed_hosts: set[str] | None):
-        self.app = app
-        self.token = token
-        self.allowed_hosts = allowed_hosts
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.allowed_hosts is not None:
-            host = _host_only(headers.get("host", "")).lower()
-            if host not in self.allowed_hosts:
-                return await _error(403, f"unexpected Host header {host!r}")(scope, receive, send)
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            return await _error(400, "bad Content-Length")(scope, receive, send)
-        if length > MAX_BODY_BYTES:
-            return await _error(413, f"request body over {MAX_BODY_BYTES} bytes")(
-                scope, receive, send
-            )
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        given = (query.get("token") or [None])[0]
-        if self.token is not None:
-            path = scope["path"].lstrip("/")
-            protected = path in ("api", "run") or path.startswith(("api/", "run/"))
-            if protected and not self._authorized(headers, given):
-                return await _error(
-                    401,
-                    "this server needs its access token: send 'Authorization: Bearer <token>' "
-                    "or add ?token=<token> to the URL",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )(scope, receive, send)
-            if given is not None and secrets.compare_digest(given, self.token):
-                send = self._with_cookie(send)
-        return await self.app(scope, _bounded(receive), send)
-
-    def _authorized(self, headers: dict[str, str], given: str | None) -> bool:
-        assert self.token is not None
-        candidates = [given]
-        auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            candidates.append(auth[7:].strip())
-        for part in headers.get("cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == TOKEN_COOKIE:
-                candidates.append(value)
-        return any(c is not None and secrets.compare_digest(c, self.token) for c in candidates)
-
-    def _with_cookie(self, send):
-        # SameSite=Strict: other sites' pages never get to send it along.
-        cookie = f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start":
-                message = {
-                    **message,
-                    "headers": [*message["headers"], (b"set-cookie", cookie.encode())],
-                }
-            await send(message)
-
-        return wrapped
-
-
-def _bounded(receive):
-    """Stop reading a body (chunked, without Content-Length) once it passes MAX_BODY_BYTES."""
-    seen = 0
-
-    async def wrapped():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > MAX_BODY_BYTES:
-                raise StarletteHTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return message
-
-    return wrapped
 
 
 # ----- static files -------------------------------------------------------------------------------
@@ -371,24 +209,24 @@ def create_app(
 
     # ----- errors
     @app.exception_handler(InputError)
-    async def _input_error(_req, err: InputError):
-        return _error(422, str(err))
+    async def _inputerror_response(_req, err: InputError):
+        return error_response(422, str(err))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req, err: RequestValidationError):
+    async def _validationerror_response(_req, err: RequestValidationError):
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in err.errors()
         ]
-        return _error(422, _readable(err.errors()), errors=errors)
+        return error_response(422, readable_errors(err.errors()), errors=errors)
 
     @app.exception_handler(RecursionError)
     async def _too_deep(_req, _err):
-        return _error(400, "the request body is nested too deeply")
+        return error_response(400, "the request body is nested too deeply")
 
     @app.exception_handler(Busy)
     async def _busy(_req, _err):
-        return _error(
+        return error_response(
             503,
             f"busy, retry: {queue.queue_size} model calls are already waiting",
             headers={"Retry-After": "1"},
@@ -396,15 +234,17 @@ def create_app(
 
     @app.exception_handler(NoModel)
     async def _no_model(_req, _err):
-        return _error(503, NO_MODEL)
+        return error_response(503, NO_MODEL)
 
     @app.exception_handler(NotAvailable)
     async def _not_available(_req, err):
-        return _error(501, str(err))
+        return error_response(501, str(err))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req, err: StarletteHTTPException):
-        return _error(err.status_code, str(err.detail), headers=getattr(err, "headers", None))
+    async def _httperror_response(_req, err: StarletteHTTPException):
+        return error_response(
+            err.status_code, str(err.detail), headers=getattr(err, "headers", None)
+        )
 
     def need_session() -> Session:
         if session is None:
@@ -573,7 +413,7 @@ def create_app(
         include_in_schema=False,
     )
     async def unknown_api(path: str, request: Request):
-        return _error(
+        return error_response(
             404, f"no such API endpoint: {request.method} /api/{path} (see /openapi.json)"
         )
 
@@ -581,18 +421,20 @@ def create_app(
     @app.api_route("/run/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def run_file(path: str):
         if run_root is None:
-            return _error(404, "this server has no run: start it with a run directory")
+            return error_response(404, "this server has no run: start it with a run directory")
         target = safe_file(run_root, path)
         if target is None:
-            return _error(404, "not found")
+            return error_response(404, "not found")
         return _file_response(target)
 
     def app_file(path: str):
         target = safe_file(app_root, path or "index.html")
         if target is None:
             if not path and not (app_root / "index.html").is_file():
-                return _error(404, "the browser app is not installed in this copy of headscope")
-            return _error(404, "not found")
+                return error_response(
+                    404, "the browser app is not installed in this copy of headscope"
+                )
+            return error_response(404, "not found")
         return _file_response(target)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
