@@ -400,7 +400,8 @@ def test_imported_run_without_motif_map_or_pca_says_so(page, imported_app_url, s
     assert page.locator(".error, .error-text").count() == 0
     shot(page, "similar_no_map")
     page.click("nav.tabs a[data-tab='pca']")
-    assert "no PCA" in page.locator(".tab-body .note").inner_text()
+    # the tab renders after the click returns: wait for its note, not the previous tab's
+    page.locator(".tab-body .note", has_text="no PCA").wait_for()
     page.click("nav.tabs a[data-tab='']")
     page.locator(".tokens .tok").first.wait_for()
     assert page.locator(".head-overview polyline").count() == 0
