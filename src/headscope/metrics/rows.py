@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Rows per block in row_reductions: small enough to skip most of the zero upper triangle
@@ -28,7 +27,7 @@ class RowReductions:
 
     entropy: Tensor  # [B, H, T] entropy of each row in nats
     row_max: Tensor  # [B, H, T] max of each row over keys 1..q (0 for row 0)
-    moments: Tensor  # [B, H, T, 2] sum_k A[q, k] k and sum_k A[q, k] k^2
+    moments: Tensor  # [B, H, T, 2] sum_k A[q, k] (q - k) and sum_k A[q, k] (q - k)^2
     received: Tensor  # [B, H, T] sum over later valid queries q > k of A[q, k]
     # [B, H, T, T // KEY_GROUP] max of each row over keys [g * 32, (g + 1) * 32); None when
     # T is not a multiple of KEY_GROUP
@@ -50,7 +49,6 @@ def row_reductions(pattern: Tensor, valid: Tensor) -> RowReductions:
     groups = T // KEY_GROUP if T % KEY_GROUP == 0 else 0
     group_max = pattern.new_zeros(B, H, T, groups) if groups else None
     k = torch.arange(T, dtype=pattern.dtype, device=pattern.device)  # [T]
-    basis = torch.stack([k, k * k])  # [2, T]
     query_weight = valid.to(pattern.dtype)  # [B, T]
     all_valid = bool(valid.all())
     buf = pattern.new_empty(B, H, block, T)  # [B, H, block, T] scratch, reused by every block
@@ -62,7 +60,15 @@ def row_reductions(pattern: Tensor, valid: Tensor) -> RowReductions:
         entropy[:, :, start:stop] = scratch.sum(-1).neg_()
         if stop > 1:
             row_max[:, :, start:stop] = rows[..., 1:].amax(-1)
-        moments[:, :, start:stop] = F.linear(rows, basis[:, :stop])
+        # Moments of the distance q - k, not of the key position k: the variance m2 - m1^2 then
+        # cancels on the scale of the distances a head looks over, not of the position (~T^2).
+        # Elementwise products reduced along each row, not a matmul: a GEMM picks its kernel (so
+        # its rounding) by the batch size, and a metric must not depend on how the stream was
+        # split into batches.
+        dist = k[start:stop, None] - k[None, :stop]  # [r, stop] q - k (< 0 only where A == 0)
+        torch.mul(rows, dist, out=scratch)
+        moments[:, :, start:stop, 0] = scratch.sum(-1)
+        moments[:, :, start:stop, 1] = scratch.mul_(dist).sum(-1)
         if all_valid:
             received[:, :, :stop] += rows.sum(-2)
         else:
