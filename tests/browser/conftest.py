@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from headscope.analysis.session import Session
+from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
 from headscope.model import ModelAdapter
 from headscope.precompute.attributions import precompute_attributions
 from headscope.precompute.config import PrecomputeConfig
@@ -27,7 +28,7 @@ from headscope.store.headvis import export_headvis, import_headvis
 from headscope.store.static import export_static
 from tests.browser.static_server import StaticServer
 from tests.browser.synthetic_run import write_synthetic_run
-from tests.tiny_models import save_tiny, write_texts
+from tests.tiny_models import build, save_tiny, write_texts
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
@@ -43,6 +44,8 @@ CHROMIUM_ARGS = [
 ]
 # Heads of the tiny run that get precomputed attributions (its strongest edge in the top example).
 ATTRIBUTED = ["L1H0", "L2H3"]
+# Layers of the code run that have a residual dictionary (the run has 3 layers: layer 1 has none).
+DICTIONARY_LAYERS = [0, 2]
 BIG = {"n_layers": 80, "n_heads": 64, "seed": 1}
 
 
@@ -185,6 +188,107 @@ def imported_app_url(tiny, tmp_path_factory) -> Iterator[str]:
     run = import_headvis(tree, root / "run")
     with StaticServer(export_static(run, root / "site")) as server:
         yield server.url + "index.html"
+
+
+# ------------------------------------------------------------------ a tiny run on code
+
+
+def code_tokenizer():
+    """The tiny byte-level tokenizer plus BPE merges of newline + indentation runs, as the
+    tokenizers of real code models have: "\\n   " and "\\n       " are single tokens (the last
+    space of an indent goes with the next word, as in GPT-2's pre-tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    nl, sp = "\u010a", "\u0120"  # the byte-level alphabet's "\\n" and " "
+    merges = [
+        (sp, sp),
+        (sp * 2, sp * 2),
+        (nl, sp),
+        (nl, sp * 2),
+        (nl + sp * 2, sp),
+        (nl, sp * 4),
+        (nl + sp * 4, sp * 2),
+        (nl + sp * 6, sp),
+        (nl, nl),
+    ]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def write_code_corpus(path: Path, n_docs: int = 40) -> Path:
+    """Small indented Python functions, one per document."""
+    names = ["total", "count", "value", "item", "limit"]
+    docs = []
+    for i in range(n_docs):
+        a, b = names[i % 5], names[(i + 2) % 5]
+        docs.append(
+            f"def f{i}({a}, {b}):\n    if {a} > {b}:\n        return {a} - {b}\n"
+            f"    for x in {b}:\n        {a} += x\n    return {a}\n"
+        )
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def residual_sae(d_model: int, layer: int, seed: int) -> SAE:
+    """A random TopK residual SAE entering `layer`, scaled to the tiny model's residual."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(d_in=d_model, d_sae=64, architecture="topk", k=8, site="resid", layers=(layer,))
+    sae = SAE(cfg, generator=g)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.05)
+        sae.b_enc.copy_(0.01 * torch.rand(64, generator=g))
+    return sae
+
+
+@pytest.fixture(scope="session")
+def code_run(tmp_path_factory) -> TinyRun:
+    """A real precompute of the tiny llama with `code_tokenizer` on indented Python, in a run
+    directory named "tiny-code" that holds residual dictionaries for DICTIONARY_LAYERS only."""
+    root = tmp_path_factory.mktemp("code")
+    tokenizer = code_tokenizer()
+    model = build("llama")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config._attn_implementation = "sdpa"
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = PrecomputeConfig(
+        model=str(model_dir),
+        data=str(write_code_corpus(root / "code.jsonl")),
+        sequences=8,
+        seq_len=64,
+        batch_size=4,
+        motif_sequences=8,
+        pca_pairs=64,
+        probe_sequences=4,
+        probe_length=16,
+    )
+    run_dir = run_precompute(cfg, root / "tiny-code", progress=False)
+    for layer in DICTIONARY_LAYERS:
+        sae = residual_sae(model.config.hidden_size, layer, seed=layer)
+        save_sae(sae, run_dir / "dictionaries" / f"resid_L{layer}")
+    return TinyRun(model_dir=model_dir, run_dir=run_dir)
+
+
+@pytest.fixture(scope="session")
+def code_live_url(code_run) -> Iterator[str]:
+    """The real live server on the code run and its model (dictionaries from RUN/dictionaries)."""
+    handle = serve(code_run.run_dir, str(code_run.model_dir))
+    try:
+        yield handle.url
+    finally:
+        handle.stop()
 
 
 # ------------------------------------------------------------------ sizes a tiny run lacks

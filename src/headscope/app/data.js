@@ -159,23 +159,56 @@ async function precomputed() {
 // ---------------------------------------------------------------- live server
 
 /**
- * {live, health, server}. `GET api/health` is answered by `headscope serve`; a static export
- * answers it from the app's own `api/health` file ({"static": true}), so detecting "no server"
- * never produces a failed request in the console. `server` is true when a server answered
- * but has no model loaded (live views cannot run then either).
+ * {live, health, server, run}. `GET api/health` is answered by `headscope serve`; a static
+ * export answers it from the app's own `api/health` file ({"static": true}), so detecting "no
+ * server" never produces a failed request in the console. `server` is true when a server
+ * answered but has no model loaded (live views cannot run then either); `run` is the name of
+ * the run directory the server serves at `run/` (null: none, or no server).
  */
 export const liveStatus = () => cached('health', async () => {
+  const none = { live: false, health: null, server: false, run: null };
   try {
     const resp = await fetch('api/health', { headers: { accept: 'application/json' } });
-    if (!resp.ok) return { live: false, health: null, server: false };
+    if (!resp.ok) return none;
     const body = await resp.json();
     const server = Boolean(body && !body.static);
     const live = server && Number.isFinite(body.n_layers) && Boolean(body.model);
-    return { live, health: live ? body : null, server };
+    return { live, health: live ? body : null, server, run: server && typeof body.run === 'string' ? body.run : null };
   } catch {
-    return { live: false, health: null, server: false };
+    return none;
   }
 });
+
+const basename = (p) => String(p).replace(/[\\/]+$/, '').split(/[\\/]/).pop();
+
+/**
+ * The run's name and where it comes from ({name, source}), for the header and the page title.
+ * In order: a `name` in the manifest (or in its config); the run directory's name, from the
+ * live server when it serves the run the app reads (`run/`), or from `?run=`; else the run is
+ * named by what the manifest says it was made from (its dataset and size, or the HeadVis tree it
+ * was imported from): a static export copies the run to `run/`, which keeps no name.
+ */
+export async function runName() {
+  const m = await manifest();
+  const cfg = m.config || {};
+  const own = m.name || cfg.name || cfg.run_name;
+  if (own) return { name: String(own), source: 'the run manifest' };
+  const folder = basename(RUN_BASE);
+  if (RUN_BASE === 'run/') {
+    const st = await liveStatus();
+    if (st.run) return { name: st.run, source: 'the run directory the server serves' };
+  } else if (folder && folder !== '.' && folder !== '..') {
+    return { name: folder, source: `the run directory ${RUN_BASE}` };
+  }
+  if (cfg.imported_from) return { name: basename(cfg.imported_from), source: 'the HeadVis tree the run was imported from' };
+  const ds = m.dataset || {};
+  const from = ds.path || ds.name;
+  if (from) {
+    const tokens = m.tokens && Number.isFinite(m.tokens.tokens) ? `, ${m.tokens.tokens.toLocaleString('en-US')} tokens` : '';
+    return { name: `${basename(from)}${tokens}`, source: 'the manifest names no run: its dataset and size' };
+  }
+  return { name: folder || 'run', source: 'the run directory' };
+}
 
 async function post(path, body) {
   const st = await liveStatus();
@@ -231,7 +264,7 @@ export async function exampleAttribution(kind, { head: name, sequence, query, ke
   const { live } = await liveStatus();
   if ((await precomputed()).has(rel)) {
     const result = await cached(`attr:${rel}`, () => fetchJSON(runUrl(`attributions/${rel}`)));
-    if (!live || !basis || !result.basis || result.basis === basis) return { source: 'precomputed', result };
+    if (!live || !basis || !result.basis || basisKind(result.basis) === basisKind(basis)) return { source: 'precomputed', result };
   }
   if (!live) return { source: 'none' };
   const { text, map } = await cached(`align:${sequence}`, () => alignExample(strs));
@@ -239,12 +272,75 @@ export async function exampleAttribution(kind, { head: name, sequence, query, ke
     throw new ApiError('The live server tokenises this example differently from the run, so positions would not match; paste its text into Custom text instead.');
   }
   const req = { text, head: name, query: map[query], key: map[key], basis: basis || 'components' };
-  const result = await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
-  return { source: 'live', result };
+  return { source: 'live', result: await attribute(kind, req) };
 }
 
 /** Attribution for free text (custom view): always live. */
 export async function textAttribution(kind, req) {
-  const result = await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
-  return { source: 'live', result };
+  return { source: 'live', result: await attribute(kind, req) };
+}
+
+// ---------------------------------------------------------------- the feature basis
+
+/** "sae" or "components": the basis a request names, or a result's `basis` ("sae:<folder>"). */
+export const basisKind = (b) => (String(b || '').startsWith('sae') ? 'sae' : 'components');
+
+/** A feature-basis request the server refused because it has no dictionary for the layer. */
+export class NoDictionaryError extends ApiError {
+  constructor(message, status) {
+    super(message, status);
+    this.name = 'NoDictionaryError';
+  }
+}
+
+let learnedLayers = null;
+
+/**
+ * The layers the live server has a residual dictionary for (the `sae` basis; a layer's
+ * dictionary decomposes the residual entering it), [] without a live server. From `api/health`
+ * `dictionary_layers` when the server reports it; a server that does not is learned from its
+ * answer to the first feature-basis request it refuses ("no residual dictionary for layer L;
+ * have layers [..]", or "no dictionaries loaded"), and null (unknown) until then.
+ */
+export async function dictionaryLayers() {
+  const st = await liveStatus();
+  if (!st.live) return [];
+  if (Array.isArray(st.health.dictionary_layers)) return st.health.dictionary_layers;
+  if ('dictionary_layers' in st.health) return []; // null: no dictionaries loaded
+  return learnedLayers;
+}
+
+function learnDictionaries(err) {
+  const msg = String((err && err.message) || '');
+  const m = msg.match(/no residual dictionary for layer \d+; have layers \[([\d,\s]*)\]/);
+  if (m) learnedLayers = m[1].split(',').map((x) => x.trim()).filter(Boolean).map(Number);
+  else if (/no dictionaries loaded/.test(msg)) learnedLayers = [];
+  else return err;
+  return new NoDictionaryError(msg, err.status);
+}
+
+/**
+ * Can the feature basis attribute a head of `layer`? {ok: true | false | null (unknown), why}.
+ * QK and OV attributions decompose the residual entering the head's layer (at the query and at
+ * the key), so they need that layer's dictionary.
+ */
+export async function featureBasis(layer) {
+  if (!(await liveStatus()).live) return { ok: false, why: 'SAE features are computed by a live server' };
+  const layers = await dictionaryLayers();
+  if (layers === null) return { ok: null, why: `SAE features need the server to have a residual dictionary for layer ${layer}` };
+  if (!layers.length) {
+    return { ok: false, why: 'the server has no residual dictionaries (serve with --dictionaries DIR, or put SAEs in RUN/dictionaries/)' };
+  }
+  if (!layers.includes(layer)) {
+    return { ok: false, why: `the server has no residual dictionary for layer ${layer} (it has layer${layers.length > 1 ? 's' : ''} ${layers.join(', ')})` };
+  }
+  return { ok: true, why: `features of the server’s residual dictionary for layer ${layer}` };
+}
+
+async function attribute(kind, req) {
+  try {
+    return await (kind === 'qk' ? api.attributeQK(req) : api.attributeOV(req));
+  } catch (err) {
+    throw basisKind(req.basis) === 'sae' ? learnDictionaries(err) : err;
+  }
 }

@@ -132,12 +132,11 @@ async function header() {
   const runEl = document.getElementById('run-name');
   const statusEl = document.getElementById('server-status');
   try {
-    const m = await data.manifest();
+    const [m, { name, source }] = await Promise.all([data.manifest(), data.runName()]);
     const model = m.model || {};
-    const name = (m.config && (m.config.name || m.config.run_name)) || data.RUN_BASE.replace(/\/$/, '');
     runEl.textContent = '';
     runEl.append(
-      h('span', { class: 'run-label' }, name),
+      h('span', { class: 'run-label', title: `run name, from ${source}` }, name),
       h('span', { class: 'muted' }, ` · ${model.name || 'model'} · ${model.n_layers ?? '?'} layers × ${model.n_heads ?? '?'} heads`),
     );
     if (m.status && m.status !== 'complete') runEl.append(h('span', { class: 'badge warn', title: 'the run did not finish; some heads may be missing' }, m.status));

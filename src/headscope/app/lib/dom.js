@@ -60,20 +60,18 @@ export function parseHead(text) {
 
 /**
  * The note shown by views that need `headscope serve` when the app is statically hosted (or
- * the server has no model: `serverWithoutModel`).
+ * the server has no model: `serverWithoutModel`): one sentence saying what to run.
  */
 export function needsServer(what, serverWithoutModel = false) {
   if (serverWithoutModel) {
     return h('div', { class: 'note needs-server' },
-      h('strong', {}, `${what} needs a model.`), ' ',
-      'This view needs a live server with a model: this server has none; restart it as ',
+      h('strong', {}, `${what} needs a model`), ', and this server has none: restart it as ',
       h('code', {}, 'headscope serve RUN --model M'), '.');
   }
   return h('div', { class: 'note needs-server' },
-    h('strong', {}, `${what} needs a live server.`), ' ',
-    'This view needs a live server: run ', h('code', {}, 'headscope serve RUN --model M'),
-    ' and open the URL it prints. Everything precomputed in the run (head selector, head pages, ',
-    'PCA, similar heads, precomputed attributions) works without one.');
+    h('strong', {}, `${what} needs a live server`), ': run ', h('code', {}, 'headscope serve RUN --model M'),
+    ' and open the URL it prints (everything precomputed in the run works without one: the head ',
+    'selector, head pages, PCA, similar heads and precomputed attributions).');
 }
 
 export function errorBox(err) {

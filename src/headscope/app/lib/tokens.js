@@ -17,18 +17,50 @@ const escapeInvisible = (t) => t.replace(/\r\n/g, '\n').replace(INVISIBLE, (c) =
   return code < 0x100 ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
 });
 
-/** How a token string is drawn: visible text, number of line breaks after it, CSS classes. */
+/**
+ * How a token string is drawn, so that code reads like code: `pieces` are [text, kind] pairs
+ * with kind `text`, `nl` (a ↵ marker for newlines), `br` (a line break inside the token) or
+ * `indent` (the whitespace that starts the next line). A token with a newline breaks the line
+ * there and the indentation after the newline opens the next line, inside the same span, so
+ * it stays one hoverable token. A trailing newline's breaks (at most 2, so runs of blank lines
+ * stay short) come after the span: `breaks`. `text` is the one-line form (SVG export, labels).
+ */
 export function displayToken(str) {
   const t = String(str ?? '');
-  if (t === '') return { text: '∅', breaks: 0, cls: 'ws' };
-  if (SPECIAL.test(t)) return { text: t, breaks: 0, cls: 'special' };
-  const breaks = Math.min(2, (t.match(/\n/g) || []).length);
-  let text = escapeInvisible(t).replace(/\t/g, '⇥');
-  if (/^[ \n⇥]+$/.test(text)) {
-    text = text.replace(/ /g, '·').replace(/\n/g, '↵');
-    return { text, breaks, cls: 'ws' };
+  if (t === '') return { text: '∅', pieces: [['∅', 'text']], breaks: 0, cls: 'ws' };
+  if (SPECIAL.test(t)) return { text: t, pieces: [[t, 'text']], breaks: 0, cls: 'special' };
+  const e = escapeInvisible(t);
+  const ws = /^[ \t\n]+$/.test(e);
+  // Alone, a space-only token would be invisible: its spaces are shown as dots.
+  const visible = (x) => (ws ? x.replace(/ /g, '·') : x).replace(/\t/g, '⇥');
+  const chunks = e.split(/(\n+)/); // [line, newlines, line, newlines, …, line]
+  const pieces = [];
+  let breaks = 0;
+  if (chunks[0]) pieces.push([visible(chunks[0]), 'text']);
+  for (let c = 1; c < chunks.length; c += 2) {
+    const n = Math.min(2, chunks[c].length);
+    const rest = chunks.slice(c + 1).join('');
+    pieces.push(['↵'.repeat(chunks[c].length), 'nl']);
+    if (!rest) { breaks = n; break; }
+    for (let b = 0; b < n; b++) pieces.push(['', 'br']);
+    const line = chunks[c + 1];
+    const indent = line.match(/^[ \t]*/)[0];
+    // A tab shows as ⇥ and keeps the width of the 4 columns it indents by.
+    if (indent) pieces.push([indent.replace(/\t/g, '⇥   '), 'indent']);
+    if (line.length > indent.length) pieces.push([visible(line.slice(indent.length)), 'text']);
   }
-  return { text: text.replace(/\n/g, '↵'), breaks, cls: '' };
+  const text = pieces.filter(([, k]) => k !== 'br').map(([x, k]) => (k === 'indent' ? x.replace(/ /g, '·') : x)).join('');
+  return { text, pieces, breaks, cls: ws ? 'ws' : '' };
+}
+
+/** The children of a token's span: a plain string for the common one-piece token. */
+function tokenContent(d) {
+  if (d.pieces.length === 1 && d.pieces[0][1] === 'text') return d.pieces[0][0];
+  return d.pieces.map(([x, kind]) => {
+    if (kind === 'br') return h('br');
+    if (kind === 'text') return x;
+    return h('span', { class: kind === 'nl' ? 'nl' : 'indent' }, x);
+  });
 }
 
 /** A token as a one-line label for tables and tooltips: ␣ for edge spaces, ↵ for newlines. */
@@ -97,7 +129,7 @@ export class TokenView {
     const starts = new Set(docStarts);
     this.spans = strs.map((str, i) => {
       const d = displayToken(str);
-      const span = h('span', { class: `tok ${d.cls}`, 'data-i': i }, d.text);
+      const span = h('span', { class: `tok ${d.cls}`, 'data-i': i }, tokenContent(d));
       if (starts.has(i)) {
         span.classList.add('doc-start');
         this.el.append(h('span', { class: 'doc-mark', title: `document starts at position ${i}`, 'aria-hidden': 'true' }, '¶'));
@@ -265,12 +297,18 @@ export class TokenView {
     let y = title ? 44 : 14;
     this.strs.forEach((str, i) => {
       const d = displayToken(str);
-      const w = textWidth(d.text, px) + 4;
-      if (x + w > width - pad) { x = pad; y += lineH; }
       const bg = this.baseColor(i);
-      marks.push(s('rect', { x, y, width: w, height: lineH - 4, fill: bg, rx: 2 }));
-      marks.push(s('text', { x: x + 2, y: y + 13, 'font-size': px, fill: d.cls ? '#777' : textOn(bg), 'xml:space': 'preserve' }, d.text));
-      x += w + 1;
+      for (const [piece, kind] of d.pieces) {
+        if (kind === 'br') { x = pad; y += lineH; continue; }
+        const w = textWidth(piece, px) + (kind === 'text' ? 4 : 0);
+        if (x + w > width - pad) { x = pad; y += lineH; }
+        marks.push(s('rect', { x, y, width: w, height: lineH - 4, fill: bg, rx: 2 }));
+        if (kind !== 'indent') {
+          const fill = kind === 'nl' ? '#aab1bf' : d.cls ? '#777' : textOn(bg);
+          marks.push(s('text', { x: x + (kind === 'text' ? 2 : 0), y: y + 13, 'font-size': px, fill, 'xml:space': 'preserve' }, piece));
+        }
+        x += w + (kind === 'text' ? 1 : 0);
+      }
       if (d.breaks) { x = pad; y += lineH * d.breaks; }
     });
     const height = y + lineH + pad;

@@ -80,25 +80,44 @@ function qkBlock(qk, ctx) {
       marg(qk.key_marginals, 'Key marginals')));
 }
 
+// The OV value-side table: each component's output through this edge (attention × its value ×
+// W_O), read two ways. Rows are in the server's order, by |projection|.
+const OV_PROJECTION_DOC = 'the component’s output projected on the direction of the head’s total output: signed, the projections sum to the total ‖output‖; rows are sorted by its size';
+const OV_NORM_DOC = 'the length of the component’s own output vector, whatever its direction';
+
 function ovBlock(ov, ctx, features) {
   const terms = ov.terms || [];
-  const mx = Math.max(1e-12, ...terms.map((t) => t.value_norm));
+  // Older precomputed files and imported runs may lack the signed projection.
+  const signed = terms.length > 0 && terms.every((t) => Number.isFinite(t.value));
+  const mx = Math.max(1e-12, ...terms.map((t) => (signed ? Math.abs(t.value) : t.value_norm)));
   const logitList = (rows, cls) => h('div', { class: 'table-scroll' }, h('table', { class: 'data compact' },
     h('thead', {}, h('tr', {}, h('th', {}, 'token'), h('th', { class: 'num' }, 'logit'))),
     h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: `tokcell ${cls}` }, labelToken(r.token)), h('td', { class: 'num' }, fixed(r.logit, 3)))))));
+  const head = signed
+    ? h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num', title: OV_PROJECTION_DOC }, 'projection'), h('th', {}, ''),
+      h('th', { class: 'num', title: OV_NORM_DOC }, '‖output‖'), h('th', {}, 'top logits'))
+    : h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num', title: OV_NORM_DOC }, '‖output‖'), h('th', {}, ''), h('th', {}, 'top logits'));
+  const row = (t) => {
+    const c = componentCell(t.component, features, ctx);
+    const tops = (t.logit_top || []).map((x) => (typeof x === 'string' ? x : x.token));
+    const chips = h('td', { class: 'tokcell' }, tops.map((x) => h('span', { class: 'chip' }, labelToken(x))));
+    return signed
+      ? h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(t.value, 4)), h('td', { class: 'barcell' }, bar(t.value, mx)),
+        h('td', { class: 'num muted' }, fixed(t.value_norm, 4)), chips)
+      : h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(t.value_norm, 4)), h('td', { class: 'barcell' }, bar(t.value_norm, mx)), chips);
+  };
+  const explain = signed
+    ? h('p', { class: 'muted small table-doc' }, h('strong', {}, 'projection'), `: ${OV_PROJECTION_DOC}. `, h('strong', {}, '‖output‖'), `: ${OV_NORM_DOC}.`)
+    : h('p', { class: 'muted small table-doc' }, h('strong', {}, '‖output‖'), `: ${OV_NORM_DOC}.`);
   return h('section', { class: 'attr-block' },
     h('h3', {}, 'OV attribution', h('span', { class: 'muted small' }, ` · attention ${fixed(ov.attention, 4)} · total ‖output‖ ${fixed(ov.total_norm, 4)}`,
       Number.isFinite(ov.model_norm) ? ` · model ‖output‖ ${fixed(ov.model_norm, 4)}` : '',
       Number.isFinite(ov.max_abs_diff) ? ` · max |difference| ${fmt(ov.max_abs_diff, 2)}` : '')),
     h('div', { class: 'attr-grid' },
-      h('div', { class: 'terms' }, h('h4', {}, 'Value-side components'), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
-        h('thead', {}, h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num' }, '‖value‖'), h('th', {}, ''), h('th', {}, 'top logits'))),
-        h('tbody', {}, terms.map((t) => {
-          const c = componentCell(t.component, features, ctx);
-          const tops = (t.logit_top || []).map((x) => (typeof x === 'string' ? x : x.token));
-          return h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(t.value_norm, 4)),
-            h('td', { class: 'barcell' }, bar(t.value_norm, mx)), h('td', { class: 'tokcell' }, tops.map((x) => h('span', { class: 'chip' }, labelToken(x)))));
-        }))))),
+      h('div', { class: 'terms' }, h('h4', {}, 'Value-side components: what each one adds to the head’s output'), explain,
+        h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact ov-terms' },
+          h('thead', {}, head),
+          h('tbody', {}, terms.map(row))))),
       h('div', { class: 'marg' }, h('h4', {}, 'Promoted'), logitList(ov.promoted, 'pos')),
       h('div', { class: 'marg' }, h('h4', {}, 'Suppressed'), logitList(ov.suppressed, 'neg'))));
 }
@@ -130,9 +149,14 @@ function attributionSVG(title, qk, ov) {
     })), 'QK terms (query × key)');
   }
   if (ov) {
-    rowsOut((ov.terms || []).slice(0, 12).map((t) => ({
-      label: describeComponent(t.component, qk && qk.features).text, value: t.value_norm, text: fixed(t.value_norm),
-    })), `OV value components (total ‖output‖ ${fixed(ov.total_norm)})`);
+    const terms = ov.terms || [];
+    const signed = terms.length > 0 && terms.every((t) => Number.isFinite(t.value));
+    rowsOut(terms.slice(0, 12).map((t) => {
+      const v = signed ? t.value : t.value_norm;
+      return { label: describeComponent(t.component, qk && qk.features).text, value: v, text: fixed(v) };
+    }), signed
+      ? `OV value components: projection on the output (total ‖output‖ ${fixed(ov.total_norm)})`
+      : `OV value components: ‖output‖ (total ‖output‖ ${fixed(ov.total_norm)})`);
   }
   return svgRoot(W, y, parts);
 }
@@ -172,11 +196,9 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     const sources = [qkR, ovR].filter((r) => r.status === 'fulfilled').map((r) => r.value.source);
     if (sources.length === 2 && sources.every((x) => x === 'none')) {
       srcEl.textContent = 'not available';
-      body.append(h('div', { class: 'note needs-server' },
-        h('strong', {}, 'No precomputed attribution for this pair.'), ' ',
-        'Attributions for any pair are computed by the live server: this view needs a live server — run ',
-        h('code', {}, 'headscope serve RUN --model M'), '. ',
-        'Precomputed pairs are listed in the run manifest under ', h('code', {}, 'attributions'), '.'));
+      body.append(h('div', { class: 'note needs-server', title: 'the precomputed pairs are listed in the run manifest under "attributions"' },
+        h('strong', {}, 'This pair has no precomputed attribution'), ', so it needs a live server: run ',
+        h('code', {}, 'headscope serve RUN --model M'), '.'));
       return;
     }
     srcEl.textContent = sources.includes('live') ? 'live server' : 'precomputed';

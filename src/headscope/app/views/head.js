@@ -106,7 +106,9 @@ function overview(p, m, name) {
       h('td', {}, h('div', { class: 'metric-name' }, label(k)), m.docs[k] ? h('div', { class: 'metric-doc' }, m.docs[k]) : null),
       h('td', { class: 'num' }, fmt(v)),
       h('td', { class: 'rank', title: rank === null ? '' : `higher than ${Math.round(rank * 100)}% of heads` },
-        rank === null ? '' : h('div', { class: 'rankbar' }, h('div', { style: { width: `${Math.round(rank * 100)}%` } }))));
+        rank === null ? '' : h('div', { class: 'rankcell' },
+          h('div', { class: 'rankbar', 'aria-hidden': 'true' }, h('div', { style: { width: `${Math.round(rank * 100)}%` } })),
+          h('span', { class: 'rank-num' }, `${Math.round(rank * 100)}%`))));
   });
   const section = (title, body, exp) => h('section', { class: 'panel' }, h('div', { class: 'panel-head' }, h('h3', {}, title), exp || null), body);
   const hist = p.histogram && p.histogram.counts
@@ -123,7 +125,7 @@ function overview(p, m, name) {
     h('tbody', {}, (rows || []).map((r) => h('tr', {}, h('td', { class: 'tokcell' }, labelToken(r.token)), h('td', { class: 'num' }, fmt(r.mass, 3)), h('td', { class: 'num' }, r.count))))));
   return h('aside', { class: 'head-overview' },
     section('Metrics', h('table', { class: 'data metrics' },
-      h('thead', {}, h('tr', {}, h('th', {}, 'metric'), h('th', { class: 'num' }, 'value'), h('th', {}, 'rank'))), h('tbody', {}, metricRows))),
+      h('thead', {}, h('tr', {}, h('th', {}, 'metric'), h('th', { class: 'num' }, 'value'), h('th', { title: 'percentile among all heads: the share of heads with a lower value' }, 'rank'))), h('tbody', {}, metricRows))),
     hist ? section('Max attention per sequence', hist(), exportButtons(`${name}_histogram`, { svg: hist })) : null,
     curves.map(([cname, ys]) => section(label(cname), curveSvg(cname, ys), exportButtons(`${name}_${cname}`, { svg: () => curveSvg(cname, ys) }))),
     section('Top tokens', h('div', {},
