@@ -28,6 +28,7 @@ REQUIRED = {
     "qk_distance",
     "qk_distance_variance",
     "induction_score",
+    "induction_mass",
     "duplicate_token_score",
     "max_attention",
     "output_norm",
@@ -182,6 +183,79 @@ def test_induction_and_duplicate_on_repeated_sequence():
     assert dup[1].item() < 0.05
 
 
+def test_pair_mean_and_query_mass_differ_by_hand():
+    """Query 5 has two induction keys; the pairwise mean counts both, the mass adds them."""
+    #                   0  1  2  3  4  5
+    tokens = torch.tensor([[0, 5, 6, 5, 6, 5]])
+    a = bos(6)
+    a[3], a[4], a[5] = 0.0, 0.0, 0.0
+    a[3, 2] = 1.0  # token 5 at 3: the token after the earlier 5 (at 1) is at 2
+    a[4, 3] = 1.0  # token 6 at 4: after the earlier 6 (at 2) -> 3
+    a[5, 2] = a[5, 4] = 0.5  # token 5 at 5: after the earlier 5s (at 1 and 3) -> 2 and 4
+    r = run(make_batch(a[None, None], tokens=tokens))
+    # pairs (3, 2) (4, 3) (5, 2) (5, 4): (1 + 1 + 0.5 + 0.5) / 4; queries 3, 4, 5: (1 + 1 + 1) / 3
+    assert r["induction_score"].item() == pytest.approx(0.75)
+    assert r["induction_mass"].item() == pytest.approx(1.0)
+    # duplicate pairs (3, 1) (4, 2) (5, 1) (5, 3) get no attention at all
+    assert r["duplicate_token_score"].item() == pytest.approx(0.0)
+
+
+def direct_token_scores(
+    pattern: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor
+) -> dict[str, list[float]]:
+    """The token-match scores by their definitions, one (query, key) pair at a time."""
+    B, H, T, _ = pattern.shape
+    p, tok = pattern.double().tolist(), tokens.tolist()
+    pair_sum = {"induction": [0.0] * H, "duplicate": [0.0] * H}
+    pair_count = {"induction": 0, "duplicate": 0}
+    mass_sum, mass_count = [0.0] * H, 0
+    for b in range(B):
+        for q in range(T):
+            if not valid[b, q]:
+                continue
+            keys = {
+                "induction": [k for k in range(1, q) if tok[b][k - 1] == tok[b][q]],
+                "duplicate": [k for k in range(1, q) if tok[b][k] == tok[b][q]],
+            }
+            for kind, ks in keys.items():
+                pair_count[kind] += len(ks)
+                for h in range(H):
+                    pair_sum[kind][h] += sum(p[b][h][q][k] for k in ks)
+            if keys["induction"]:
+                mass_count += 1
+                for h in range(H):
+                    mass_sum[h] += sum(p[b][h][q][k] for k in keys["induction"])
+    return {
+        "induction_score": [x / pair_count["induction"] for x in pair_sum["induction"]],
+        "duplicate_token_score": [x / pair_count["duplicate"] for x in pair_sum["duplicate"]],
+        "induction_mass": [x / mass_count for x in mass_sum],
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_scores_equal_direct_definitions(seed):
+    """Random patterns over a small vocabulary (many repeats, several copies per query), packed
+    documents that each start with the same BOS token (matches across documents count), and
+    padding with garbage rows."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T = 4, 3, 40
+    pattern = random_causal(B, H, T=T, seed=seed)
+    tokens = torch.randint(1, 6, (B, T), generator=g)
+    doc_start = torch.rand(B, T, generator=g) < 0.1
+    doc_start[:, 0] = True
+    tokens[doc_start] = 0  # every document starts with BOS
+    valid = torch.arange(T)[None, :] < torch.tensor([[T], [T - 7], [25], [T]])
+    pattern[~valid[:, None, :, None].expand(B, H, T, T)] = 0.3  # padding rows must not matter
+    out_norm = torch.ones(B, H, T)
+    batch = LayerBatch(0, pattern, tokens, doc_start, out_norm, valid)
+    r = run(batch)
+    want = direct_token_scores(pattern, tokens, valid)
+    for name, value in want.items():
+        assert r[name].tolist() == pytest.approx(value, rel=1e-9), name
+    # with several copies per query, the pair mean and the per-query mass really differ
+    assert not torch.allclose(r["induction_score"], r["induction_mass"])
+
+
 def test_token_matches_by_hand():
     #                   0  1  2  3  4  5
     tokens = torch.tensor([[0, 5, 6, 5, 6, 5]])
@@ -247,7 +321,7 @@ def test_scores_are_fractions_on_random_patterns():
     r = run(make_batch(pattern, tokens=tokens))
     for name in ("self_attention_score", "prev_token_score", "bos_score", "max_attention"):
         assert ((r[name] >= 0) & (r[name] <= 1)).all(), name
-    for name in ("induction_score", "duplicate_token_score"):
+    for name in ("induction_score", "induction_mass", "duplicate_token_score"):
         assert ((r[name] >= 0) & (r[name] <= 1 + 1e-6)).all(), name
     assert (r["pattern_entropy"] <= math.log(40)).all()
     assert (r["qk_distance_variance"] >= 0).all()

@@ -1,6 +1,8 @@
 """Streaming metrics computed from attention patterns.
 
-Conventions shared by every metric here (also stated in each docstring where it matters):
+Conventions shared by every metric here (each docstring states its exact formula; the table of
+all of them is docs/metrics.md). ``A[q, k]`` is the head's attention from query ``q`` to key
+``k`` in one packed sequence:
 
 * Padding queries (``valid == False``) never count.
 * Query position 0 is excluded from every pattern metric: its row can only attend to itself,
@@ -8,8 +10,12 @@ Conventions shared by every metric here (also stated in each docstring where it 
   trivially 1, entropy and distance trivially 0). ``output_norm`` keeps position 0.
 * Position 0 is the start of the packed sequence, the usual attention sink; document starts
   inside a packed sequence are ordinary positions.
-* Token matches (induction, duplicate) may cross packed-document boundaries; key 0 never
-  counts as a match (see :class:`~headscope.metrics.registry.TokenMatches`).
+* Per-query metrics are means over queries; the token-match scores (``induction_score``,
+  ``duplicate_token_score``) are means over (query, key) pairs, as the paper "HeadVis: An
+  Interactive Tool For Investigating Attention Heads" defines the induction score, so a query
+  with several earlier copies of its token contributes several pairs. ``induction_mass`` is the
+  per-query counterpart. Token matches may cross packed-document boundaries; key 0 never counts
+  as a match (see :class:`~headscope.metrics.registry.TokenMatches`).
 
 Everything is vectorised over batch, heads and positions. The only loop is
 :func:`~headscope.metrics.rows.row_reductions`' loop over blocks of rows: it reads the causal lower triangle once
@@ -32,28 +38,35 @@ def _masked_mean_partial(values: Tensor, mask: Tensor) -> MetricPartial:
     return MetricPartial(total=total, count=count)
 
 
-def _match_partial(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> MetricPartial:
-    """Mean over queries with >= 1 matching key of the total attention on matching keys.
+def _pair_weights(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """b, q, k: [N] int64 (batch, query, key) of every match -> per-head sum of A[q, k]: [H]."""
+    return batch.pattern[b, :, q, k].sum(0, dtype=torch.float64)  # pattern[b, :, q, k]: [N, H]
 
-    b, q, k: [N] int64 (batch, query, key) of every match.
+
+def _pair_mean_partial(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> MetricPartial:
+    """Mean of A[q, k] over the matched (query, key) pairs: each pair counts once."""
+    count = torch.full((batch.n_heads,), float(b.numel()), dtype=torch.float64)  # [H]
+    return MetricPartial(total=_pair_weights(batch, b, q, k), count=count)
+
+
+def _query_mass_partial(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> MetricPartial:
+    """Mean over queries with >= 1 matched key of the total attention on their matched keys.
+
+    The sum over queries of each query's total is the sum over all pairs, so only the count
+    differs from :func:`_pair_mean_partial`: distinct queries instead of pairs.
     """
-    B, H, T, _ = batch.pattern.shape
-    weights = batch.pattern[b, :, q, k]  # [N, H]
-    flat = b * T + q  # [N] query id
-    per_query = weights.new_zeros(B * T, H).index_add_(0, flat, weights)  # [B*T, H]
-    has_match = torch.zeros(B * T, dtype=torch.bool, device=flat.device)
-    has_match[flat] = True
-    total = per_query.sum(0, dtype=torch.float64)  # [H]; rows without a match are 0
-    count = has_match.sum(dtype=torch.float64).expand(H).clone()  # [H]
-    return MetricPartial(total=total, count=count)
+    T = batch.pattern.shape[-1]
+    n_queries = (b * T + q).unique().numel()  # distinct (batch, query) among the matches
+    count = torch.full((batch.n_heads,), float(n_queries), dtype=torch.float64)  # [H]
+    return MetricPartial(total=_pair_weights(batch, b, q, k), count=count)
 
 
 @register_metric("self_attention_score")
 def self_attention_score(batch: LayerBatch) -> MetricPartial:
     """Mean attention from each token to itself.
 
-    Averaged over all non-padding query positions except position 0 (which can only attend to
-    itself).
+    Mean of ``A[q, q]`` over non-padding queries ``q >= 1`` (query 0 can only attend to itself).
+    A packed document's first token is an ordinary query.
     """
     diag = batch.pattern.diagonal(dim1=-2, dim2=-1)  # [B, H, T]
     return _masked_mean_partial(diag, batch.query_mask)
@@ -63,7 +76,7 @@ def self_attention_score(batch: LayerBatch) -> MetricPartial:
 def prev_token_score(batch: LayerBatch) -> MetricPartial:
     """Mean attention from each token to the token right before it.
 
-    Averaged over all non-padding query positions from 1 on. Across a packed-document boundary
+    Mean of ``A[q, q - 1]`` over non-padding queries ``q >= 1``. At a packed-document boundary
     the previous token is the last token of the previous document.
     """
     B, H, T, _ = batch.pattern.shape
@@ -76,8 +89,8 @@ def prev_token_score(batch: LayerBatch) -> MetricPartial:
 def bos_score(batch: LayerBatch) -> MetricPartial:
     """Mean attention from each token to the first position of the sequence (the attention sink).
 
-    Averaged over non-padding query positions from 1 on. Only sequence position 0 counts, not
-    the starts of later documents packed into the same sequence.
+    Mean of ``A[q, 0]`` over non-padding queries ``q >= 1``. Only sequence position 0 counts,
+    not the first tokens of later documents packed into the same sequence.
     """
     return _masked_mean_partial(batch.pattern[:, :, :, 0], batch.query_mask)
 
@@ -86,8 +99,9 @@ def bos_score(batch: LayerBatch) -> MetricPartial:
 def pattern_entropy(batch: LayerBatch) -> MetricPartial:
     """Mean entropy of each token's attention distribution, in nats (0 = attends to one token).
 
-    A uniform distribution over the q + 1 visible tokens has entropy log(q + 1). Averaged over
-    non-padding query positions from 1 on.
+    Mean over non-padding queries ``q >= 1`` of ``-sum_k A[q, k] ln A[q, k]`` (``0 ln 0 = 0``);
+    a uniform distribution over the ``q + 1`` visible keys has entropy ``ln(q + 1)``. Keys in
+    earlier packed documents count like any other key.
     """
     return _masked_mean_partial(batch.rows.entropy, batch.query_mask)
 
@@ -96,8 +110,8 @@ def pattern_entropy(batch: LayerBatch) -> MetricPartial:
 def qk_distance(batch: LayerBatch) -> MetricPartial:
     """Mean distance (in tokens) from each token back to the tokens it attends to.
 
-    For query q: sum over keys of A[q, k] * (q - k). 0 = attends to itself, 1 = previous token.
-    Averaged over non-padding query positions from 1 on.
+    Mean over non-padding queries ``q >= 1`` of ``sum_k A[q, k] (q - k)``: 0 = attends to
+    itself, 1 = previous token. Keys in earlier packed documents count at their full distance.
     """
     return _masked_mean_partial(batch.rows.moments[..., 0], batch.query_mask)
 
@@ -106,9 +120,11 @@ def qk_distance(batch: LayerBatch) -> MetricPartial:
 def qk_distance_variance(batch: LayerBatch) -> MetricPartial:
     """Mean spread (variance, in tokens squared) of the distances each token attends over.
 
-    0 = each token attends to a single position (at any distance). Averaged over non-padding
-    query positions from 1 on. Computed from float32 moments of the distance in one pass, so
-    the rounding is relative to the distances the head looks over, not to the position.
+    Mean over non-padding queries ``q >= 1`` of ``sum_k A[q, k] (q - k)^2 - (sum_k A[q, k]
+    (q - k))^2``: the variance within each query's row (0 = each token attends to a single
+    position, at any distance), not the variance of distances pooled over all rows. Keys in
+    earlier packed documents count at their full distance. Computed in float32 in one pass, so
+    values below about 0.1 are rounding noise on long sequences.
     """
     moments = batch.rows.moments  # [B, H, T, 2]
     var = (moments[..., 1] - moments[..., 0].square()).clamp_min_(0.0)  # [B, H, T]
@@ -117,35 +133,54 @@ def qk_distance_variance(batch: LayerBatch) -> MetricPartial:
 
 @register_metric("induction_score")
 def induction_score(batch: LayerBatch) -> MetricPartial:
-    """Attention to the token that followed an earlier copy of the current token ([A][B] ... [A] -> [B]).
+    """Mean attention from a repeated token to each token that followed an earlier copy of it
+    ([A][B] ... [A] -> [B]).
 
-    For each query token, the keys are the positions right after its earlier occurrences
-    (excluding the query itself and position 0). Score = total attention on those keys,
-    averaged over the queries that have at least one. Matches across packed documents count.
+    Mean of ``A[q, k]`` over all (query, key) pairs with ``tokens[k - 1] == tokens[q]`` and
+    ``1 <= k < q``, non-padding queries only: each pair counts once, so a query with several
+    earlier copies of its token contributes one pair per copy (the induction score of the paper
+    "HeadVis: An Interactive Tool For Investigating Attention Heads"). The query itself and key 0
+    are never keys. Pairs may cross packed-document boundaries.
     """
     m = batch.token_matches
-    return _match_partial(batch, m.ind_b, m.ind_q, m.ind_k)
+    return _pair_mean_partial(batch, m.ind_b, m.ind_q, m.ind_k)
+
+
+@register_metric("induction_mass")
+def induction_mass(batch: LayerBatch) -> MetricPartial:
+    """Share of a repeated token's attention that goes to the tokens that followed its earlier
+    copies ([A][B] ... [A] -> [B]).
+
+    For each non-padding query ``q`` with at least one induction key (``tokens[k - 1] ==
+    tokens[q]``, ``1 <= k < q``), the total ``sum_k A[q, k]`` over its induction keys; mean over
+    those queries (queries without an induction key do not count). The same pairs as
+    ``induction_score``, which averages over pairs instead. Pairs may cross packed-document
+    boundaries.
+    """
+    m = batch.token_matches
+    return _query_mass_partial(batch, m.ind_b, m.ind_q, m.ind_k)
 
 
 @register_metric("duplicate_token_score")
 def duplicate_token_score(batch: LayerBatch) -> MetricPartial:
-    """Attention to earlier copies of the current token.
+    """Mean attention from a repeated token to each earlier copy of it.
 
-    Total attention on earlier positions holding the same token (position 0 excluded),
-    averaged over the queries that have at least one earlier copy. Matches across packed
-    documents count.
+    Mean of ``A[q, k]`` over all (query, key) pairs with ``tokens[k] == tokens[q]`` and
+    ``1 <= k < q``, non-padding queries only: each pair counts once, so a query with several
+    earlier copies contributes one pair per copy. Key 0 is never a copy. Pairs may cross
+    packed-document boundaries.
     """
     m = batch.token_matches
-    return _match_partial(batch, m.dup_b, m.dup_q, m.dup_k)
+    return _pair_mean_partial(batch, m.dup_b, m.dup_q, m.dup_k)
 
 
 @register_metric("max_attention")
 def max_attention(batch: LayerBatch) -> MetricPartial:
     """Mean over tokens of the largest attention weight they give to any single token.
 
-    Position 0 (the attention sink) is left out of the maximum, so a head that only "parks"
-    its attention on the first token scores low. Averaged over non-padding query positions
-    from 1 on.
+    Mean over non-padding queries ``q >= 1`` of ``max_{1 <= k <= q} A[q, k]``: key 0 (the
+    attention sink) is left out of the maximum, so a head that only "parks" its attention on the
+    first token scores low. Keys in earlier packed documents count like any other key.
     """
     return _masked_mean_partial(batch.row_max, batch.query_mask)
 
@@ -154,6 +189,7 @@ def max_attention(batch: LayerBatch) -> MetricPartial:
 def output_norm(batch: LayerBatch) -> MetricPartial:
     """Mean size (L2 norm) of the head's output written to the residual stream.
 
-    Averaged over all non-padding positions, including position 0.
+    Mean of ``||z_h[q] W_O[h]||_2`` (the head's value-weighted sum times its output matrix, no
+    output bias) over all non-padding positions ``q``, including position 0.
     """
     return _masked_mean_partial(batch.head_out_norm, batch.valid)

@@ -41,8 +41,12 @@ def prefix_matching_score(
 ) -> Tensor:
     """Mean attention from a repeated random token to the token after its first occurrence.
 
-    Probe on synthetic sequences BOS + R + R of random tokens R: the classic induction-head test
-    (prefix matching), independent of the dataset."""
+    Probe on ``n`` synthetic sequences ``BOS + R + R`` of ``length`` random ordinary tokens ``R``
+    (the classic induction-head test, prefix matching; independent of the dataset): mean of
+    ``A[q, k]`` over the ``n * (length - 1)`` pairs ``q = 1 + length + j`` (the second copy of
+    ``R[j]``), ``k = 2 + j`` (``R[j + 1]`` in the first copy), ``j = 0 .. length - 2``: one pair
+    per query, every pair counts once. Chance repeats inside ``R`` add no pairs. One document
+    per sequence, no padding."""
     gen = torch.Generator().manual_seed(seed)
     r = _random_tokens(adapter, (n, length), gen)
     ids = torch.cat([torch.full((n, 1), adapter.tokens.bos_id), r, r], 1)  # [n, 2L+1]
@@ -57,8 +61,10 @@ def long_prefix_curve(
 ) -> Tensor:
     """Induction attention as a function of matched prefix length m = 1..4 -> [L, H, 4].
 
-    Seed 004's test: X s_1..s_m t ... Y s_1..s_m -> attention from the second s_m to t, with
-    X != Y so the match is exactly m tokens long; the rest is random filler."""
+    The long-prefix test of "We Inspected Every Head in GPT-2 Small Using SAEs": ``n`` sequences
+    of ``length`` random tokens (BOS first) ``... X s_1..s_m t ... Y s_1..s_m`` with ``X != Y``,
+    so the match is exactly ``m`` tokens long. ``curve[..., m - 1]`` is the mean over the ``n``
+    sequences of the attention from the second ``s_m`` to ``t`` (one pair per sequence)."""
     gen = torch.Generator().manual_seed(seed + 1)
     curves = []
     for m in PREFIX_LENGTHS:
@@ -78,8 +84,9 @@ def long_prefix_curve(
 def long_prefix_score(curve: Tensor) -> Tensor:
     """How much more the head does induction when 2-4 tokens of prefix match than when one does.
 
-    Mean of the long-prefix curve at prefix lengths 2-4 minus its value at length 1 (seed 004):
-    high for "long prefix" induction heads, near 0 for standard induction heads."""
+    ``mean(curve[m = 2, 3, 4]) - curve[m = 1]`` of :func:`long_prefix_curve` (synthetic random
+    sequences, one document each, no padding): high for "long prefix" induction heads, near 0
+    for standard induction heads."""
     return curve[..., 1:].mean(-1) - curve[..., 0]
 
 
@@ -87,9 +94,11 @@ def long_prefix_score(curve: Tensor) -> Tensor:
 def copying_score(adapter: ModelAdapter) -> Tensor:
     """How much the head's OV circuit raises the logit of the token it attends to.
 
-    Weight-based: the eigenvalues of the full OV circuit W_E·W_V·W_O·W_U (with the pre-attention
-    and final norms' weights), computed on the small D x D matrix W_O·W_U·W_E·W_V that has the same
-    nonzero eigenvalues; the score is sum(eigenvalues) / sum(|eigenvalues|), 1 for a pure copier."""
+    Weight-based, no data: ``sum(eigenvalues) / sum(|eigenvalues|)`` of the full OV circuit
+    ``W_E diag(w_attn) W_V W_O diag(w_final) W_U`` (the pre-attention and final norms' weights
+    included, their normalisation not), computed on the small ``D x D`` matrix
+    ``W_O diag(w_final) W_U W_E diag(w_attn) W_V`` that has the same nonzero eigenvalues. 1 for
+    a pure copier, -1 for a pure anti-copier."""
     s = adapter.spec
     W_E = adapter.embed_matrix().float()  # [V, d]
     W_U = adapter.unembed()[0].float()  # [d, V]
