@@ -9,6 +9,7 @@ model (`integration`). Every test fails if the page logged a console error (the 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from tests.browser.conftest import DICTIONARY_LAYERS
 
 pytestmark = pytest.mark.browser
 
@@ -158,6 +161,21 @@ def test_jump_box_rejects_unknown_heads(page, app_url):
     assert hooks(page, "ready") == "heads"
 
 
+def test_header_and_title_name_the_run(page, app_url, run_dir, code_live_url, shot):
+    # A static export keeps the run at run/ and its manifest has no name: the run is named by
+    # its dataset and size. The live server knows the name of the run directory it serves.
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    name = f"{Path(manifest['dataset']['path']).name}, {manifest['tokens']['tokens']:,} tokens"
+    open_view(page, app_url, "#/heads", "heads")
+    page.wait_for_function("n => document.title === `${n} · headscope`", arg=name)
+    assert page.locator(".run-label").inner_text() == name
+    shot(page.locator(".topbar"), "run_name_static")
+    open_view(page, code_live_url, "#/heads", "heads")
+    page.wait_for_function("document.title === 'tiny-code · headscope'")
+    assert page.locator(".run-label").inner_text() == "tiny-code"
+    shot(page.locator(".topbar"), "run_name_live")
+
+
 # ------------------------------------------------------------------ head page
 
 
@@ -293,6 +311,86 @@ def test_whitespace_tokens_are_visible(page, app_url, run_dir):
     assert seen == set(marks), f"the shown examples lack {set(marks) - seen}"
 
 
+def test_metric_ranks_show_their_number_beside_the_bar(page, app_url, run_dir, shot):
+    head = load_head(run_dir, "L1H0")
+    table = json.loads((run_dir / "metrics.json").read_text())
+    open_view(page, app_url, "#/head/L1H0", "head:L1H0")
+    rows = page.locator(".metrics tbody tr")
+    assert rows.count() == len(head["metrics"])
+    for r, (name, value) in enumerate(head["metrics"].items()):
+        j = table["columns"].index(name)
+        below = sum(row[j] < value for row in table["rows"])
+        percent = math.floor(100 * below / (len(table["rows"]) - 1) + 0.5)  # Math.round
+        num = rows.nth(r).locator(".rank-num")
+        assert num.is_visible()
+        assert num.inner_text() == f"{percent}%", name
+        bar, box = rows.nth(r).locator(".rankbar").bounding_box(), num.bounding_box()
+        assert box["x"] >= bar["x"] + bar["width"], "the number is right of the bar"
+        assert abs(box["y"] + box["height"] / 2 - bar["y"] - bar["height"] / 2) < 6
+    page.set_viewport_size({"width": 1400, "height": 1400})  # the whole panel below the topbar
+    shot(page.locator(".head-overview .panel").first, "metric_ranks")
+
+
+# (example, position) → the token's line fragments, its ↵ marker, the next token's first box
+# and where a line of the example starts.
+TOKEN_GEOMETRY = """([e, i]) => {
+  const box = document.querySelector(`.tokens[data-example='${e}']`);
+  const span = box.querySelector(`.tok[data-i='${i}']`);
+  const cs = getComputedStyle(box);
+  const r = (x) => ({ left: x.left, right: x.right, top: x.top, bottom: x.bottom, width: x.width });
+  const nl = span.querySelector('.nl');
+  return {
+    lineStart: box.getBoundingClientRect().left + parseFloat(cs.borderLeftWidth) + parseFloat(cs.paddingLeft),
+    rects: [...span.getClientRects()].map(r),
+    breakInside: span.querySelector('br') !== null,
+    marker: nl ? { text: nl.textContent, ...r(nl.getBoundingClientRect()) } : null,
+    next: r(box.querySelector(`.tok[data-i='${i + 1}']`).getClientRects()[0]),
+  };
+}"""
+
+
+def test_code_keeps_its_indentation(page, code_live_url, code_run, shot):
+    """A newline + indent token ends its line with a faint ↵ and opens the next line with the
+    indentation, as one span: the code after it starts indented, not at column 0."""
+    head = load_head(code_run.run_dir, "L1H0")
+    vocab = json.loads((code_run.run_dir / "vocab.json").read_text())
+    open_view(page, code_live_url, "#/head/L1H0", "head:L1H0")
+    shown = page.eval_on_selector_all(".tokens", "els => els.map(e => +e.dataset.example)")
+    found: dict[int, tuple[int, int]] = {}  # indent width → (example, position)
+    for e in shown:
+        strs = [vocab[str(t)] for t in head["examples"][e]["tokens"]]
+        for i, tok in enumerate(strs[:-1]):
+            if re.fullmatch(r"\n +", tok) and "\n" not in strs[i + 1]:
+                found.setdefault(len(tok) - 1, (e, i))
+    assert {3, 7} <= set(found), f"the shown examples lack indent tokens: {sorted(found)}"
+    widths = {}
+    for depth, (e, i) in found.items():
+        g = page.evaluate(TOKEN_GEOMETRY, [e, i])
+        assert g["breakInside"], "the line break is inside the token's span"
+        first, indent = g["rects"][0], g["rects"][-1]
+        assert len(g["rects"]) == 2, g["rects"]
+        assert g["marker"]["text"] == "↵"
+        assert first["top"] <= g["marker"]["top"] < indent["top"], "↵ ends the first line"
+        assert indent["top"] >= first["bottom"] - 1, "the indentation is on the next line"
+        assert abs(indent["left"] - g["lineStart"]) < 1, "the indentation starts the line"
+        assert abs(g["next"]["left"] - indent["right"]) < 1.5, "code follows the indentation"
+        assert abs(g["next"]["top"] - indent["top"]) < 3
+        widths[depth] = indent["width"]
+        # Still one token: hovering its indentation shows that token.
+        page.mouse.move(
+            indent["left"] + indent["width"] / 2, (indent["top"] + indent["bottom"]) / 2
+        )
+        page.wait_for_function(
+            "([e, i]) => document.querySelector(`.tokens[data-example='${e}'] .tok[data-i='${i}']`).classList.contains('hovered')",
+            arg=[e, i],
+        )
+        assert f"position {i}" in page.locator("#tooltip").inner_text()
+    assert widths[7] / widths[3] == pytest.approx(7 / 3, rel=0.05)
+    page.mouse.move(2, 2)
+    e = found[7][0]
+    shot(page.locator(f"article#ex-{e}"), "code_indentation")
+
+
 def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_dir, shot):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     rel = next(p for p in manifest["attributions"] if p.endswith("_qk.json"))
@@ -334,6 +432,37 @@ def test_selecting_a_pair_opens_the_precomputed_attribution(page, app_url, run_d
     page.locator(".attribution").wait_for(state="detached")
     assert "q=" not in page.url
     assert page.locator(".sel-query").count() == 0
+
+
+def test_ov_table_shows_the_signed_projection_it_is_sorted_by(page, app_url, run_dir, shot):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    rel = next(p for p in manifest["attributions"] if p.endswith("_ov.json"))
+    name, stem = rel.split("/")
+    seq, q, k = (int(x) for x in stem.split("_")[:3])
+    ov = json.loads((run_dir / "attributions" / rel).read_text())
+    ex_i = next(
+        i for i, ex in enumerate(load_head(run_dir, name)["examples"]) if ex["sequence"] == seq
+    )
+    open_view(page, app_url, f"#/head/{name}?ex={ex_i}&q={q}&k={k}", f"head:{name}")
+    table = page.locator(".attribution table.ov-terms")
+    table.wait_for()
+    columns = table.locator("thead th").all_inner_texts()
+    assert columns == ["component", "projection", "", "‖output‖", "top logits"]
+    for col in ("projection", "‖output‖"):
+        assert table.locator("thead th", has_text=col).get_attribute("title")
+    doc = page.locator(".attribution .table-doc").inner_text()
+    assert "projection" in doc and "‖output‖" in doc and "sorted" in doc
+    rows = table.locator("tbody tr")
+    shown = [rows.nth(r).locator("td").nth(1).inner_text() for r in range(rows.count())]
+    norms = [rows.nth(r).locator("td").nth(3).inner_text() for r in range(rows.count())]
+    assert shown == [f"{t['value']:.4f}" for t in ov["terms"]]
+    assert norms == [f"{t['value_norm']:.4f}" for t in ov["terms"]]
+    values = [t["value"] for t in ov["terms"]]
+    assert [abs(v) for v in values] == sorted(map(abs, values), reverse=True)
+    assert any(v < 0 for v in values), "a signed column: some components work against the output"
+    # Every component of this layer-1 head is listed, so the projections add up.
+    assert sum(values) == pytest.approx(ov["total_norm"], rel=1e-6)
+    shot(page.locator(".attribution .attr-block", has_text="OV attribution").first, "ov_table")
 
 
 def test_pair_without_precomputed_attribution_needs_a_server(page, app_url, run_dir):
@@ -420,6 +549,22 @@ def test_live_views_show_the_needs_server_note_when_static(page, app_url, view, 
     assert page.locator(".badge").first.inner_text() == "static"
     if view == "custom":
         shot(page, "static_note", full_page=False)
+
+
+@pytest.mark.parametrize("where", ["custom", "sweep", "geometry", "attribution"])
+def test_needs_server_notes_say_it_once(page, app_url, where):
+    if where == "attribution":  # a pair of L2H3 with no precomputed attribution
+        open_view(page, app_url, "#/head/L2H3?ex=0&q=5&k=2", "head:L2H3")
+        note = page.locator(".attribution .needs-server")
+    else:
+        open_view(page, app_url, f"#/{where}", where)
+        note = page.locator(".needs-server")
+    note.wait_for()
+    text = note.inner_text()
+    assert text.count("needs a live server") == 1, text
+    assert "This view needs" not in text
+    assert len(re.findall(r"[.!?](?:\s|$)", text)) == 1, f"one sentence: {text!r}"
+    assert "headscope serve RUN --model M" in text
 
 
 def test_run_location_comes_from_the_page_url(page, app_url, site, run_dir):
@@ -528,6 +673,55 @@ def test_live_attribution_of_a_run_example_matches_the_model_score(page, live_ur
         "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 130)"
     )
     shot(page, "live_attribution", full_page=False)
+
+
+def test_feature_basis_is_offered_only_where_the_server_has_a_dictionary(page, code_live_url, shot):
+    """The code run has residual dictionaries for layers 0 and 2 only. On a layer-1 head the
+    feature basis is refused with the reason and the pair is shown in components; on a layer-2
+    head it loads, and the basis menu keeps saying so."""
+    missing = next(layer for layer in range(3) if layer not in DICTIONARY_LAYERS)
+    present = DICTIONARY_LAYERS[-1]
+    have = ", ".join(map(str, DICTIONARY_LAYERS))
+    open_view(
+        page, code_live_url, f"#/head/L{missing}H0?ex=0&q=5&k=3&basis=sae", f"head:L{missing}H0"
+    )
+    panel = page.locator(".attribution")
+    note = panel.locator(".basis-note")
+    note.wait_for(timeout=LIVE_TIMEOUT)
+    reason = f"no residual dictionary for layer {missing} (it has layers {have})"
+    assert reason in note.inner_text()
+    assert "showing model components" in note.inner_text()
+    total, score = check_line(panel)
+    assert total == score
+    menu = panel.locator("select[aria-label='attribution basis']")
+    assert menu.input_value() == "components"
+    assert menu.locator("option[value='sae']").is_disabled()
+    assert reason in panel.locator(".basis-why").inner_text()
+    shot(panel.locator(".panel-head").first, "feature_basis_unavailable")
+    # A server whose api/health does not list its dictionary layers says which it has when it
+    # refuses the first feature-basis request (QK and OV): the browser logs those refusals.
+    refused = [e for e in page.console_errors if "status of 422" in e and "/api/attribute/" in e]
+    assert len(refused) in (0, 2), page.console_errors
+    for e in refused:
+        page.console_errors.remove(e)
+
+    open_view(page, code_live_url, f"#/head/L{present}H0?ex=0&q=5&k=3", f"head:L{present}H0")
+    check_line(panel)
+    assert not menu.locator("option[value='sae']").is_disabled()
+    menu.select_option("sae")
+    page.wait_for_function("location.hash.includes('basis=sae')")
+    panel.locator("h3 span", has_text="basis: SAE features").wait_for(timeout=LIVE_TIMEOUT)
+    total, score = check_line(panel)
+    assert total == score
+    assert menu.input_value() == "sae"
+    assert menu.evaluate("s => s.selectedOptions[0].textContent") == "SAE features"
+    assert panel.locator("td.comp-feature").count() > 0
+    assert panel.locator("tr.row-error").count() > 0
+    assert panel.locator(".basis-note").count() == 0
+    panel.evaluate(
+        "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 130)"
+    )
+    shot(page, "feature_basis", full_page=False)
 
 
 def test_sweep_plots_attention_against_the_value(page, live_url, shot):

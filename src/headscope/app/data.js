@@ -237,7 +237,10 @@ const SPECIAL = /^<\|?[^<>]*\|?>$/;
 /**
  * Map run-example positions onto the server's tokenisation of the example's text. The live API
  * takes text, so the text is rebuilt from the decoded tokens (a leading special token is left
- * to the server's tokenizer) and re-tokenised; positions map 1:1 when the strings agree.
+ * to the server's tokenizer) and re-tokenised; positions map 1:1 while the strings agree. From
+ * the first disagreement on (typically the last tokens: a sequence cut inside "\n    " ends in
+ * text that re-tokenises as one longer token) positions map to null: attention is causal, so
+ * a pair before it is attributed exactly as in the run.
  */
 async function alignExample(strs) {
   const body = SPECIAL.test(strs[0] || '') ? strs.slice(1) : strs;
@@ -248,7 +251,7 @@ async function alignExample(strs) {
   for (let i = 0; i < strs.length; i++) {
     while (j < tokens.length && tokens[j] !== strs[i] && SPECIAL.test(tokens[j])) j++;
     if (j < tokens.length && tokens[j] === strs[i]) { map[i] = j; j++; }
-    else if (!SPECIAL.test(strs[i])) return { text, map: null };
+    else if (!SPECIAL.test(strs[i])) break;
   }
   return { text, map };
 }
@@ -320,21 +323,22 @@ function learnDictionaries(err) {
 }
 
 /**
- * Can the feature basis attribute a head of `layer`? {ok: true | false | null (unknown), why}.
+ * Can the feature basis attribute a head of `layer`? {ok: true | false | null (unknown), why}
+ * (`why` reads after "SAE features: ").
  * QK and OV attributions decompose the residual entering the head's layer (at the query and at
  * the key), so they need that layer's dictionary.
  */
 export async function featureBasis(layer) {
-  if (!(await liveStatus()).live) return { ok: false, why: 'SAE features are computed by a live server' };
+  if (!(await liveStatus()).live) return { ok: false, why: 'they need a live server' };
   const layers = await dictionaryLayers();
-  if (layers === null) return { ok: null, why: `SAE features need the server to have a residual dictionary for layer ${layer}` };
+  if (layers === null) return { ok: null, why: `they need a residual dictionary for layer ${layer} on the server` };
   if (!layers.length) {
     return { ok: false, why: 'the server has no residual dictionaries (serve with --dictionaries DIR, or put SAEs in RUN/dictionaries/)' };
   }
   if (!layers.includes(layer)) {
     return { ok: false, why: `the server has no residual dictionary for layer ${layer} (it has layer${layers.length > 1 ? 's' : ''} ${layers.join(', ')})` };
   }
-  return { ok: true, why: `features of the server’s residual dictionary for layer ${layer}` };
+  return { ok: true, why: `the server has a residual dictionary for layer ${layer}` };
 }
 
 async function attribute(kind, req) {

@@ -65,7 +65,8 @@ function qkBlock(qk, ctx) {
   };
   const capped = qk.capped_score !== null && qk.capped_score !== undefined;
   return h('section', { class: 'attr-block' },
-    h('h3', {}, 'QK attribution', h('span', { class: 'muted small' }, ` · basis: ${qk.basis || 'components'} · attention ${fixed(qk.attention, 4)}`)),
+    h('h3', {}, 'QK attribution', h('span', { class: 'muted small', title: `basis: ${qk.basis || 'components'}` },
+      ` · basis: ${data.basisKind(qk.basis) === 'sae' ? 'SAE features' : 'model components'} · attention ${fixed(qk.attention, 4)}`)),
     h('div', { class: 'check-line', 'data-total': qk.total, 'data-score': qk.score },
       h('span', { class: 'total' }, `total = ${fixed(qk.total)}`), ' · ',
       h('span', { class: 'score' }, `model score = ${fixed(qk.score)}`),
@@ -173,24 +174,57 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
   const srcEl = h('span', { class: 'badge' }, '…');
   let results = { qk: null, ov: null };
   const title = `${head} · query ${query}${qTok ? ` “${qTok}”` : ''} → key ${key}${kTok ? ` “${kTok}”` : ''}`;
-  const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], basis || 'components', onBasis,
-    { 'aria-label': 'attribution basis', title: 'SAE features need a server with a dictionary for this layer' }) : null;
+  const layer = Number((String(head).match(/^L(\d+)H/) || [])[1]);
+  const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], data.basisKind(basis), onBasis,
+    { 'aria-label': 'attribution basis' }) : null;
+  const saeOption = basisSel ? basisSel.querySelector('option[value="sae"]') : null;
+  const basisWhy = h('span', { class: 'muted small basis-why' });
   const panel = h('section', { class: 'panel attribution', 'aria-label': 'attribution' },
     h('div', { class: 'panel-head' },
       h('h3', {}, `Attribution · ${title}`),
       srcEl,
       h('span', { class: 'grow' }),
       basisSel ? h('label', { class: 'small' }, 'basis ', basisSel) : null,
+      basisSel ? basisWhy : null,
       exportButtons(`${head}_attribution_${query}_${key}`, { svg: () => attributionSVG(title, results.qk, results.ov) }),
       onClose ? h('button', { type: 'button', class: 'small', title: 'close (Esc)', onclick: onClose }, '×') : null),
     body);
   el.append(panel);
 
-  const load = (kind) => (text !== null
-    ? data.textAttribution(kind, { text, head, query, key, basis })
-    : data.exampleAttribution(kind, { head, sequence, query, key, strs, basis }));
+  /** Offer the feature basis only where the server has this layer's dictionary; say why not. */
+  function showAvailability(fb, live) {
+    if (!basisSel) return;
+    saeOption.disabled = fb.ok === false;
+    saeOption.textContent = fb.ok === false ? 'SAE features (unavailable)' : 'SAE features';
+    basisSel.title = `SAE features: ${fb.why}`;
+    // Without a live server the select's title says it; with one, the reason is worth a line.
+    basisWhy.textContent = fb.ok === false && live ? `SAE features: ${fb.why}` : '';
+  }
 
-  Promise.allSettled([load('qk'), load('ov')]).then(async ([qkR, ovR]) => {
+  const load = (kind, b) => (text !== null
+    ? data.textAttribution(kind, { text, head, query, key, basis: b })
+    : data.exampleAttribution(kind, { head, sequence, query, key, strs, basis: b }));
+
+  async function run() {
+    const { live } = await data.liveStatus();
+    let fb = await data.featureBasis(layer);
+    showAvailability(fb, live);
+    let use = basis;
+    let fallback = null;
+    if (data.basisKind(basis) === 'sae' && fb.ok === false && live) {
+      use = 'components';
+      fallback = fb.why;
+    }
+    let [qkR, ovR] = await Promise.allSettled([load('qk', use), load('ov', use)]);
+    if ([qkR, ovR].some((r) => r.status === 'rejected' && r.reason instanceof data.NoDictionaryError)) {
+      // The server said which layers it has: from now on the menu knows, and this pair is
+      // shown in components.
+      fb = await data.featureBasis(layer);
+      showAvailability(fb, live);
+      use = 'components';
+      fallback = fb.why;
+      [qkR, ovR] = await Promise.allSettled([load('qk', use), load('ov', use)]);
+    }
     if (!alive) return;
     clear(body);
     const sources = [qkR, ovR].filter((r) => r.status === 'fulfilled').map((r) => r.value.source);
@@ -201,13 +235,21 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
         h('code', {}, 'headscope serve RUN --model M'), '.'));
       return;
     }
-    srcEl.textContent = sources.includes('live') ? 'live server' : 'precomputed';
-    srcEl.classList.add(sources.includes('live') ? 'live' : 'pre');
+    if (sources.length) {
+      srcEl.textContent = sources.includes('live') ? 'live server' : 'precomputed';
+      srcEl.classList.add(sources.includes('live') ? 'live' : 'pre');
+    } else {
+      srcEl.textContent = 'failed';
+    }
     const shownBasis = [qkR, ovR].map((r) => r.status === 'fulfilled' && r.value.result && r.value.result.basis).find(Boolean);
-    if (basisSel && shownBasis) basisSel.value = shownBasis;
-    if (basisSel && !sources.includes('live') && !(await data.liveStatus()).live) {
+    if (basisSel && shownBasis) basisSel.value = data.basisKind(shownBasis);
+    if (basisSel && !sources.includes('live') && !live) {
       basisSel.disabled = true;
       basisSel.title = 'precomputed result; a live server can compute the other basis';
+    }
+    if (fallback) {
+      body.append(h('div', { class: 'note basis-note' },
+        h('strong', {}, `SAE features are not available for ${head}`), `: ${fallback}; showing model components.`));
     }
     const qk = qkR.status === 'fulfilled' && qkR.value.result ? qkR.value.result : null;
     const ov = ovR.status === 'fulfilled' && ovR.value.result ? ovR.value.result : null;
@@ -224,7 +266,8 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
         h('div', { class: 'figure-scroll' }, diagram())));
     }
     if (ctx && ctx.hooks) ctx.hooks.attribution = { total: qk && qk.total, score: qk && qk.score, source: srcEl.textContent };
-  });
+  }
+  run();
 
   return {
     unmount() {
