@@ -1,24 +1,39 @@
-"""HeadVis interchange (docs/headvis-format.md): the export of a real tiny run matches the format,
-is deterministic and survives export -> import -> export byte for byte; hand-written trees with a
-published export's variations import; malformed trees fail clearly and leave nothing behind."""
+"""HeadVis interchange (docs/headvis-format.md).
+
+``tests/fixtures/headvis_peer/`` was written by Neuronpedia's HeadVis writer itself
+(``compute-head-metrics.py`` of github.com/hijohnnylin/neuronpedia at commit ebb8426, unmodified,
+on the tiny llama of ``tests/tiny_models.py``: 72 sequences of 10 tokens, 3 intervals, 2 keys per
+query row). It must import with every head and every value.
+
+The other direction was checked once by running Neuronpedia's loaders (``load-head-metrics.py``
+and ``load-head-sequences.py`` at the same commit, database calls stubbed) on headscope's export
+of the tiny run below: both found the tree, ``_read_run_config`` found every key they require
+(model_name, dataset_name, n_sequences, seq_len, dtype, attn_implementation), the metrics loader
+built one row per scatter record with every column set, and the sequence loader built one row
+per sampled sequence, its flat attention indices decoding to keys at or before their queries.
+:func:`check_neuronpedia_tree` checks the same fields and types with our own code, on the peer's
+tree (so the check is right) and on our export (so the export passes it).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from headscope.files import read_json
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.runner import run_precompute
 from headscope.store import open_run
-from headscope.store.files import read_json
 from headscope.store.headvis import export_headvis, import_headvis
 from tests.tiny_models import save_tiny, write_texts
 
 N_SEQUENCES = 12
+PEER = Path(__file__).parent.parent / "fixtures" / "headvis_peer"
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +41,8 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("headvis")
     model = save_tiny("llama", root / "model")
     data = write_texts(root / "data.jsonl")
-    cfg = PrecomputeConfig(
-        model=str(model),
-        data=str(data),
-        sequences=N_SEQUENCES,
-        seq_len=48,
-        batch_size=2,
-        motif_sequences=6,
-        pca_pairs=16,
-        probe_sequences=2,
-        probe_length=12,
-    )
+    small = dict(motif_sequences=6, pca_pairs=16, probe_sequences=2, probe_length=12)
+    cfg = PrecomputeConfig(str(model), str(data), sequences=N_SEQUENCES, seq_len=48, **small)
     return run_precompute(cfg, root / "run", progress=False)
 
 
@@ -49,186 +55,221 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-# ----------------------------------------------------------------------- the format, as schema
-
-NUM = "number"  # int or float, never bool
-
-
-class Map:
-    """An object with any string keys, every value matching ``schema``."""
-
-    def __init__(self, schema):
-        self.schema = schema
+def _num(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check(value, schema, where: str = "$") -> None:
-    """A small JSON-schema: a type, ``[item_schema]``, ``Map(schema)``, ``dict`` (any object) or
-    ``{"key": schema, "key?": optional}`` (no other keys allowed)."""
-    if schema == NUM:
-        assert isinstance(value, int | float) and not isinstance(value, bool), where
-        assert math.isfinite(value), where
-    elif schema is dict:
-        assert isinstance(value, dict), where
-    elif isinstance(schema, type):
-        assert isinstance(value, schema) and not isinstance(value, bool), where
-    elif isinstance(schema, list):
-        assert isinstance(value, list), where
-        for i, v in enumerate(value):
-            check(v, schema[0], f"{where}[{i}]")
-    elif isinstance(schema, Map):
-        assert isinstance(value, dict), where
-        for k, v in value.items():
-            check(v, schema.schema, f"{where}.{k}")
-    else:
-        assert isinstance(value, dict), where
-        required = {k for k in schema if not k.endswith("?")}
-        allowed = {k.rstrip("?"): s for k, s in schema.items()}
-        assert required <= set(value), f"{where}: missing {sorted(required - set(value))}"
-        assert set(value) <= set(allowed), f"{where}: unknown {sorted(set(value) - set(allowed))}"
-        for k, v in value.items():
-            check(v, allowed[k], f"{where}.{k}")
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-CONFIG = {
-    "format": str,
-    "format_version": int,
-    "model": dict,
-    "dataset": dict,
-    "tokens?": dict,
-    "precompute?": dict,
-    "metrics": [{"name": str, "description": str}],
-    "n_layers": int,
-    "n_heads": int,
-    "heads": [str],
-}
-TOKEN_ROW = {"token": str, "mass": NUM, "count": int}
-SEQUENCE = {
-    "sequence_index": int,
-    "tokens": [str],
-    "max_attention": NUM,
-    "doc_starts": [int],
-    "sparse_attention": [[NUM]],
-}
-HEAD = {
-    "id": str,
-    "layer": int,
-    "head": int,
-    "statistics": Map(NUM),
-    "histogram?": {"bin_edges": [NUM], "counts": [int]},
-    "top_query_tokens": [TOKEN_ROW],
-    "top_key_tokens": [TOKEN_ROW],
-    "deciles": [{"interval": [NUM], "sequences": [SEQUENCE]}],
-}
+def _buckets(payload: dict) -> list[tuple]:
+    return [(b["lo"], b["hi"], b["examples"]) for b in payload["buckets"]]
 
 
-def _canonical(value, where: str = "$") -> None:
-    """Sorted keys everywhere; every float already at 6 significant digits."""
-    if isinstance(value, dict):
-        assert list(value) == sorted(value), f"{where}: keys not sorted"
-        for k, v in value.items():
-            _canonical(v, f"{where}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _canonical(v, f"{where}[{i}]")
-    elif isinstance(value, float):
-        assert float(f"{value:.6g}") == value, f"{where}: {value} has more than 6 digits"
+def _decode(s: dict) -> list[list]:
+    """A head file's sequence's flat sparse pattern as [[query, key, weight], ...]."""
+    n, idx, val = len(s["tokens"]), s["attention_indices"], s["attention_values"]
+    return [[i // n, i % n, w] for i, w in zip(idx, val, strict=True)]
 
 
-def validate_tree(tree: Path, *, n_sequences: int | None = None) -> dict:
-    """Every file of a HeadVis tree against the format; returns the parsed config."""
+# ------------------------------------------------------- what Neuronpedia's readers read
+
+
+def check_neuronpedia_tree(tree: Path) -> dict:
+    """Every field Neuronpedia's frontend config and its two loaders read, with its type."""
     config = read_json(tree / "config.json")
-    check(config, CONFIG, "config.json")
-    assert config["format"] == "headvis" and config["format_version"] == 1
-    model = config["model"]
-    assert (model["n_layers"], model["n_heads"]) == (config["n_layers"], config["n_heads"])
-    metrics = [m["name"] for m in config["metrics"]]
-    assert len(set(metrics)) == len(metrics) and metrics
+    merged = {**config, **config.get("pipeline_config", {})}  # as the loaders merge them
+    for key in ("model_name", "dataset_name", "dtype", "attn_implementation"):
+        assert isinstance(merged[key], str), key
+    for key in ("n_sequences", "seq_len", "n_layers", "n_heads", "n_intervals"):
+        assert _int(merged[key]) and merged[key] >= 1, key
+    assert config.get("np_model_id") is None or isinstance(config["np_model_id"], str)
+    assert all(isinstance(m, str) for m in config["metrics"])
+    assert set(config["metric_descriptions"]) == set(config["metrics"])
+    assert config["head_data_pattern"] == "L{layer}H{head}.json"
+    assert config["has_umap"] is False and config["umap_heads"] == []
+    for item in config["custom_plots"] + config["custom_tables"]:
+        assert set(item) == {"key", "label"}
+    assert set(config["statistics_display"]) == {"n_samples", "mean_max_activation"}
+    heads = [tuple(h) for h in config["heads"]]
+    assert all(len(h) == 2 and _int(h[0]) and _int(h[1]) for h in heads)
+    assert read_json(tree / "server_config.json") == {}
+    assert read_json(tree / "attributions" / "manifest.json") == {}
 
     scatter = read_json(tree / "scatter_data.json")
-    check(scatter, [Map(NUM)], "scatter_data.json")
-    by_head = {f"L{r['layer']}H{r['head']}": r for r in scatter}
-    assert list(by_head) == config["heads"], "one scatter record per head, in config order"
-    heads_on_disk = {p.stem for p in (tree / "heads").glob("*.json")}
-    assert heads_on_disk == set(config["heads"]), "every head in config has a file, no others"
+    assert [(r["layer"], r["head"]) for r in scatter] == heads
+    assert all(r[m] is None or _num(r[m]) for r in scatter for m in config["metrics"])
+    on_disk = {p.name for p in (tree / "heads").glob("*.json")}
+    assert on_disk == {f"L{layer}H{h}.json" for layer, h in heads}
 
-    for name in config["heads"]:
-        rec = by_head[name]
-        assert set(rec) == {"layer", "head", *metrics}
-        assert isinstance(rec["layer"], int) and isinstance(rec["head"], int)
-        assert 0 <= rec["layer"] < config["n_layers"] and 0 <= rec["head"] < config["n_heads"]
-        where = f"heads/{name}.json"
-        raw = (tree / "heads" / f"{name}.json").read_text()
-        head = json.loads(raw)
-        check(head, HEAD, where)
-        _canonical(head, where)
-        assert (head["id"], head["layer"], head["head"]) == (name, rec["layer"], rec["head"])
-        assert head["statistics"] == {m: rec[m] for m in metrics}
-
-        if "histogram" in head:
-            edges, counts = head["histogram"]["bin_edges"], head["histogram"]["counts"]
-            assert len(counts) == len(edges) - 1 and edges[0] == 0.0 and edges[-1] == 1.0
-            assert all(a < b for a, b in zip(edges, edges[1:], strict=False))
-            assert all(c >= 0 for c in counts)
-            if n_sequences is not None:
-                assert sum(counts) == n_sequences
-
-        # a query spends at most all its attention; a key can receive more than 1 in total
-        for key, most in (("top_query_tokens", 1.0), ("top_key_tokens", math.inf)):
+    for layer, h in heads:
+        head = read_json(tree / "heads" / f"L{layer}H{h}.json")
+        where = f"L{layer}H{h}"
+        for key in ("qk_distance_histogram", "histogram"):  # a run may have no histogram
+            hist = head[key] if key == "qk_distance_histogram" else head.get(key)
+            if hist is not None:
+                assert len(hist["bin_values"]) == len(hist["bin_edges"]) - 1, (where, key)
+                assert all(_num(x) for x in hist["bin_edges"] + hist["bin_values"]), where
+        assert all(_int(c) for c in head.get("histogram", {}).get("bin_values", []))
+        for key in ("top_query_tokens", "top_key_tokens"):
             for row in head[key]:
-                assert 0.0 <= row["mass"] <= most and row["count"] >= 1, (where, key, row)
-
-        deciles = head["deciles"]
-        intervals = [d["interval"] for d in deciles]
-        assert all(len(i) == 2 and i[0] < i[1] for i in intervals), (where, intervals)
-        assert intervals[0][1] == 1.0 and intervals[-1][0] == 0.0, "deciles cover [0, 1]"
-        for upper, lower in zip(intervals, intervals[1:], strict=False):
-            assert lower[1] == upper[0], f"{where}: deciles not contiguous, highest first"
-        for d in deciles:
-            lo, hi = d["interval"]
-            for seq in d["sequences"]:
-                n = len(seq["tokens"])
-                assert lo <= seq["max_attention"] <= hi, (where, lo, hi, seq["max_attention"])
-                starts = seq["doc_starts"]
-                assert starts == sorted(starts) and all(0 <= s < n for s in starts)
-                assert seq["sparse_attention"], "a kept sequence has some attention"
-                for triple in seq["sparse_attention"]:
-                    assert len(triple) == 3, (where, triple)
-                    q, k, w = triple
-                    assert isinstance(q, int) and isinstance(k, int), (where, triple)
-                    assert 0 <= k <= q < n, (where, triple, n)
-                    assert 0.0 <= w <= 1.0, (where, triple)
-    for f in ("config.json", "scatter_data.json"):
-        _canonical(read_json(tree / f), f)
+                assert isinstance(row["token"], str) and _num(row["weight"]), (where, row)
+        stats = head["statistics"]
+        assert stats["n_samples"] == len(head["sequences"]), where
+        assert stats["mean_max_activation"] is None or _num(stats["mean_max_activation"])
+        for s in head["sequences"]:
+            n = len(s["tokens"])
+            assert all(isinstance(t, str) for t in s["tokens"]) and s["seq_len"] == n, where
+            assert _int(s["sequence_id"]) and 1 <= s["interval"] <= config["n_intervals"]
+            assert _num(s["max_activation"]) and 0 <= s["max_activation"] <= 1
+            idx, val = s["attention_indices"], s["attention_values"]
+            assert len(idx) == len(val), where
+            assert all(_int(i) and 0 <= i < n * n and i % n <= i // n for i in idx), where
+            assert all(_num(w) and 0 <= w <= 1 for w in val), where
     return config
 
 
-# ----------------------------------------------------------------------------- a real run
+def _canonical(value) -> bool:
+    """Sorted keys everywhere; every float already at 6 significant digits."""
+    if isinstance(value, dict):
+        return list(value) == sorted(value) and all(_canonical(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_canonical(v) for v in value)
+    return not isinstance(value, float) or float(f"{value:.6g}") == value
 
 
-def test_export_matches_the_format(run, tree):
-    config = validate_tree(tree, n_sequences=N_SEQUENCES)
-    m = open_run(run).metrics
+def test_export_has_what_neuronpedia_reads(run, tree):
+    config = check_neuronpedia_tree(tree)
+    peer_config = read_json(PEER / "config.json")
+    assert set(peer_config) - {"np_model_id"} <= set(config), "the peer's config fields"
+    peer_head = read_json(PEER / "heads" / "L0H0.json")
+    head = read_json(tree / "heads" / "L1H2.json")
+    assert set(peer_head) <= set(head)
+    assert set(peer_head["sequences"][0]) <= set(head["sequences"][0])
+    assert set(head["statistics"]) == set(peer_head["statistics"])
+    for f in ("config.json", "scatter_data.json", "heads/L1H2.json"):
+        assert _canonical(read_json(tree / f)), f
+
+    r = open_run(run)
+    m = r.metrics
     assert len(config["heads"]) == len(m) == 12
-    assert [x["name"] for x in config["metrics"]] == list(m.columns[3:])
-    assert config["model"]["architecture"] == "llama"
-    assert config["precompute"]["sequences"] == N_SEQUENCES
-    # values are the run's, rounded to 6 significant digits
+    assert config["metrics"] == list(m.columns[3:])
+    assert config["metric_descriptions"] == r.metric_docs
+    assert config["headscope"]["model"]["architecture"] == "llama"
+    assert config["pipeline_config"]["n_sequences"] == N_SEQUENCES
+    assert config["pipeline_config"]["seq_len"] == 48
+    assert config["n_intervals"] == 10
     rec = read_json(tree / "scatter_data.json")[5]
     row = m[(m.layer == rec["layer"]) & (m["head"] == rec["head"])].iloc[0]
     for name in m.columns[3:]:
         assert rec[name] == pytest.approx(row[name], rel=1e-5, abs=1e-12)
-    # token strings come from vocab.json; sparse patterns are the run's
+
+    # intervals count from the lowest; token strings from vocab.json; the run's sparse pattern
     vocab = read_json(run / "vocab.json")
-    payload = open_run(run).head("L1H2")
-    ex = payload["examples"][0]
-    exported = [
-        s
-        for d in read_json(tree / "heads" / "L1H2.json")["deciles"]
-        for s in d["sequences"]
-        if s["sequence_index"] == ex["sequence"]
-    ][0]
-    assert exported["tokens"] == [vocab[str(t)] for t in ex["tokens"]]
-    assert exported["sparse_attention"] == ex["sparse"]
+    payload = r.head("L1H2")
+    n = len(payload["buckets"])
+    assert head["interval_bounds"] == [[b["lo"], b["hi"]] for b in reversed(payload["buckets"])]
+    for b, bucket in enumerate(payload["buckets"]):
+        for i in bucket["examples"]:
+            ex = payload["examples"][i]
+            s = next(s for s in head["sequences"] if s["sequence_id"] == ex["sequence"])
+            assert s["interval"] == n - b
+            assert s["tokens"] == [vocab[str(t)] for t in ex["tokens"]]
+            assert _decode(s) == sorted(ex["sparse"])
+    # the attention-weighted distance histogram holds all of the sparse attention
+    total = sum(w for s in head["sequences"] for w in s["attention_values"])
+    assert sum(head["qk_distance_histogram"]["bin_values"]) == pytest.approx(total, rel=1e-4)
+    assert head["histogram"]["bin_values"] == payload["histogram"]["counts"]
+    assert sum(head["histogram"]["bin_values"]) == N_SEQUENCES
+    top = payload["top_query_tokens"][0]
+    want = {"token": top["token"], "weight": top["mass"], "count": top["count"]}
+    assert head["top_query_tokens"][0] == want
+
+
+# ------------------------------------------------------------------ the peer's tree
+
+
+def test_peer_tree_imports_with_every_head(tmp_path):
+    check_neuronpedia_tree(PEER)  # the check of the export below holds for the real thing
+    r = open_run(out := import_headvis(PEER, tmp_path / "run"))
+    config = read_json(PEER / "config.json")
+    scatter = read_json(PEER / "scatter_data.json")
+    assert list(r.metrics.columns) == ["layer", "head", "name", *config["metrics"]]
+    for rec, row in zip(scatter, r.metrics.to_dict("records"), strict=True):
+        assert {k: row[k] for k in rec} == rec, "metrics equal scatter_data.json"
+    assert r.metric_docs == config["metric_descriptions"]
+    assert r.manifest["model"] == {"name": "headscope/tiny-llama", "n_layers": 3, "n_heads": 4}
+    assert r.manifest["dataset"] == {"name": "headscope/test-texts"}
+    assert r.manifest["config"]["pipeline_config"] == config["pipeline_config"]
+
+    vocab = read_json(out / "vocab.json")
+    assert list(vocab.values()) == sorted(vocab.values())
+    for layer, h in config["heads"]:
+        name = f"L{layer}H{h}"
+        peer = read_json(PEER / "heads" / f"{name}.json")
+        p = r.head(name)
+        assert len(p["buckets"]) == config["n_intervals"]
+        hist = peer["histogram"]
+        assert p["histogram"] == {"edges": hist["bin_edges"], "counts": hist["bin_values"]}
+        assert p["mean_max_attention"] == peer["statistics"]["mean_max_activation"]
+        for interval, bucket in zip(range(3, 0, -1), p["buckets"], strict=True):
+            sent = [s for s in peer["sequences"] if s["interval"] == interval]
+            got = [p["examples"][i] for i in bucket["examples"]]
+            assert [e["sequence"] for e in got] == [s["sequence_id"] for s in sent]
+            for e, s in zip(got, sent, strict=True):
+                assert [vocab[str(t)] for t in e["tokens"]] == s["tokens"]
+                assert e["sparse"] == _decode(s)
+                assert e["max_attention"] == s["max_activation"]
+                assert bucket["lo"] <= e["max_attention"] <= bucket["hi"]
+        assert p["buckets"][0]["hi"] == 1.0 and p["buckets"][-1]["lo"] == 0.0
+        for upper, lower in zip(p["buckets"], p["buckets"][1:], strict=False):
+            assert lower["hi"] == upper["lo"], "contiguous, highest first"
+        # a peer's weight is a total over the sampled sequences: mass is its per-occurrence mean
+        occurrences = Counter(t for s in peer["sequences"] for t in s["tokens"])
+        for row, sent in zip(p["top_key_tokens"], peer["top_key_tokens"], strict=True):
+            assert row["token"] == sent["token"] and row["count"] == occurrences[sent["token"]]
+            assert row["mass"] * row["count"] == pytest.approx(sent["weight"])
+
+    # L1H0 sampled nothing in interval 2: an empty, zero-width bucket between its neighbours
+    buckets = r.head("L1H0")["buckets"]
+    assert [len(b["examples"]) for b in buckets] == [2, 0, 1]
+    assert buckets[1]["lo"] == buckets[1]["hi"] == buckets[0]["lo"]
+
+    # its export keeps what the Neuronpedia loaders read, and then round-trips exactly
+    t1 = export_headvis(out, tmp_path / "t1")
+    c1 = check_neuronpedia_tree(t1)
+    assert c1["pipeline_config"] == config["pipeline_config"]
+    assert c1["np_model_id"] == "tiny-llama" and c1["model_name"] == "headscope/tiny-llama"
+    assert read_json(t1 / "scatter_data.json") == scatter
+    t2 = export_headvis(import_headvis(t1, tmp_path / "run2"), tmp_path / "t2")
+    assert _files(t2) == _files(t1)
+
+
+def _peer_files() -> dict[str, object]:
+    return {p.relative_to(PEER).as_posix(): read_json(p) for p in PEER.rglob("*.json")}
+
+
+def test_peer_tree_with_attention_free_layers_and_a_null_metric(tmp_path):
+    """Hybrid models (linear-attention layers between softmax ones) have no heads in some
+    layers; a metric the writer could not compute is null."""
+    files = {k: v for k, v in _peer_files().items() if not k.startswith("heads/L1H")}
+    files["config.json"]["heads"] = [h for h in files["config.json"]["heads"] if h[0] != 1]
+    files["config.json"]["pipeline_config"]["attention_layer_indices"] = [0, 2]
+    files["scatter_data.json"] = [r for r in files["scatter_data.json"] if r["layer"] != 1]
+    files["scatter_data.json"][0]["induction_score"] = None
+    r = open_run(import_headvis(_write_tree(tmp_path / "peer", files), tmp_path / "run"))
+    assert r.manifest["layers"] == [0, 2] and r.manifest["model"]["n_layers"] == 3
+    assert r.metrics["name"].tolist() == [f"L{a}H{b}" for a in (0, 2) for b in range(4)]
+    assert math.isnan(r.metrics["induction_score"][0])
+    assert read_json(r.path / "metrics.json")["rows"][0][-1] is None
+    assert r.head("L0H0")["metrics"]["induction_score"] is None
+    out = export_headvis(r.path, tmp_path / "tree")
+    assert read_json(out / "scatter_data.json")[0]["induction_score"] is None
+    assert read_json(out / "config.json")["heads"][4] == [2, 0]
+
+
+# ----------------------------------------------------------------------------- a real run
 
 
 def test_export_is_deterministic_and_replaces_an_old_export(run, tree, tmp_path):
@@ -257,9 +298,8 @@ def test_round_trip_is_byte_identical(run, tree, tmp_path):
     assert r2.manifest["config"]["precompute"] == r1.manifest["config"]
     assert r2.manifest["model"] == r1.manifest["model"]
     assert list(r2.metrics.columns) == list(r1.metrics.columns)
-    assert (r2.metrics[["layer", "head", "name"]] == r1.metrics[["layer", "head", "name"]]).all(
-        axis=None
-    )
+    ids = ["layer", "head", "name"]
+    assert (r2.metrics[ids] == r1.metrics[ids]).all(axis=None)
     for name in r1.metrics.columns[3:]:
         assert r2.metrics[name].tolist() == pytest.approx(r1.metrics[name].tolist(), rel=1e-5)
     assert r2.metric_docs == r1.metric_docs
@@ -269,35 +309,32 @@ def test_round_trip_is_byte_identical(run, tree, tmp_path):
     vocab1 = read_json(run / "vocab.json")
     for name in ("L0H0", "L1H2", "L2H3"):
         p1, p2 = r1.head(name), r2.head(name)
-        assert [(b["lo"], b["hi"], b["examples"]) for b in p2["buckets"]] == [
-            (b["lo"], b["hi"], b["examples"]) for b in p1["buckets"]
-        ]
+        assert _buckets(p2) == _buckets(p1)
         assert p2["histogram"] == p1["histogram"]
         assert p2["pca"] == {} and p2["similar"] == [] and p2["curves"] == {}
-        assert [(r["token"], r["mass"], r["count"]) for r in p2["top_query_tokens"]] == [
-            (r["token"], r["mass"], r["count"]) for r in p1["top_query_tokens"]
+        rows = [
+            [(r["token"], r["mass"], r["count"]) for r in p["top_query_tokens"]] for p in (p1, p2)
         ]
+        assert rows[0] == rows[1]
         assert all(vocab2[str(r["id"])] == r["token"] for r in p2["top_key_tokens"])
         for e1, e2 in zip(p1["examples"], p2["examples"], strict=True):
-            assert e2["sequence"] == e1["sequence"] and e2["sparse"] == e1["sparse"]
+            assert e2["sequence"] == e1["sequence"] and e2["sparse"] == sorted(e1["sparse"])
+            assert e2["doc_starts"] == e1["doc_starts"]
             assert [vocab2[str(t)] for t in e2["tokens"]] == [vocab1[str(t)] for t in e1["tokens"]]
             # derived from the sparse pattern: never above the run's maxima (stored to 0.01)
-            assert len(e2["max_as_query"]) == len(e2["max_as_key"]) == len(e2["tokens"])
-            for derived, exact in (("max_as_query", "max_as_query"), ("max_as_key", "max_as_key")):
-                assert all(
-                    d <= x + 0.005 + 1e-9 for d, x in zip(e2[derived], e1[exact], strict=True)
-                ), derived
+            for key in ("max_as_query", "max_as_key"):
+                pairs = zip(e2[key], e1[key], strict=True)
+                assert all(d <= x + 0.005 + 1e-9 for d, x in pairs), key
             assert max(e2["max_as_query"]) == pytest.approx(max(e1["max_as_query"]), abs=0.006)
 
 
-# ------------------------------------------------------------------- hand-written trees
+# ------------------------------------------------------------------- older trees
 
 
-def _minimal_files() -> dict[str, object]:
-    """A small tree the way a published (Neuronpedia-like) export might write it: model and
-    dataset as strings, metrics as names, numbers as strings, ``{l}_{h}`` file names, deciles
-    lowest first with lo/hi keys, no histogram or top tokens on some heads, no sequence indices,
-    no max attention, and one head's metrics only in its own file."""
+def _older_files() -> dict[str, object]:
+    """The older layout: model and dataset as strings, metrics as names, numbers as strings,
+    ``{l}_{h}`` file names, deciles lowest first with lo/hi keys, some heads without histogram or
+    top tokens, no sequence indices or max attention, one head's metrics only in its own file."""
     seq_a = {
         "tokens": ["<bos>", "The", " cat", " The", " cat"],
         "attention": [["0", "0", "1"], [1, 0, 0.9], [2, 1, 0.8], [3, 0, 0.5], [4, 2, "0.75"]],
@@ -305,15 +342,10 @@ def _minimal_files() -> dict[str, object]:
     seq_b = {"tokens": ["<bos>", "a", "b"], "attention": [[0, 0, 1.0], [1, 1, 0.3], [2, 0, 0.9]]}
 
     def head(layer, h, *, hist=True, top=True, stats=None):
-        d = {
-            "layer": layer,
-            "head": str(h),
-            "statistics": stats or {},
-            "deciles": [
-                {"lo": 0.0, "hi": 0.5, "sequences": [copy.deepcopy(seq_b)]},
-                {"lo": "0.5", "hi": "1", "sequences": [copy.deepcopy(seq_a)]},
-            ],
-        }
+        low = {"lo": 0.0, "hi": 0.5, "sequences": [seq_b]}
+        high = {"lo": "0.5", "hi": "1", "sequences": [seq_a]}
+        d = {"layer": layer, "head": str(h), "statistics": stats or {}, "deciles": [low, high]}
+        d = copy.deepcopy(d)
         if hist:
             d["histogram"] = {"edges": [0, 0.5, 1], "counts": ["1", 1]}
         if top:
@@ -350,37 +382,30 @@ def _write_tree(root: Path, files: dict[str, object]) -> Path:
     return root
 
 
-def test_import_a_hand_written_tree(tmp_path):
-    tree = _write_tree(tmp_path / "np", _minimal_files())
-    out = import_headvis(tree, tmp_path / "run")
-    run = open_run(out)
+def test_import_a_tree_in_the_older_layout(tmp_path):
+    tree = _write_tree(tmp_path / "np", _older_files())
+    run = open_run(out := import_headvis(tree, tmp_path / "run"))
     m = run.metrics
     assert list(m.columns) == ["layer", "head", "name", "prev_token_score", "induction_score"]
     assert m["name"].tolist() == ["L0H0", "L0H1", "L1H0", "L1H1"]
-    assert m["prev_token_score"].tolist() == [0.9, 0.2, 0.3, 0.05]
-    assert m["induction_score"].tolist() == [0.1, 0.7, 0.4, 0.95]
+    assert m.iloc[:, 3:].values.T.tolist() == [[0.9, 0.2, 0.3, 0.05], [0.1, 0.7, 0.4, 0.95]]
     assert run.metric_docs == {"prev_token_score": "", "induction_score": "copy"}
     assert run.manifest["model"] == {"name": "gpt2-small", "n_layers": 2, "n_heads": 2}
-    assert run.manifest["dataset"] == {"name": "openwebtext"}
+    assert run.manifest["dataset"] == {"name": "openwebtext"}, "strings become names"
     assert run.manifest["config"] == {"imported_from": str(tree)}
-    metrics_json = read_json(out / "metrics.json")
-    assert metrics_json["rows"][3] == [1, 1, 0.05, 0.95]
+    assert read_json(out / "metrics.json")["rows"][3] == [1, 1, 0.05, 0.95]
 
     vocab = read_json(out / "vocab.json")
     strings = sorted(["<bos>", "The", " cat", " The", "a", "b"])
     assert vocab == {str(i): s for i, s in enumerate(strings)}
     ids = {s: int(i) for i, s in vocab.items()}
     p = run.head("L0H0")
-    assert [(b["lo"], b["hi"], b["examples"]) for b in p["buckets"]] == [
-        (0.5, 1.0, [0]),
-        (0.0, 0.5, [1]),
-    ]
+    assert _buckets(p) == [(0.5, 1.0, [0]), (0.0, 0.5, [1])]
     a, b = p["examples"]
     assert a["tokens"] == [ids[t] for t in ["<bos>", "The", " cat", " The", " cat"]]
     assert a["sparse"] == [[0, 0, 1.0], [1, 0, 0.9], [2, 1, 0.8], [3, 0, 0.5], [4, 2, 0.75]]
     assert a["max_attention"] == 0.8  # derived: queries >= 1, keys 1..q
-    assert a["max_as_query"] == [0.0, 0.0, 0.8, 0.0, 0.75]
-    assert a["max_as_key"] == [0.9, 0.8, 0.75, 0.0, 0.0]
+    assert (a["max_as_query"], a["max_as_key"]) == ([0, 0, 0.8, 0, 0.75], [0.9, 0.8, 0.75, 0, 0])
     assert a["doc_starts"] == [] and b["doc_starts"] == []
     assert (a["sequence"], b["sequence"]) == (0, 1), "numbered by first appearance"
     assert run.head("L1H1")["examples"][0]["sequence"] == 0, "same tokens, same number"
@@ -389,92 +414,87 @@ def test_import_a_hand_written_tree(tmp_path):
     assert "histogram" not in run.head("L0H1")
     assert run.head("L1H0")["top_query_tokens"] == []
 
-    # the imported run exports as a valid tree
-    validate_tree(export_headvis(out, tmp_path / "tree"))
-
-
-def test_import_finds_metrics_when_config_lists_none(tmp_path):
-    files = _minimal_files()
-    del files["config.json"]["metrics"]
-    run = open_run(import_headvis(_write_tree(tmp_path / "np", files), tmp_path / "run"))
-    assert list(run.metrics.columns[3:]) == ["induction_score", "prev_token_score"]
+    # the imported run exports in the peer's layout
+    check_neuronpedia_tree(export_headvis(out, tmp_path / "tree"))
 
 
 def test_import_replaces_an_earlier_import_but_nothing_else(tmp_path):
-    tree = _write_tree(tmp_path / "np", _minimal_files())
-    out = import_headvis(tree, tmp_path / "run")
-    import_headvis(tree, out)
-    assert open_run(out).metrics.shape == (4, 5)
+    files = _older_files()
+    out = import_headvis(_write_tree(tmp_path / "np", files), tmp_path / "run")
+    del files["config.json"]["metrics"]  # then the metrics are the numeric scatter fields
+    import_headvis(_write_tree(tmp_path / "np", files), out)
+    assert list(open_run(out).metrics.columns[3:]) == ["induction_score", "prev_token_score"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a run imported from HeadVis"):
-        import_headvis(tree, other)
+        import_headvis(tmp_path / "np", other)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
-def _break(files: dict, how: str) -> None:
-    seq = files["heads/0_1.json"]["deciles"][1]["sequences"][0]
-    if how == "no config":
-        del files["config.json"]
-    elif how == "not json":
-        files["heads/0_1.json"] = '{"layer": 0, "head": 1, "deciles": ['
-    elif how == "query out of range":
-        seq["attention"][2] = [5, 1, 0.5]
-    elif how == "key out of range":
-        seq["attention"][2] = [2, -1, 0.5]
-    elif how == "key after query":
-        seq["attention"][2] = [2, 3, 0.5]
-    elif how == "weight above 1":
-        seq["attention"][2] = [2, 1, 1.5]
-    elif how == "not a triple":
-        seq["attention"][2] = [2, 1]
-    elif how == "bad number":
-        seq["attention"][2] = [2, 1, "lots"]
-    elif how == "token not a string":
-        seq["tokens"][1] = 17
-    elif how == "missing head file":
-        del files["heads/0_1.json"]
-    elif how == "missing metric":
-        del files["scatter_data.json"][1]["induction_score"]
-    elif how == "bad interval":
-        files["heads/0_1.json"]["deciles"][0]["hi"] = 1.5
-    elif how == "histogram counts":
-        files["heads/0_1.json"]["histogram"] = {"bin_edges": [0, 0.5, 1], "counts": [1]}
-    elif how == "wrong head in file":
-        files["heads/0_1.json"]["layer"] = 1
-    elif how == "head outside model":
-        files["config.json"]["heads"].append("L5H0")
+# ------------------------------------------------------------------ malformed trees
+
+
+def _malform(files: dict, spec: str) -> None:
+    """Apply ``"FILE:a.0.b = JSON"``: set the value at that path in FILE (``-`` removes it, one
+    past a list's end appends, no path replaces the whole file with the text)."""
+    target, value = spec.split(" = ", 1)
+    file, _, path = target.partition(":")
+    if not path:
+        files.pop(file) if value == "-" else files.__setitem__(file, value)
+        return
+    *parents, last = [int(p) if p.lstrip("-").isdigit() else p for p in path.split(".")]
+    node = files[file]
+    for p in parents:
+        node = node[p]
+    if value == "-":
+        del node[last]
+    elif isinstance(node, list) and last == len(node):
+        node.append(json.loads(value))
     else:
-        raise AssertionError(how)
+        node[last] = json.loads(value)
 
 
-MALFORMED = {
-    "no config": r"np: no config\.json",
-    "not json": r"heads/0_1\.json: not valid JSON",
-    "query out of range": r"0_1\.json at deciles\[1\]\.sequences\[0\]\.attention\[2\]: query position 5 is outside",
-    "key out of range": r"0_1\.json at .*attention\[2\]: key position -1 is outside",
-    "key after query": r"0_1\.json at .*attention\[2\]: key position 3 comes after query position 2",
-    "weight above 1": r"0_1\.json at .*attention\[2\]: attention weight 1\.5 is outside \[0, 1\]",
-    "not a triple": r"0_1\.json at .*attention\[2\]: expected a \[query, key, weight\] triple",
-    "bad number": r"0_1\.json at .*attention\[2\]\[2\]: expected a number, got 'lots'",
-    "token not a string": r"0_1\.json at .*tokens\[1\]: expected a token string",
-    "missing head file": r"head L0H1 has no file \(looked for heads/L0H1\.json and heads/0_1\.json\)",
-    "missing metric": r"0_1\.json: no value for metric 'induction_score'",
-    "bad interval": r"0_1\.json at deciles\[0\]: decile interval \[0\.0, 1\.5\]",
-    "histogram counts": r"0_1\.json at histogram: 3 bin edges need 2 counts, not 1",
-    "wrong head in file": r"0_1\.json at layer: says 1, but the file is L0H1",
-    "head outside model": r"config\.json: head L5H0 is outside 2 layers x 2 heads",
+_SEQ = "heads/L0H1.json:sequences.0"
+_OLD = "heads/0_1.json:deciles.1.sequences.0"
+MALFORMED = {  # "TREE FILE:PATH = VALUE" -> the error, after the file's name
+    f"peer {_SEQ}.attention_indices.2 = 100": r" at sequences\[0\]: attention_indices\[2\] = "
+    r"100 is outside the 10 x 10 pattern",
+    f"peer {_SEQ}.attention_indices.1 = 1": r"attention_indices\[1\]: key position 1 comes "
+    r"after query position 0 \(causal attention\)",
+    f"peer {_SEQ}.attention_values.-1 = -": r"19 attention_indices but 18 attention_values",
+    f"peer {_SEQ}.seq_len = 12": r"seq_len 12 is not the number of tokens \(10\)",
+    f"peer {_SEQ}.interval = 4": r"\.interval: 4 is above the tree's n_intervals \(3\)",
+    f"peer {_SEQ}.tokens = -": r" at sequences\[0\]\.tokens: required field missing",
+    "peer heads/L0H1.json:histogram.bin_values.-1 = -": r"51 bin edges need 50 bin values",
+    'peer scatter_data.json:1.induction_score = "x"': r"\[1\]\.induction_score: .*number",
+    "peer scatter_data.json:0.layer = -": r"\[0\]: a scatter record needs 'layer' and 'head'",
+    'peer config.json:heads.0 = "first"': r"heads\[0\]: cannot read a head id from 'first'",
+    "older config.json = -": r"np: no config\.json",
+    'older heads/0_1.json = {"deciles": [': r"0_1\.json: not valid JSON",
+    f"older {_OLD}.attention.2 = [5, 1, 0.5]": r"query position 5 is outside the sequence's",
+    f"older {_OLD}.attention.2 = [2, 3, 0.5]": r"key position 3 comes after query position 2",
+    f"older {_OLD}.attention.2 = [2, 1, 1.5]": r"attention weight 1\.5 is outside \[0, 1\]",
+    f"older {_OLD}.attention.2 = [2, 1]": r"attention\[2\]: expected a \[query, key, weight\]",
+    f"older {_OLD}.tokens.1 = 17": r"sequences\[0\]\.tokens\[1\]: Input should be a valid string",
+    "older heads/0_1.json = -": r"head L0H1 has no file \(looked for heads/L0H1\.json and",
+    "older scatter_data.json:1.induction_score = -": r"no value for metric 'induction_score'",
+    "older heads/0_1.json:deciles.0.hi = 1.5": r"decile interval \[0\.0, 1\.5\] is not inside",
+    "older heads/0_1.json:layer = 1": r"0_1\.json at layer: says 1, but the file is L0H1",
+    'older config.json:heads.4 = "L5H0"': r"head L5H0 is outside 2 layers x 2 heads",
 }
 
 
-@pytest.mark.parametrize("how", list(MALFORMED))
-def test_malformed_trees_fail_clearly_and_write_nothing(tmp_path, how):
-    files = _minimal_files()
-    _break(files, how)
+@pytest.mark.parametrize("spec", list(MALFORMED))
+def test_malformed_trees_fail_clearly_and_write_nothing(tmp_path, spec):
+    which, _, change = spec.partition(" ")
+    files = _peer_files() if which == "peer" else _older_files()
+    _malform(files, change)
     tree = _write_tree(tmp_path / "np", files)
-    with pytest.raises(ValueError, match=MALFORMED[how]):
+    with pytest.raises(ValueError, match=MALFORMED[spec]) as e:
         import_headvis(tree, tmp_path / "out" / "run")
+    assert "\n" not in str(e.value), "one line"
+    assert Path(change.split(":")[0].split(" = ")[0]).name in str(e.value), "names the file"
     assert not (tmp_path / "out" / "run").exists()
     leftovers = list((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
     assert leftovers == [], "no temporary directory left behind"

@@ -1,352 +1,290 @@
-"""Reading a HeadVis data tree tolerantly (see docs/headvis-format.md): every value is checked
-and located (``file at deciles[1].sequences[0]...``) so a malformed tree fails with a message that
-names the file and the place; the variations a published tree may have are accepted."""
+"""Reading a HeadVis data tree (docs/headvis-format.md) into what a run directory needs.
+
+The models of :mod:`headscope.store.headvis_format` check each file; this module puts the files
+together: which heads the tree has and where their files are, each head's metric values, its
+sequences grouped into max-attention intervals (highest first, as a run stores its buckets), its
+histogram and top tokens. Any problem is one ``ValueError`` naming the file and the field.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import re
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from headscope.model.spec import head_name
-from headscope.store.files import read_json
+from headscope.store.headvis_format import (
+    HEAD_FILE_PATTERN,
+    HeadFile,
+    HeadId,
+    Num,
+    Scatter,
+    ScatterRecord,
+    Sequence,
+    TreeConfig,
+    load_file,
+)
 
-# keys of a scatter record that name the head rather than measure it
-_SCATTER_ID_KEYS = frozenset({"layer", "head", "id", "name", "head_id", "label"})
-
-# ----------------------------------------------------------------------------------- import
-
-
-class _Where:
-    """A file and a path inside it, for error messages: ``heads/L0H1.json: deciles[2]...``."""
-
-    def __init__(self, file: Path, inner: str = ""):
-        self.file, self.inner = file, inner
-
-    def __truediv__(self, part: str | int) -> _Where:
-        step = f"[{part}]" if isinstance(part, int) else (f".{part}" if self.inner else part)
-        return _Where(self.file, self.inner + step)
-
-    def error(self, problem: str) -> ValueError:
-        at = f" at {self.inner}" if self.inner else ""
-        return ValueError(f"{self.file}{at}: {problem}")
+# statistics Neuronpedia writes per head that are not metrics of the head-selector scatter
+_HEAD_STATISTICS = frozenset({"n_samples", "mean_max_activation"})
+_NUMBER: TypeAdapter[float | None] = TypeAdapter(Num | None)
+_HEAD_ID: TypeAdapter[tuple[int, int]] = TypeAdapter(HeadId)
 
 
-def _load(path: Path) -> Any:
+def _number(value: Any, where: str) -> float | None:
     try:
-        return read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return _NUMBER.validate_python(value)
+    except ValidationError as e:
+        raise ValueError(f"{where}: {e.errors()[0]['msg']}, got {value!r}") from None
 
 
-def _int(value: Any, where: _Where) -> int:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise where.error(f"expected an integer, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise where.error(f"expected an integer, got {value!r}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise where.error(f"expected an integer, got {value!r}")
-    return int(value)
-
-
-def _float(value: Any, where: _Where) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise where.error(f"expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise where.error(f"expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise where.error(f"expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _list(value: Any, where: _Where) -> list:
-    if not isinstance(value, list):
-        raise where.error(f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _dict(value: Any, where: _Where) -> dict:
-    if not isinstance(value, dict):
-        raise where.error(f"expected an object, got {type(value).__name__}")
-    return value
-
-
-def _first(d: dict, *keys: str, default: Any = None) -> tuple[str | None, Any]:
-    """The first of ``keys`` present in ``d`` (published trees differ in field names)."""
-    for k in keys:
-        if k in d:
-            return k, d[k]
-    return None, default
-
-
-_HEAD_ID = (re.compile(r"L(\d+)H(\d+)"), re.compile(r"(\d+)[_.](\d+)"))
-
-
-def _head_id(value: Any, where: _Where) -> tuple[int, int]:
-    """``"L5H3"``, ``"5_3"``, ``"5.3"``, ``[5, 3]`` or ``{"layer": 5, "head": 3}`` -> (5, 3)."""
-    if isinstance(value, str):
-        for pattern in _HEAD_ID:
-            m = pattern.fullmatch(value.strip())
-            if m:
-                return int(m.group(1)), int(m.group(2))
-    elif isinstance(value, list) and len(value) == 2:
-        return _int(value[0], where / 0), _int(value[1], where / 1)
-    elif isinstance(value, dict) and "layer" in value and "head" in value:
-        return _int(value["layer"], where / "layer"), _int(value["head"], where / "head")
-    raise where.error(f"cannot read a head id from {value!r}; expected e.g. 'L5H3' or '5_3'")
+def _is_number(value: Any) -> bool:
+    try:
+        return _NUMBER.validate_python(value) is not None
+    except ValidationError:
+        return False
 
 
 @dataclass
-class _Sequence:
-    index: int | None
-    tokens: list[str]
-    max_attention: float
-    doc_starts: list[int]
-    sparse: list[list]  # [[q, k, w], ...]
+class Tree:
+    """A tree's config and scatter, checked, and where each head's file is."""
 
-    def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.tokens).encode()).hexdigest()
+    path: Path
+    config: TreeConfig
+    heads: list[tuple[int, int]]  # sorted by layer, then head
+    n_layers: int
+    n_heads: int
+    metric_docs: dict[str, str]  # name -> description, in the tree's order
+    scatter: dict[tuple[int, int], tuple[int, ScatterRecord]]  # head -> (index, record)
+    files: dict[tuple[int, int], Path]
+
+    @property
+    def n_intervals(self) -> int | None:
+        pipeline = self.config.pipeline_config or {}
+        n = self.config.n_intervals or pipeline.get("n_intervals")
+        return n if isinstance(n, int) and n >= 1 else None
 
 
 @dataclass
-class _Head:
-    layer: int
-    head: int
-    statistics: dict[str, float]
-    histogram: dict | None
-    top_query_tokens: list[tuple[str, float, int]]
+class Head:
+    """One head, ready for the run's payload."""
+
+    statistics: dict[str, float]  # metric -> value (NaN where the tree has null)
+    histogram: dict | None  # {"edges": [...], "counts": [...]}
+    top_query_tokens: list[tuple[str, float, int]]  # (token, mass, count)
     top_key_tokens: list[tuple[str, float, int]]
-    deciles: list[tuple[float, float, list[_Sequence]]] = field(default_factory=list)
+    buckets: list[tuple[float, float, list[Sequence]]] = field(default_factory=list)
+    mean_max_attention: float | None = None
 
-    def strings(self) -> Iterator[str]:
-        for _, _, seqs in self.deciles:
+    def strings(self):
+        for _, _, seqs in self.buckets:
             for s in seqs:
                 yield from s.tokens
         for t, _, _ in self.top_query_tokens + self.top_key_tokens:
             yield t
 
 
-def _parse_sparse(value: Any, n_tokens: int, where: _Where) -> list[list]:
-    out = []
-    for i, entry in enumerate(_list(value, where)):
-        w = where / i
-        if isinstance(entry, dict):
-            _, q = _first(entry, "query", "q")
-            _, k = _first(entry, "key", "k")
-            _, wt = _first(entry, "weight", "w", "value")
-            entry = [q, k, wt]
-        if not isinstance(entry, list) or len(entry) != 3:
-            raise w.error(f"expected a [query, key, weight] triple, got {entry!r}")
-        q, k, wt = _int(entry[0], w / 0), _int(entry[1], w / 1), _float(entry[2], w / 2)
-        if not 0 <= q < n_tokens:
-            raise w.error(f"query position {q} is outside the sequence's {n_tokens} tokens")
-        if not 0 <= k < n_tokens:
-            raise w.error(f"key position {k} is outside the sequence's {n_tokens} tokens")
-        if k > q:
-            raise w.error(f"key position {k} comes after query position {q} (causal attention)")
-        if not 0.0 <= wt <= 1.0:
-            raise w.error(f"attention weight {wt} is outside [0, 1]")
-        out.append([q, k, wt])
-    return out
+def digest(seq: Sequence) -> str:
+    """Identifies a sequence by its tokens (to number sequences a tree leaves unnumbered)."""
+    return hashlib.sha1(json.dumps(seq.tokens).encode()).hexdigest()
 
 
-def _parse_sequence(value: Any, where: _Where) -> _Sequence:
-    d = _dict(value, where)
-    key, tokens = _first(d, "tokens", "token_strings")
-    if key is None:
-        raise where.error("a sequence needs 'tokens' (a list of token strings)")
-    tokens = _list(tokens, where / key)
-    for i, t in enumerate(tokens):
-        if not isinstance(t, str):
-            raise (where / key / i).error(f"expected a token string, got {t!r}")
-    key, raw = _first(d, "sparse_attention", "sparse", "attention", "sparse_pattern", "pattern")
-    sparse = _parse_sparse(raw, len(tokens), where / key) if key else []
-    key, raw = _first(d, "max_attention", "max_act", "max_value")
-    if key is not None:
-        max_attention = _float(raw, where / key)
-        if not 0.0 <= max_attention <= 1.0:
-            raise (where / key).error(f"max attention {max_attention} is outside [0, 1]")
-    else:  # as the run defines it: queries >= 1, keys 1..q
-        max_attention = max((w for q, k, w in sparse if q >= 1 and k >= 1), default=0.0)
-    key, raw = _first(d, "sequence_index", "index", "seq_idx")
-    index = _int(raw, where / key) if key else None
-    starts: list[int] = []
-    if "doc_starts" in d:
-        raw_starts = _list(d["doc_starts"], where / "doc_starts")
-        starts = [_int(s, where / "doc_starts" / i) for i, s in enumerate(raw_starts)]
-        for i, s in enumerate(starts):
-            if not 0 <= s < max(1, len(tokens)):
-                raise (where / "doc_starts" / i).error(f"position {s} is outside the sequence")
-    return _Sequence(index, tokens, max_attention, starts, sparse)
-
-
-def _parse_interval(d: dict, where: _Where) -> tuple[float, float]:
-    key, raw = _first(d, "interval", "range", "bounds")
-    if key is not None:
-        pair = _list(raw, where / key)
-        if len(pair) != 2:
-            raise (where / key).error(f"expected [lo, hi], got {pair!r}")
-        lo, hi = _float(pair[0], where / key / 0), _float(pair[1], where / key / 1)
-    else:
-        klo, lo_raw = _first(d, "lo", "min", "low")
-        khi, hi_raw = _first(d, "hi", "max", "high")
-        if klo is None or khi is None:
-            raise where.error("a decile needs 'interval': [lo, hi]")
-        lo, hi = _float(lo_raw, where / klo), _float(hi_raw, where / khi)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise where.error(f"decile interval [{lo}, {hi}] is not inside [0, 1] with lo <= hi")
-    return lo, hi
-
-
-def _parse_tokens(value: Any, where: _Where) -> list[tuple[str, float, int]]:
-    out = []
-    for i, row in enumerate(_list(value, where)):
-        w = where / i
-        row = _dict(row, w)
-        if not isinstance(row.get("token"), str):
-            raise w.error("a top-token row needs 'token' (a string)")
-        key, mass = _first(row, "mass", "mean_attention", "mean_mass", "attention", default=0.0)
-        count = _int(row.get("count", 0), w / "count")
-        out.append((row["token"], _float(mass, w / key if key else w), count))
-    return out
-
-
-def _parse_histogram(value: Any, where: _Where) -> dict:
-    d = _dict(value, where)
-    key, edges = _first(d, "bin_edges", "edges", "bins")
-    if key is None or "counts" not in d:
-        raise where.error("a histogram needs 'bin_edges' and 'counts'")
-    edges = [_float(e, where / key / i) for i, e in enumerate(_list(edges, where / key))]
-    counts = _list(d["counts"], where / "counts")
-    counts = [_int(c, where / "counts" / i) for i, c in enumerate(counts)]
-    if len(counts) != len(edges) - 1:
-        raise where.error(f"{len(edges)} bin edges need {len(edges) - 1} counts, not {len(counts)}")
-    if any(b < a for a, b in zip(edges, edges[1:], strict=False)):
-        raise where.error("bin edges must be increasing")
-    return {"edges": edges, "counts": counts}
-
-
-def _parse_head(
-    path: Path,
-    layer: int,
-    head: int,
-    metric_names: list[str],
-    scatter: tuple[dict, _Where] | None,
-) -> _Head:
-    where = _Where(path)
-    d = _dict(_load(path), where)
-    for field_, expected in (("layer", layer), ("head", head)):
-        if field_ in d and _int(d[field_], where / field_) != expected:
-            raise (where / field_).error(
-                f"says {d[field_]!r}, but the file is {head_name(layer, head)}"
-            )
-    stats_key, stats_raw = _first(d, "statistics", "stats", "metrics", default={})
-    stats_where = where / (stats_key or "statistics")
-    stats_raw = _dict(stats_raw, stats_where)
-    record, record_where = scatter if scatter is not None else ({}, where)
-    statistics = {}
-    for name in metric_names:
-        if name in record:
-            statistics[name] = _float(record[name], record_where / name)
-        elif name in stats_raw:
-            statistics[name] = _float(stats_raw[name], stats_where / name)
-        else:
-            raise where.error(f"no value for metric {name!r} here or in scatter_data.json")
-    histogram = _parse_histogram(d["histogram"], where / "histogram") if "histogram" in d else None
-    deciles = []
-    for i, dec in enumerate(_list(d.get("deciles", []), where / "deciles")):
-        w = where / "deciles" / i
-        dec = _dict(dec, w)
-        lo, hi = _parse_interval(dec, w)
-        seq_key, seqs = _first(dec, "sequences", "examples", default=[])
-        sw = w / (seq_key or "sequences")
-        seqs = [_parse_sequence(s, sw / j) for j, s in enumerate(_list(seqs, sw))]
-        deciles.append((lo, hi, seqs))
-    deciles.sort(key=lambda x: (-x[0], -x[1]))  # highest first, as the run stores buckets
-    return _Head(
-        layer,
-        head,
-        statistics,
-        histogram,
-        _parse_tokens(d.get("top_query_tokens", []), where / "top_query_tokens"),
-        _parse_tokens(d.get("top_key_tokens", []), where / "top_key_tokens"),
-        deciles,
-    )
-
-
-def _parse_metric_list(value: Any, where: _Where) -> dict[str, str] | None:
-    """config.json's metrics as {name: description}, in order (or None if it lists none)."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {str(k): str(v or "") for k, v in value.items()}
-    out: dict[str, str] = {}
-    for i, m in enumerate(_list(value, where)):
-        if isinstance(m, str):
-            out[m] = ""
-        elif isinstance(m, dict) and isinstance(m.get("name"), str):
-            out[m["name"]] = str(_first(m, "description", "doc", default="")[1] or "")
-        else:
-            raise (where / i).error(f"expected a metric name or {{name, description}}, got {m!r}")
-    return out
-
-
-def _parse_scatter(value: Any, where: _Where) -> dict[tuple[int, int], tuple[dict, _Where]]:
-    """scatter_data.json as {(layer, head): (record, where)}; values are read per metric later."""
-    if isinstance(value, dict):
-        _, value = _first(value, "heads", "data", "records", "points", default=value)
-    out: dict[tuple[int, int], tuple[dict, _Where]] = {}
-    for i, rec in enumerate(_list(value, where)):
-        w = where / i
-        rec = _dict(rec, w)
-        if "layer" in rec and "head" in rec:
-            lh = (_int(rec["layer"], w / "layer"), _int(rec["head"], w / "head"))
-        else:
-            key, ident = _first(rec, "id", "name", "head_id")
-            if key is None:
-                raise w.error("a scatter record needs 'layer' and 'head'")
-            lh = _head_id(ident, w / key)
-        out[lh] = (rec, w)
-    return out
-
-
-def _numeric_keys(d: dict) -> set[str]:
-    """Keys of ``d`` whose values read as numbers (to find metrics when config lists none)."""
-    found = set()
-    for k, v in d.items():
+def _head_file(tree: Path, pattern: str, layer: int, head: int) -> Path:
+    names = []
+    for p in (pattern, HEAD_FILE_PATTERN, "{layer}_{head}.json"):
         try:
-            _float(v, _Where(Path()))
-        except ValueError:
+            name = p.format(layer=layer, head=head)
+        except (KeyError, IndexError, ValueError):
             continue
-        found.add(k)
-    return found - _SCATTER_ID_KEYS
-
-
-def _head_file(tree: Path, layer: int, head: int) -> Path:
-    names = [f"{head_name(layer, head)}.json", f"{layer}_{head}.json"]
-    for n in names:
-        if (tree / "heads" / n).is_file():
-            return tree / "heads" / n
+        if name not in names:
+            names.append(name)
+        if (tree / "heads" / name).is_file():
+            return tree / "heads" / name
     raise ValueError(
         f"{tree}: head {head_name(layer, head)} has no file "
         f"(looked for {' and '.join('heads/' + n for n in names)})"
     )
 
 
-def _derive_maxima(n: int, sparse: list[list]) -> tuple[list[float], list[float]]:
+def read_tree(path: Path) -> Tree:
+    """Check ``config.json`` and ``scatter_data.json`` and find every head's file."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path}: no config.json; this is not a HeadVis data tree")
+    config = load_file(TreeConfig, cfg_path)
+    info = config.headscope
+    if info is not None and info.format_version > 1:
+        raise ValueError(
+            f"{cfg_path} at headscope.format_version: {info.format_version} is newer than this "
+            "headscope reads (1)"
+        )
+    if config.format == "headvis" and (config.format_version or 1) > 1:
+        raise ValueError(
+            f"{cfg_path} at format_version: {config.format_version} is newer than this "
+            "headscope reads (1)"
+        )
+
+    scatter: dict[tuple[int, int], tuple[int, ScatterRecord]] = {}
+    if (path / "scatter_data.json").is_file():
+        records = load_file(Scatter, path / "scatter_data.json").root
+        scatter = {rec.layer_head: (i, rec) for i, rec in enumerate(records)}
+
+    if config.heads is not None:
+        heads = list(config.heads)
+    elif scatter:
+        heads = list(scatter)
+    else:
+        heads = []
+        for p in sorted((path / "heads").glob("*.json")):
+            try:
+                heads.append(_HEAD_ID.validate_python(p.stem))
+            except ValidationError:
+                continue
+    heads = sorted(set(heads))
+    if not heads:
+        raise ValueError(f"{cfg_path}: the tree lists no heads (no 'heads', scatter or files)")
+
+    pipeline = config.pipeline_config or {}
+    model = (info.model if info else None) or config.model or {}
+
+    def shape(key: str, pipeline_key: str, default: int) -> int:
+        for value, where in (
+            (getattr(config, key), key),
+            (pipeline.get(pipeline_key), f"pipeline_config.{pipeline_key}"),
+            (model.get(key), f"model.{key}"),
+        ):
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{cfg_path} at {where}: expected a positive integer")
+                return value
+        return default
+
+    n_layers = shape("n_layers", "num_hidden_layers", heads[-1][0] + 1)
+    n_heads = shape("n_heads", "num_attention_heads", max(h for _, h in heads) + 1)
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(
+                f"{cfg_path}: head {head_name(layer, head)} is outside "
+                f"{n_layers} layers x {n_heads} heads"
+            )
+    files = {lh: _head_file(path, config.head_data_pattern, *lh) for lh in heads}
+
+    if config.metrics is not None:
+        docs = config.metric_descriptions
+        metric_docs = {m.name: m.description or docs.get(m.name, "") for m in config.metrics}
+    else:  # every numeric field of the scatter records (or of the heads' statistics), sorted
+        found = {k for _, rec in scatter.values() for k, v in rec.values.items() if _is_number(v)}
+        if not found:
+            for p in files.values():
+                stats = load_file(HeadFile, p).statistics
+                found |= {k for k, v in stats.items() if _is_number(v)} - _HEAD_STATISTICS
+        metric_docs = dict.fromkeys(sorted(found), "")
+    return Tree(path, config, heads, n_layers, n_heads, metric_docs, scatter, files)
+
+
+def _infer_bounds(n: int, seqs: list[Sequence]) -> list[tuple[float, float]]:
+    """[lo, hi] of intervals 1..n from the sampled sequences alone.
+
+    A tree that does not store its interval boundaries still sorts each sequence into the
+    interval holding its max attention, so every value in a higher interval is at or above each
+    boundary below it. The boundary under interval j is taken as the smallest max attention seen
+    in intervals j and above: each interval then contains its sequences, and together they cover
+    [0, 1] (an empty interval may have zero width).
+    """
+    lowest = [1.0] * (n + 2)  # lowest[j]: smallest max attention in intervals >= j
+    for s in seqs:
+        assert s.interval is not None
+        lowest[s.interval] = min(lowest[s.interval], s.max_attention())
+    for j in range(n - 1, 0, -1):
+        lowest[j] = min(lowest[j], lowest[j + 1])
+    cuts = [0.0, *lowest[2 : n + 1], 1.0]
+    return [(cuts[i], cuts[i + 1]) for i in range(n)]
+
+
+def _top_rows(rows, seqs: list[Sequence], totals: bool) -> list[tuple[str, float, int]]:
+    """(token, mass, count). ``totals``: the tree's weights are totals over the sampled
+    sequences and carry no count; the count becomes the token's occurrences in those sequences
+    and the mass the total divided by it (a mean, as headscope's top tokens are)."""
+    occurrences = Counter(t for s in seqs for t in s.tokens) if totals else Counter()
+    out = []
+    for r in rows:
+        if r.count is not None or not totals:
+            out.append((r.token, r.weight, r.count or 0))
+        else:
+            n = occurrences[r.token]
+            out.append((r.token, r.weight / n if n else r.weight, n))
+    return out
+
+
+def read_head(tree: Tree, lh: tuple[int, int]) -> Head:
+    """One head of ``tree``, checked (``lh`` is one of ``tree.heads``)."""
+    path = tree.files[lh]
+    d = load_file(HeadFile, path)
+    name = head_name(*lh)
+    for field_, expected in (("layer", lh[0]), ("head", lh[1])):
+        if getattr(d, field_) not in (None, expected):
+            raise ValueError(
+                f"{path} at {field_}: says {getattr(d, field_)}, but the file is {name}"
+            )
+
+    statistics = {}
+    index, record = tree.scatter.get(lh, (None, None))
+    scatter_path = tree.path / "scatter_data.json"
+    for metric in tree.metric_docs:
+        if record is not None and metric in record.values:
+            value = _number(record.values[metric], f"{scatter_path} at [{index}].{metric}")
+        elif metric in d.statistics:
+            value = _number(d.statistics[metric], f"{path} at statistics.{metric}")
+        else:
+            raise ValueError(f"{path}: no value for metric {metric!r} here or in scatter_data.json")
+        statistics[metric] = math.nan if value is None else value
+    mean_max = d.statistics.get("mean_max_activation")
+    mean_max = _number(mean_max, f"{path} at statistics.mean_max_activation")
+
+    if d.deciles is not None and not d.sequences:
+        buckets = [(*dec.interval, dec.sequences) for dec in d.deciles]
+        buckets.sort(key=lambda b: (-b[0], -b[1]))
+        seqs = [s for _, _, ss in buckets for s in ss]
+    else:
+        seqs = d.sequences
+        if d.interval_bounds is not None:
+            bounds = list(d.interval_bounds)
+        else:
+            seen = max((s.interval or 1 for s in seqs), default=1)
+            n = tree.n_intervals or seen
+            if seen > n:
+                i = next(i for i, s in enumerate(seqs) if (s.interval or 1) > n)
+                raise ValueError(
+                    f"{path} at sequences[{i}].interval: {seen} is above the tree's "
+                    f"n_intervals ({n})"
+                )
+            bounds = _infer_bounds(n, seqs)
+        by_interval: dict[int, list[Sequence]] = {i: [] for i in range(1, len(bounds) + 1)}
+        for s in seqs:
+            by_interval[s.interval or 1].append(s)
+        buckets = [(*bounds[i - 1], by_interval[i]) for i in range(len(bounds), 0, -1)]
+    histogram = None
+    if d.histogram is not None:
+        histogram = {"edges": d.histogram.bin_edges, "counts": d.histogram.bin_values}
+    totals = d.deciles is None or bool(d.sequences)
+    return Head(
+        statistics,
+        histogram,
+        _top_rows(d.top_query_tokens, seqs, totals),
+        _top_rows(d.top_key_tokens, seqs, totals),
+        buckets,
+        mean_max,
+    )
+
+
+def derive_maxima(n: int, sparse: list[list]) -> tuple[list[float], list[float]]:
     """max_as_query / max_as_key (docs/run-format.md) from the sparse pattern alone."""
     as_query, as_key = np.zeros(n), np.zeros(n)  # [T], [T]
     if sparse:
