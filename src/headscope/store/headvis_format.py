@@ -2,15 +2,14 @@
 layout, used to read a tree and to write one.
 
 Field names are the ones Neuronpedia's HeadVis writer uses. ``validation_alias`` lists the other
-spellings older trees use, so one model reads both; fields marked *older trees* are read but never
-written. Each model checks what needs several of its fields (sparse positions inside the sequence,
-histogram lengths); :func:`validate_file` turns a failure into one ``ValueError`` naming the file
-and the field.
+spellings older trees use, so one model reads both; the fields a model lists in ``OLDER`` are
+read but never written. Each model checks what needs several of its fields (sparse positions
+inside the sequence, histogram lengths); :func:`validate_file` turns a failure into one
+``ValueError`` naming the file and the field.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -28,13 +27,16 @@ from pydantic import (
     model_validator,
 )
 
-from headscope.files import read_json
-
 __all__ = [
+    "HEAD_FILE_PATTERN",
+    "QK_DISTANCE_EDGES",
     "ActivationHistogram",
     "HeadFile",
+    "HeadId",
     "HeadscopeInfo",
     "Histogram",
+    "Int",
+    "Num",
     "Scatter",
     "ScatterRecord",
     "Sequence",
@@ -455,26 +457,31 @@ def _location(loc: tuple) -> str:
     return out
 
 
+def _problem(e: ValidationError, path: Path) -> ValueError:
+    errors = e.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return ValueError(f"{path}: not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        msg = "required field missing"
+    at = _location(first["loc"])
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return ValueError(f"{path}{' at ' + at if at else ''}: {msg}{more}")
+
+
 def validate_file(model: type[M], raw: Any, path: Path) -> M:
     """``model`` validated from ``raw`` (the content of ``path``), or one ``ValueError`` naming
     the file, the place in it and the first problem."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "missing":
-            msg = "required field missing"
-        at = _location(first["loc"])
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise ValueError(f"{path}{' at ' + at if at else ''}: {msg}{more}") from None
+        raise _problem(e, path) from None
 
 
 def load_file(model: type[M], path: Path) -> M:
     """Read the JSON file ``path`` as ``model`` (see :func:`validate_file`)."""
     try:
-        raw = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return validate_file(model, raw, path)
+        return model.model_validate_json(Path(path).read_bytes())
+    except ValidationError as e:
+        raise _problem(e, path) from None
