@@ -1,28 +1,48 @@
-"""The ``headscope`` command line. Thin: each subcommand parses arguments and calls one library
-function (the same one the tests, the server and notebooks call)."""
+"""The ``headscope`` command line.
+
+Thin: every live operation's subcommand is generated from the operation table
+(:mod:`headscope.operations`) — its flags from the request model's fields, its text from the
+operation's formatter — and each other subcommand parses its flags and calls one library
+function. Every expected failure is a :class:`~headscope.errors.HeadscopeError` and ends as one
+line on stderr with the error's exit code; so do Ctrl-C (exit 130) and a closed pipe.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {}
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from headscope.errors import HeadscopeError, InputError
+from headscope.operations import OPERATIONS, Context, Operation
+
+MODEL_HELP = "default (SmolLM2-135M-Instruct) | gemma-3-270m | a HF model folder | a .gguf file"
+# what a Ctrl-C loses, per command that writes something resumable
+INTERRUPTED = {
+    "precompute": "the run resumes from its last checkpoint when you run the same command again",
+    "demo": "run it again to resume",
+}
 
 
-def command(name: str):
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
-
-    return deco
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
+# ----- output -------------------------------------------------------------------------------------
 def _emit(args: argparse.Namespace, payload: Any, text: str | None = None) -> None:
+    """``payload`` as JSON with ``--json`` (or when there is no text form), else ``text``."""
     if getattr(args, "json", False) or text is None:
+        if isinstance(payload, BaseModel):
+            payload = payload.model_dump(mode="json")
         json.dump(payload, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
@@ -38,223 +58,116 @@ def _adapter(args: argparse.Namespace):
     return ModelAdapter.load(args.model, device=getattr(args, "device", "cpu"), dtype=dtype)
 
 
-# ----- foundation ---------------------------------------------------------------------------------
-@command("info")
-def _info(args):
-    info = _adapter(args).info()
-    lines = [f"{k:>18}: {v}" for k, v in info.items()]
-    _emit(args, info, "\n".join(lines))
+def _model_args(sp: argparse.ArgumentParser, dtype: bool = True) -> None:
+    sp.add_argument("--model", default="default", help=MODEL_HELP)
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    if dtype:
+        sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-@command("attend")
-def _attend(args):
-    from headscope.analysis.attend import attend
+# ----- live operations from the table -------------------------------------------------------------
+def _cli_type(ann: Any) -> Any:
+    """The shape a field takes on the command line: a list, a Literal, bool, int, float or str
+    (Optional and Annotated unwrapped; a union with a list is a list, other unions are str)."""
+    if typing.get_origin(ann) is typing.Annotated:
+        return _cli_type(typing.get_args(ann)[0])
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [_cli_type(a) for a in typing.get_args(ann) if a is not type(None)]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists:
+            return lists[0]
+        return args[0] if len(args) == 1 else str
+    return ann
 
-    result = attend(_adapter(args), args.text, args.head or None)
-    if args.json:
-        _emit(args, result.to_dict())
-        return
-    print(" ".join(f"[{i}]{t!r}" for i, t in enumerate(result.tokens)))
-    for name, rows in result.patterns.items():
-        last = rows[-1]
-        top = sorted(range(len(last)), key=lambda k: -last[k])[:5]
-        tops = ", ".join(f"{result.tokens[k]!r}@{k}: {last[k]:.3f}" for k in top)
-        print(f"{name}: last token attends to {tops}")
+
+def _add_field(sp: argparse.ArgumentParser, op: Operation, name: str, f: FieldInfo) -> None:
+    flag = op.flags.get(name, "--" + name.replace("_", "-"))
+    ann = _cli_type(f.annotation)
+    aliased = any(field == name for field, _ in op.aliases.values())
+    kw: dict[str, Any] = {
+        "dest": name,
+        "help": f.description or "",
+        "required": f.is_required() and not aliased,
+    }
+    if not f.is_required() and f.default is not None and not callable(f.default):
+        kw["help"] += f" (default: {f.default})"
+    kw["default"] = argparse.SUPPRESS
+    if name in op.files:
+        kw.update(metavar="FILE", help=(kw["help"] + "; a file with one per line").lstrip("; "))
+    elif typing.get_origin(ann) is list:
+        kw.update(action="extend", nargs="+")
+        kw["help"] += " (one or more; the flag may repeat)"
+    elif typing.get_origin(ann) is typing.Literal:
+        kw["choices"] = list(typing.get_args(ann))
+    elif ann is bool:
+        kw["action"] = "store_true"
+        kw.pop("required")
+    elif ann in (int, float):
+        kw["type"] = ann
+    sp.add_argument(flag, **kw)
 
 
-def _session(args):
+def _live_parser(sub, op: Operation) -> None:
+    words = op.name.split()
+    parent = sub
+    for word in words[:-1]:
+        parent = _groups(sub, word)
+    sp = parent.add_parser(words[-1], help=op.help, description=op.help, formatter_class=_Help)
+    _model_args(sp, dtype=False)
+    fields = op.request.model_fields
+    if "basis" in fields or op.name in ("virtual-weights", "head-loadings"):
+        sp.add_argument(
+            "--dictionaries", metavar="DIR", help="residual SAEs (train-sae output or SAELens)"
+        )
+    for name, f in fields.items():
+        _add_field(sp, op, name, f)
+    for flag, (name, text) in op.aliases.items():
+        sp.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=text)
+    sp.set_defaults(handler=lambda args: _run_live(op, args))
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _run_live(op: Operation, args: argparse.Namespace) -> None:
     from headscope.analysis.session import Session
 
-    return Session(_adapter(args))
+    values = {n: getattr(args, n) for n in op.request.model_fields if hasattr(args, n)}
+    for name in op.files:
+        if name in values:
+            values[name] = _read_lines(values[name])
+    try:
+        req = op.request.model_validate(values)
+    except ValidationError as err:
+        from headscope.server.responses import readable_errors
 
+        raise InputError(readable_errors(err.errors())) from None
 
-def _basis(args):
-    """``--basis components`` (default) or ``--basis sae:DIR`` (residual dictionaries)."""
-    spec = getattr(args, "basis", "components") or "components"
-    if spec == "components":
-        return None
-    if not spec.startswith("sae:"):
-        raise ValueError("--basis must be 'components' or 'sae:DIR'")
-    from headscope.dictionaries.basis import DictionarySet
+    def dictionaries():
+        from headscope.dictionaries.basis import DictionarySet
 
-    return DictionarySet(spec[4:])
+        return DictionarySet(args.dictionaries)
 
-
-# ----- live analysis ------------------------------------------------------------------------------
-@command("rank-heads")
-def _rank_heads(args):
-    from headscope.analysis.attribution import rank_heads
-
-    out = rank_heads(_session(args), args.text, args.query, args.key)
-    rows = [
-        f"{r['head']:>8}  attention {r['attention']:.4f}  score {r['score']:+.3f}"
-        for r in out["heads"][: args.top]
-    ]
-    head = f"query {out['query']} {out['tokens'][out['query']]!r} -> key {out['key']} {out['tokens'][out['key']]!r}"
-    _emit(args, out["heads"], "\n".join([head, *rows]))
-
-
-@command("attribute qk")
-def _attribute_qk(args):
-    from headscope.analysis.attribution import qk_attribution
-
-    out = qk_attribution(
-        _session(args), args.text, args.head, args.query, args.key, top=args.top, basis=_basis(args)
+    ctx = Context(
+        lambda: Session(_adapter(args)),
+        dictionaries if getattr(args, "dictionaries", None) else None,
     )
-    lines = [
-        f"{out['head']} query {out['query']} {out['tokens'][out['query']]!r} -> key {out['key']} {out['tokens'][out['key']]!r}",
-        f"score (model) {out['score']:+.5f}   total of {out['n_terms']} terms {out['total']:+.5f}   attention {out['attention']:.4f}",
-    ]
-    if out["capped_score"] is not None:
-        lines.append(f"softcapped score {out['capped_score']:+.5f}")
-    lines += [f"{t['value']:+9.4f}  {t['query']:>10} x {t['key']}" for t in out["terms"][:20]]
-    _emit(args, out, "\n".join(lines))
+    result = op.run(ctx, req)
+    _emit(args, result, op.text(result, req))
 
 
-@command("attribute ov")
-def _attribute_ov(args):
-    from headscope.analysis.attribution import ov_attribution
-
-    out = ov_attribution(
-        _session(args), args.text, args.head, args.query, args.key, top=args.top, basis=_basis(args)
-    )
-    lines = [
-        f"{out['head']} moves |o| = {out['total_norm']:.4f} (model {out['model_norm']:.4f}) from key {out['key']} to query {out['query']}",
-        "promotes: " + ", ".join(repr(t["token"]) for t in out["promoted"]),
-        "suppresses: " + ", ".join(repr(t["token"]) for t in out["suppressed"]),
-    ]
-    lines += [
-        f"{t['value']:+9.4f}  {t['component']:>10}  -> {t['logit_top']}" for t in out["terms"][:20]
-    ]
-    _emit(args, out, "\n".join(lines))
+# ----- other commands -----------------------------------------------------------------------------
+def _info(args):
+    info = _adapter(args).info()
+    _emit(args, info, "\n".join(f"{k:>18}: {v}" for k, v in info.items()))
 
 
-@command("virtual-weights")
-def _virtual_weights(args):
-    from headscope.dictionaries.basis import DictionarySet
-    from headscope.dictionaries.circuits import virtual_weights
-
-    out = virtual_weights(
-        _adapter(args),
-        DictionarySet(args.dictionaries),
-        args.head,
-        args.feature,
-        args.side,
-        top=args.top,
-    )
-    lines = [f"{out['feature']} through {out['head']}'s {args.side} side"]
-    for title, key in (("same side", "same_side"), ("other side", "other_side")):
-        lines.append(f"{title}:")
-        lines += [f"  {r['cosine']:+.3f}  {r['feature']}" for r in out[key][:10]]
-    _emit(args, out, "\n".join(lines))
-
-
-@command("head-loadings")
-def _head_loadings(args):
-    from headscope.dictionaries.basis import DictionarySet
-    from headscope.dictionaries.circuits import head_loadings
-
-    out = head_loadings(
-        _session(args),
-        args.text,
-        DictionarySet(args.dictionaries),
-        args.layer,
-        args.source_feature,
-        args.source_pos,
-        args.target_feature,
-        args.target_pos,
-    )
-    lines = [
-        f"{out['source']['feature']}@{out['source']['position']} -> {out['target']['feature']}@{out['target']['position']}"
-    ]
-    lines += [
-        f"  {h['head']:>7} share {h['share']:.3f} loading {h['loading']:+.4g}" for h in out["heads"]
-    ]
-    _emit(args, out, "\n".join(lines))
-
-
-@command("composition")
-def _composition(args):
-    from headscope.analysis.attribution import composition
-
-    out = composition(_session(args), args.text, args.head, args.query, args.key)
-    lines = []
-    for side in ("k_composition", "q_composition"):
-        lines.append(side.replace("_", "-") + ":")
-        lines += [
-            f"  {c['value']:+8.4f} {c['head']:>8} (attends to {c['attends_to']} {c['attends_to_token']!r}, {c['weight']:.2f})"
-            for c in out[side]
-        ]
-    _emit(args, out, "\n".join(lines))
-
-
-@command("sweep")
-def _sweep(args):
-    from headscope.analysis.sweep import expand_range, sweep
-
-    values = expand_range(args.range) if args.range else list(args.values or [])
-    out = sweep(_session(args), args.template, values, args.head, args.query, args.key)
-    heads = list(out["attention"])
-    lines = ["value".ljust(12) + "".join(h.rjust(10) for h in heads)]
-    for i, v in enumerate(out["values"]):
-        lines.append(v.ljust(12) + "".join(f"{out['attention'][h][i]:10.4f}" for h in heads))
-    p0 = out["positions"][0]
-    lines.append(f"(query {p0['query_token']!r} -> key {p0['key_token']!r} for the first value)")
-    _emit(args, out, "\n".join(lines))
-
-
-@command("geometry")
-def _geometry(args):
-    from headscope.analysis.geometry import qk_geometry
-
-    def read(path):
-        return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
-
-    out = qk_geometry(_session(args), read(args.queries), read(args.keys), args.head)
-    lines = [
-        f"{h}: mean diagonal {v.get('diag_mean', float('nan')):+.3f}, off-diagonal {v.get('offdiag_mean', float('nan')):+.3f}"
-        for h, v in out["heads"].items()
-    ]
-    r = out["residual"]
-    lines.append(
-        f"residual (layer {r['layer']}): mean diagonal {r.get('diag_mean', float('nan')):+.3f}, off-diagonal {r.get('offdiag_mean', float('nan')):+.3f}"
-    )
-    _emit(args, out, "\n".join(lines))
-
-
-@command("intervene")
-def _intervene(args):
-    from headscope.analysis.intervene import intervene
-
-    out = intervene(
-        _session(args),
-        args.text,
-        args.head,
-        args.component,
-        args.side,
-        args.scale,
-        args.query,
-        args.key,
-        args.freeze_patterns,
-    )
-    lines = [
-        f"{h['head']}: attention {h['attention_before']} -> {h['attention_after']}"
-        for h in out["heads"]
-    ]
-    lines.append(
-        "next token before: "
-        + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["next_token_before"][:5])
-    )
-    lines.append(
-        "next token after:  "
-        + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["next_token_after"][:5])
-    )
-    lines.append(f"KL(before || after) = {out['kl_divergence']:.5f}")
-    _emit(args, out, "\n".join(lines))
-
-
-# ----- precompute ---------------------------------------------------------------------------------
-@command("precompute")
 def _precompute(args):
     from headscope.precompute.config import PrecomputeConfig
     from headscope.precompute.runner import run_precompute
@@ -278,19 +191,17 @@ def _precompute(args):
     run = open_run(out)
     m = run.metrics
     lines = [
-        f"run: {out}  ({len(m)} heads, {run.manifest['tokens']['tokens']} tokens, {run.manifest['timings']['total_s']:.0f} s)"
+        f"run: {out}  ({len(m)} heads, {run.manifest['tokens']['tokens']} tokens, "
+        f"{run.manifest['timings']['total_s']:.0f} s)",
+        "top heads per metric:",
     ]
     for col in m.columns[3:]:
         top = m.nlargest(3, col)
-        lines.append(
-            f"{col:>24}: "
-            + ", ".join(f"{n} {v:.3f}" for n, v in zip(top["name"], top[col], strict=True))
-        )
+        tops = ", ".join(f"{n} {v:.3f}" for n, v in zip(top["name"], top[col], strict=True))
+        lines.append(f"{col:>24}: {tops}")
     _emit(args, run.manifest, "\n".join(lines))
 
 
-# ----- serving, export, demo ---------------------------------------------------------------------
-@command("serve")
 def _serve(args):
     from headscope.server.serve import serve
 
@@ -305,7 +216,6 @@ def _serve(args):
     )
 
 
-@command("demo")
 def _demo(args):
     from headscope.demo import demo
 
@@ -319,19 +229,13 @@ def _demo(args):
     )
 
 
-@command("export static")
 def _export_static(args):
     from headscope.store.static import export_static
 
     out = export_static(args.run, args.out)
-    _emit(
-        args,
-        {"out": str(out)},
-        f"static site written to {out} (serve it with any static web server)",
-    )
+    _emit(args, {"out": str(out)}, f"static site written to {out} (serve it with any web server)")
 
 
-@command("export headvis")
 def _export_headvis(args):
     from headscope.store.headvis import export_headvis
 
@@ -339,7 +243,6 @@ def _export_headvis(args):
     _emit(args, {"out": str(out)}, f"HeadVis tree written to {out}")
 
 
-@command("import headvis")
 def _import_headvis(args):
     from headscope.store.headvis import import_headvis
 
@@ -347,8 +250,6 @@ def _import_headvis(args):
     _emit(args, {"run": str(out)}, f"imported {args.tree} as run {out}")
 
 
-# ----- dictionaries -------------------------------------------------------------------------------
-@command("train-sae")
 def _train_sae(args):
     from headscope.dictionaries.pipeline import format_stats, train_dictionaries
     from headscope.dictionaries.train import TrainStats
@@ -377,205 +278,133 @@ def _train_sae(args):
     _emit(args, out, "\n".join(lines))
 
 
-@command("corpus build")
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
 
     stats = build_corpus(Path(args.out) if args.out else default_corpus_path())
-    _emit(
-        args, stats.to_dict() if hasattr(stats, "to_dict") else stats.__dict__, format_stats(stats)
+    _emit(args, stats.to_dict(), format_stats(stats))
+
+
+# ----- the parser ---------------------------------------------------------------------------------
+_GROUPS: dict[str, Any] = {}
+
+
+def _groups(sub, word: str):
+    """The sub-subcommand group ``word`` (``attribute``, ``export``, ...), created once."""
+    key = f"{id(sub)}:{word}"
+    if key not in _GROUPS:
+        help_ = {
+            "attribute": "exact QK / OV attributions of one edge",
+            "export": "export a run",
+            "import": "import a run",
+            "corpus": "the default corpus",
+        }[word]
+        _GROUPS[key] = sub.add_parser(word, help=help_).add_subparsers(
+            dest=f"{word}_cmd", required=True, metavar="COMMAND"
+        )
+    return _GROUPS[key]
+
+
+def _command(sub, name: str, handler: Callable, help_: str) -> argparse.ArgumentParser:
+    words = name.split()
+    parent = _groups(sub, words[0]) if len(words) == 2 else sub
+    sp = parent.add_parser(words[-1], help=help_, description=help_, formatter_class=_Help)
+    sp.set_defaults(handler=handler)
+    return sp
+
+
+def _data_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--data", help="text file/folder, JSONL, Parquet or HF dataset folder (default: corpus)"
     )
+    sp.add_argument("--text-field", default="text", help="the text field of JSONL / Parquet rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headscope", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def model_args(sp, dtype=True):
-        sp.add_argument(
-            "--model",
-            default="default",
-            help="default | gemma-3-270m | a HF directory | a .gguf file",
-        )
-        sp.add_argument("--device", default="cpu", help="cpu or cuda")
-        if dtype:
-            sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-        sp.add_argument("--json", action="store_true", help="print JSON")
-
-    sp = sub.add_parser("info", help="architecture summary of a model")
-    model_args(sp)
-
-    sp = sub.add_parser("attend", help="tokens and attention patterns of heads on a text")
-    model_args(sp)
-    sp.add_argument("--text", required=True)
-    sp.add_argument(
-        "--head", action="append", help="a head such as L3H1 (repeatable; default: all)"
+    _GROUPS.clear()
+    p = argparse.ArgumentParser(
+        prog="headscope",
+        description="See what every attention head of a transformer language model does, "
+        "across a whole dataset, and why.",
     )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def pair_args(sp, head=True):
-        model_args(sp, dtype=False)
-        sp.add_argument("--text", required=True)
-        if head:
-            sp.add_argument("--head", required=True, help="e.g. L5H3")
-        sp.add_argument(
-            "--query", type=int, required=True, help="query position (negative: from the end)"
-        )
-        sp.add_argument("--key", type=int, required=True, help="key position (<= query)")
+    sp = _command(sub, "info", _info, "architecture summary of a model")
+    _model_args(sp)
+    for op in OPERATIONS:
+        _live_parser(sub, op)
 
-    sp = sub.add_parser("rank-heads", help="every head's attention on one (query, key) pair")
-    pair_args(sp, head=False)
-    sp.add_argument("--top", type=int, default=20, help="rows to print (JSON has all)")
-
-    attribute = sub.add_parser("attribute", help="exact QK / OV attributions").add_subparsers(
-        dest="attribute_cmd", required=True
+    sp = _command(
+        sub, "precompute", _precompute, "stream a dataset through the model, record every head"
     )
-    for kind in ("qk", "ov"):
-        sp = attribute.add_parser(kind, help=f"{kind.upper()} attribution of one edge")
-        pair_args(sp)
-        sp.add_argument("--top", type=int, default=200 if kind == "qk" else 30)
-        sp.add_argument(
-            "--basis", default="components", help="components, or sae:DIR (residual dictionaries)"
-        )
-
-    sp = sub.add_parser(
-        "virtual-weights", help="features nearest to a feature through a head's W_K/W_Q"
-    )
-    model_args(sp, dtype=False)
-    sp.add_argument(
-        "--dictionaries",
-        required=True,
-        help="folder of residual SAEs (train-sae output or SAELens)",
-    )
-    sp.add_argument("--head", required=True)
-    sp.add_argument("--feature", type=int, required=True)
-    sp.add_argument("--side", choices=["key", "query"], default="key")
-    sp.add_argument("--top", type=int, default=20)
-
-    sp = sub.add_parser(
-        "head-loadings", help="each head's share of a feature-to-feature edge (adjacent layers)"
-    )
-    model_args(sp, dtype=False)
-    sp.add_argument("--dictionaries", required=True)
-    sp.add_argument("--text", required=True)
-    sp.add_argument("--layer", type=int, required=True, help="source layer L (target: L+1)")
-    sp.add_argument("--source-feature", type=int, required=True)
-    sp.add_argument("--source-pos", type=int, required=True)
-    sp.add_argument("--target-feature", type=int, required=True)
-    sp.add_argument("--target-pos", type=int, required=True)
-
-    sp = sub.add_parser("composition", help="earlier heads driving an edge (K- and Q-composition)")
-    pair_args(sp)
-
-    sp = sub.add_parser("sweep", help="attention on a pair while one template slot varies")
-    model_args(sp, dtype=False)
-    sp.add_argument("--template", required=True, help="text with one {} slot")
-    sp.add_argument("--range", help="numeric values START:STOP[:STEP], e.g. 1000:2000")
-    sp.add_argument("--values", nargs="*", help="explicit values")
-    sp.add_argument("--head", action="append", required=True)
-    sp.add_argument("--query", default="slot:-1", help="int, 'last' or slot:i (default slot:-1)")
-    sp.add_argument("--key", default="slot:0", help="int, 'last' or slot:i (default slot:0)")
-
-    sp = sub.add_parser("geometry", help="QK geometry: cosine of mean-subtracted queries vs keys")
-    model_args(sp, dtype=False)
-    sp.add_argument(
-        "--queries", required=True, help="file: one prompt per line, token marked [[x]]"
-    )
-    sp.add_argument("--keys", required=True, help="file: one prompt per line, token marked [[x]]")
-    sp.add_argument("--head", action="append")
-
-    sp = sub.add_parser("intervene", help="scale a component inside chosen heads' QK circuit")
-    model_args(sp, dtype=False)
-    sp.add_argument("--text", required=True)
-    sp.add_argument("--head", action="append", required=True)
-    sp.add_argument("--component", required=True, help="embed, pos_embed, bias, L3H1 or L3.mlp")
-    sp.add_argument("--side", choices=["query", "key"], required=True)
-    sp.add_argument("--scale", type=float, default=0.0)
-    sp.add_argument("--query", type=int, default=-1)
-    sp.add_argument("--key", type=int)
-    sp.add_argument(
-        "--freeze-patterns", action="store_true", help="freeze every other head's pattern"
-    )
-
-    sp = sub.add_parser(
-        "precompute", help="stream a dataset through the model and record every head"
-    )
-    model_args(sp)
-    sp.add_argument(
-        "--data",
-        help="text file/folder, JSONL, Parquet or HF dataset dir (default: the default corpus)",
-    )
-    sp.add_argument("--text-field", default="text")
-    sp.add_argument("--out", required=True, help="run directory")
-    sp.add_argument("--sequences", type=int, default=256)
+    _model_args(sp)
+    _data_args(sp)
+    sp.add_argument("--out", required=True, help="run folder (an interrupted run resumes)")
+    sp.add_argument("--sequences", type=int, default=256, help="packed sequences to read")
     sp.add_argument("--tokens", type=int, help="instead of --sequences: this many tokens")
-    sp.add_argument("--seq-len", type=int, default=512)
-    sp.add_argument("--batch-size", type=int, default=4)
-    sp.add_argument("--layers", type=int, nargs="*")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence")
+    sp.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    sp.add_argument("--layers", type=int, nargs="*", help="layers to record (default: all)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the example reservoirs")
     sp.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints")
 
-    sp = sub.add_parser("serve", help="serve the browser app, a run and the live API")
-    sp.add_argument("run", nargs="?", help="run directory (optional)")
-    sp.add_argument("--model", help="model for live analysis (default: none, static only)")
+    sp = _command(sub, "serve", _serve, "serve the browser app, a run and the live API")
+    sp.add_argument("run", nargs="?", help="run folder (optional)")
     sp.add_argument(
-        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)"
+        "--model", help="model for live analysis (default: none, precomputed views only)"
+    )
+    sp.add_argument(
+        "--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)"
     )
     sp.add_argument("--port", type=int, default=8765)
     sp.add_argument("--token", help="access token (generated when --host is not local)")
     sp.add_argument(
-        "--dictionaries",
-        help="residual SAEs for feature-basis attributions (default: RUN/dictionaries)",
+        "--dictionaries", help="residual SAEs for the feature basis (default: RUN/dictionaries)"
     )
 
-    sp = sub.add_parser(
-        "demo", help="corpus + precompute + attributions on the default model, then serve"
+    sp = _command(
+        sub, "demo", _demo, "corpus + precompute + attributions on the default model, then serve"
     )
-    sp.add_argument("--out", help="run directory (default: the user cache)")
-    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--out", help="run folder (default: in $HEADSCOPE_CACHE)")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address")
     sp.add_argument("--port", type=int, default=8765)
-    sp.add_argument("--sequences", type=int, default=64)
-    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--sequences", type=int, default=64, help="packed sequences to precompute")
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     sp.add_argument("--no-serve", action="store_true", help="build the demo run and exit")
 
-    export = sub.add_parser("export", help="export a run").add_subparsers(
-        dest="export_cmd", required=True
-    )
-    sp = export.add_parser("static", help="the app + run as a static site")
-    sp.add_argument("run")
-    sp.add_argument("out")
-    sp.add_argument("--json", action="store_true")
-    sp = export.add_parser(
-        "headvis", help="the HeadVis data tree (config.json, scatter_data.json, heads/)"
-    )
-    sp.add_argument("run")
-    sp.add_argument("out")
-    sp.add_argument("--json", action="store_true")
-    imp = sub.add_parser("import", help="import a run").add_subparsers(
-        dest="import_cmd", required=True
-    )
-    sp = imp.add_parser("headvis", help="a HeadVis data tree (e.g. a Neuronpedia export) as a run")
-    sp.add_argument("tree")
-    sp.add_argument("run")
-    sp.add_argument("--json", action="store_true")
+    for name, handler, help_, first, second in (
+        ("export static", _export_static, "the app + a run as a static site", "run", "out"),
+        ("export headvis", _export_headvis, "a run as a HeadVis data tree", "run", "out"),
+        (
+            "import headvis",
+            _import_headvis,
+            "a HeadVis data tree (e.g. Neuronpedia's) as a run",
+            "tree",
+            "run",
+        ),
+    ):
+        sp = _command(sub, name, handler, help_)
+        sp.add_argument(first)
+        sp.add_argument(second)
+        sp.add_argument("--json", action="store_true", help="print JSON")
 
-    sp = sub.add_parser(
-        "train-sae", help="train SAEs on resid, z or v activations, label features, report heads"
+    sp = _command(
+        sub,
+        "train-sae",
+        _train_sae,
+        "train SAEs on resid, z or v activations, label features, report heads",
     )
-    model_args(sp)
+    _model_args(sp)
+    _data_args(sp)
     sp.add_argument(
         "--site",
         choices=["resid", "z", "v"],
         required=True,
-        help="resid / z: one SAE per layer; v: one SAE on the values of one or two layers",
+        help="resid / z: one SAE per layer; v: one SAE over the values of one or two layers",
     )
-    sp.add_argument("--layers", type=int, nargs="+", required=True)
+    sp.add_argument("--layers", type=int, nargs="+", required=True, help="layers to train on")
     sp.add_argument("--out", required=True, help="output folder: one SAELens folder per SAE")
-    sp.add_argument(
-        "--data",
-        help="text file/folder, JSONL, Parquet or HF dataset dir (default: the default corpus)",
-    )
-    sp.add_argument("--text-field", default="text")
-    sp.add_argument("--n-features", type=int, default=2048)
+    sp.add_argument("--n-features", type=int, default=2048, help="dictionary size")
     sp.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
     sp.add_argument("--tokens", type=int, default=200_000, help="training tokens")
     sp.add_argument(
@@ -584,36 +413,56 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="tokens after the training stretch for feature cards (0: none)",
     )
-    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     sp.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    sp.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3*sqrt(2048/n))")
+    sp.add_argument(
+        "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
+    )
     sp.add_argument("--seed", type=int, default=0)
 
-    corpus = sub.add_parser("corpus", help="the default corpus").add_subparsers(
-        dest="corpus_cmd", required=True
+    sp = _command(
+        sub,
+        "corpus build",
+        _corpus_build,
+        "assemble the default multi-domain corpus from installed packages",
     )
-    sp = corpus.add_parser(
-        "build", help="assemble the default multi-domain corpus from installed packages"
+    sp.add_argument(
+        "--out", help="output folder (default: in $HEADSCOPE_CACHE, see docs/corpus.md)"
     )
-    sp.add_argument("--out", help="output folder (default: the user cache, see docs/corpus.md)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    key = args.cmd
+def _command_name(args: argparse.Namespace) -> str:
     sub = getattr(args, f"{args.cmd}_cmd", None)
-    if sub:
-        key = f"{args.cmd} {sub}"
-    from headscope.analysis.inputs import InputError
+    return f"{args.cmd} {sub}" if sub else args.cmd
 
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``headscope ... | head``): send the rest to /dev/null, no traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = _command_name(args)
     try:
-        COMMANDS[key](args)
-    except (InputError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"headscope {key}: error: {err}", file=sys.stderr)
+        args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except HeadscopeError as err:
+        print(f"headscope {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except (OSError, ValueError) as err:  # a path or value the library refused
+        print(f"headscope {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = INTERRUPTED.get(name)
+        print(f"\nheadscope {name}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from headscope.files import atomic_dir
 from headscope.model.loading import cache_dir
 
 DEMO_METRICS = (
@@ -80,20 +81,19 @@ def build_demo(
         if len(layers) == 1:
             layers.append(max(0, layers[0] - 1))
         log(f"[4/4] training residual dictionaries for layers {layers} on {dict_tokens} tokens")
-        tmp = out / ".dictionaries.partial"
-        train_dictionaries(
-            "default",
-            corpus,
-            "resid",
-            sorted(layers),
-            out=tmp,
-            n_features=2048,
-            k=32,
-            n_tokens=dict_tokens,
-            label_tokens=label_tokens,
-            log=log,
-        )
-        tmp.rename(dict_dir)
+        with atomic_dir(dict_dir) as tmp:
+            train_dictionaries(
+                "default",
+                corpus,
+                "resid",
+                sorted(layers),
+                out=tmp,
+                n_features=2048,
+                k=32,
+                n_tokens=dict_tokens,
+                label_tokens=label_tokens,
+                log=log,
+            )
     log(f"demo run ready in {time.perf_counter() - t0:.0f} s")
     return out
 

@@ -67,15 +67,15 @@ def test_attributions_exact_on_default(default_session):
         q = rng.randrange(1, n)
         k = rng.randrange(0, q + 1)
         qk = qk_attribution(default_session, TEXT, head, q, k)
-        assert abs(qk["total"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"])), (
+        assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score)), (
             head,
             q,
             k,
-            qk["total"],
-            qk["score"],
+            qk.total,
+            qk.score,
         )
         ov = ov_attribution(default_session, TEXT, head, q, k)
-        assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])
+        assert ov.max_abs_diff <= 1e-4 * max(1.0, ov.model_norm)
     print(f"20 QK+OV attributions on a cached text: {time.perf_counter() - t0:.2f} s")
 
 
@@ -99,6 +99,6 @@ def test_feature_basis_attributions_exact_on_default(default_session, tmp_path):
             q = rng.randrange(1, n)
             k = rng.randrange(0, q + 1)
             qk = qk_attribution(default_session, TEXT, head, q, k, basis=dicts)
-            assert abs(qk["total"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
+            assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score))
             ov = ov_attribution(default_session, TEXT, head, q, k, basis=dicts)
-            assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])
+            assert ov.max_abs_diff <= 1e-4 * max(1.0, ov.model_norm)

@@ -37,33 +37,29 @@ def test_qk_and_ov_sums_are_exact(arch):
         q = rng.randrange(1, n)
         k = rng.randrange(0, q + 1)
         qk = qk_attribution(sess, TEXT, head, q, k)
-        assert abs(qk["total"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"])), (head, q, k)
+        assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score)), (head, q, k)
         if s.attn_softcap:
             cap = s.attn_softcap
-            assert qk["capped_score"] == pytest.approx(
-                cap * torch.tanh(torch.tensor(qk["score"] / cap)).item(), abs=1e-5
+            assert qk.capped_score == pytest.approx(
+                cap * torch.tanh(torch.tensor(qk.score / cap)).item(), abs=1e-5
             )
-        assert sum(m["value"] for m in qk["query_marginals"]) == pytest.approx(
-            qk["total"], abs=1e-4
-        )
+        assert sum(m.value for m in qk.query_marginals) == pytest.approx(qk.total, abs=1e-4)
         ov = ov_attribution(sess, TEXT, head, q, k)
-        assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])
-        assert abs(ov["total_norm"] - ov["model_norm"]) <= 1e-4 * max(1.0, ov["model_norm"])
+        assert ov.max_abs_diff <= 1e-4 * max(1.0, ov.model_norm)
+        assert abs(ov.total_norm - ov.model_norm) <= 1e-4 * max(1.0, ov.model_norm)
 
 
 def test_rank_heads_matches_patterns_and_bad_inputs():
     sess = Session(tiny_adapter("llama"))
     ranked = rank_heads(sess, TEXT, 10, 3)
     s = sess.adapter.spec
-    assert len(ranked["heads"]) == s.n_layers * s.n_heads
-    atts = [r["attention"] for r in ranked["heads"]]
+    assert len(ranked.heads) == s.n_layers * s.n_heads
+    atts = [r.attention for r in ranked.heads]
     assert atts == sorted(atts, reverse=True)
     cap = sess.adapter.run(sess.state(TEXT).ids, patterns=True)
-    for r in ranked["heads"][:5]:
-        layer, h = int(r["head"][1:].split("H")[0]), int(r["head"].split("H")[1])
-        assert r["attention"] == pytest.approx(
-            float(cap.layers[layer].pattern[0, h, 10, 3]), abs=1e-6
-        )
+    for r in ranked.heads[:5]:
+        layer, h = int(r.head[1:].split("H")[0]), int(r.head.split("H")[1])
+        assert r.attention == pytest.approx(float(cap.layers[layer].pattern[0, h, 10, 3]), abs=1e-6)
     with pytest.raises(InputError, match="after query"):
         rank_heads(sess, TEXT, 3, 10)
     with pytest.raises(InputError, match="out of range"):
@@ -73,9 +69,7 @@ def test_rank_heads_matches_patterns_and_bad_inputs():
     with pytest.raises(InputError, match="empty"):
         qk_attribution(sess, "  ", "L0H0", 3, 1)
     comp = composition(sess, TEXT, "L2H1", 12, 4)
-    assert all(
-        c["head"].startswith(("L0", "L1")) for c in comp["k_composition"] + comp["q_composition"]
-    )
+    assert all(c.head.startswith(("L0", "L1")) for c in comp.k_composition + comp.q_composition)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "gpt2"])

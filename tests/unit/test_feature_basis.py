@@ -11,7 +11,7 @@ import torch
 from headscope.analysis.attribution import ov_attribution, qk_attribution
 from headscope.analysis.session import Session
 from headscope.dictionaries.basis import DictionarySet
-from headscope.dictionaries.circuits import head_loadings, projected_features, virtual_weights
+from headscope.dictionaries.circuits import edge_head_loadings, projected_features, virtual_weights
 from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
 from tests.tiny_models import tiny_adapter
 
@@ -51,13 +51,13 @@ def test_feature_basis_sums_are_exact(setup):
         q = rng.randrange(1, n)
         k = rng.randrange(0, q + 1)
         qk = qk_attribution(sess, TEXT, head, q, k, basis=dicts)
-        assert abs(qk["total"] - qk["score"]) <= 1e-4 * max(1.0, abs(qk["score"]))
-        labels = {t["query"] for t in qk["terms"]} | {m["component"] for m in qk["query_marginals"]}
+        assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score))
+        labels = {t.query for t in qk.terms} | {m.component for m in qk.query_marginals}
         assert any(lab.endswith("/error") for lab in labels) and any(
             lab.startswith("sae:L") for lab in labels
         )
         ov = ov_attribution(sess, TEXT, head, q, k, basis=dicts)
-        assert ov["max_abs_diff"] <= 1e-4 * max(1.0, ov["model_norm"])
+        assert ov.max_abs_diff <= 1e-4 * max(1.0, ov.model_norm)
 
 
 def test_virtual_weights_rank_the_planted_partner_first(setup, tmp_path):
@@ -79,8 +79,8 @@ def test_virtual_weights_rank_the_planted_partner_first(setup, tmp_path):
         sae.W_dec[7] = x
     save_sae(sae, folder)
     out = virtual_weights(ad, DictionarySet(folder), f"L{layer}H{h}", 3, side="key")
-    assert out["other_side"][0]["index"] == 7
-    assert out["other_side"][0]["cosine"] > 0.99
+    assert out.other_side[0].index == 7
+    assert out.other_side[0].cosine > 0.99
 
 
 def test_head_loadings_put_the_planted_head_first(setup, tmp_path):
@@ -100,6 +100,6 @@ def test_head_loadings_put_the_planted_head_first(setup, tmp_path):
         tgt.W_enc[:, 9] = 10 * written / written.norm()
     save_sae(src, tmp_path / "resid_L1")
     save_sae(tgt, tmp_path / "resid_L2")
-    out = head_loadings(sess, TEXT, DictionarySet(tmp_path), 1, 4, 3, 9, 12)
-    assert out["heads"][0]["head"] == "L1H3", out["heads"]
-    assert out["source"]["activation"] > 0 and out["target"]["activation"] > 0
+    out = edge_head_loadings(sess, TEXT, DictionarySet(tmp_path), 1, 4, 3, 9, 12)
+    assert out.heads[0].head == "L1H3", out.heads
+    assert out.source.activation > 0 and out.target.activation > 0

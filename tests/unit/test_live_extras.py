@@ -24,12 +24,12 @@ def sess():
 def test_sweep_matches_single_runs(sess):
     values = expand_range("10:30:4")
     out = sweep(sess, "x {} y", values, ["L1H2", "L2H0"], query="slot:-1", key="slot:0")
-    assert out["values"] == ["10", "14", "18", "22", "26"]
+    assert out.values == ["10", "14", "18", "22", "26"]
     for i, value in enumerate(values):
-        pos = out["positions"][i]
+        pos = out.positions[i]
         cap = sess.adapter.run(sess.adapter.tokens.encode_tensor(f"x {value} y"), patterns=True)
-        expect = float(cap.layers[1].pattern[0, 2, pos["query"], pos["key"]])
-        assert out["attention"]["L1H2"][i] == pytest.approx(expect, abs=1e-6)
+        expect = float(cap.layers[1].pattern[0, 2, pos.query, pos.key])
+        assert out.attention["L1H2"][i] == pytest.approx(expect, abs=1e-6)
     with pytest.raises(InputError, match="exactly one"):
         sweep(sess, "no slot", ["1"], ["L0H0"])
     with pytest.raises(InputError, match="only"):
@@ -40,11 +40,11 @@ def test_geometry_shapes_and_self_consistency(sess):
     qs = [f"the country [[{c}]]" for c in "pqrs"]
     ks = [f"a city [[{c}]] is" for c in "pqrs"]
     out = qk_geometry(sess, qs, ks, ["L0H0", "L2H3"])
-    cos = torch.tensor(out["heads"]["L2H3"]["cosine"])
+    cos = torch.tensor(out.heads["L2H3"].cosine)
     assert cos.shape == (4, 4) and cos.abs().max() <= 1 + 1e-5
-    assert out["query_labels"] == list("pqrs")
+    assert out.query_labels == list("pqrs")
     same = qk_geometry(sess, qs, qs, ["L0H0"])
-    res = torch.tensor(same["residual"]["cosine"])
+    res = torch.tensor(same.residual.cosine)
     assert torch.allclose(res.diagonal(), torch.ones(4), atol=1e-5)
     with pytest.raises(InputError, match="mark exactly one"):
         qk_geometry(sess, ["no mark"], ks, None)
@@ -66,23 +66,21 @@ def test_intervention_matches_attribution(sess):
         scores[1].double() - sess.adapter.spec.attn_scale * keys @ q_part, -1
     ).float()
     out = intervene(sess, TEXT, [head], "L1H0", "query", 0.0, query=q, key=k)
-    assert torch.allclose(torch.tensor(out["heads"][0]["row_after"]), expected, atol=1e-5)
-    assert out["heads"][0]["attention_after"] == pytest.approx(float(expected[k]), abs=1e-5)
+    assert torch.allclose(torch.tensor(out.heads[0].row_after), expected, atol=1e-5)
+    assert out.heads[0].attention_after == pytest.approx(float(expected[k]), abs=1e-5)
     qk = qk_attribution(sess, TEXT, head, q, k)
-    marginal = next(m["value"] for m in qk["query_marginals"] if m["component"] == "L1H0")
+    marginal = next(m.value for m in qk.query_marginals if m.component == "L1H0")
     assert float(sess.adapter.spec.attn_scale * keys[k] @ q_part) == pytest.approx(
         marginal, abs=1e-5
     )
     same = intervene(sess, TEXT, [head], "L1H0", "query", 1.0, query=q, key=k)
-    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
-    assert same["heads"][0]["attention_after"] == pytest.approx(
-        same["heads"][0]["attention_before"], abs=1e-6
-    )
+    assert same.kl_divergence == pytest.approx(0.0, abs=1e-6)
+    assert same.heads[0].attention_after == pytest.approx(same.heads[0].attention_before, abs=1e-6)
     frozen = intervene(
         sess, TEXT, [head], "embed", "key", 0.0, query=q, key=k, freeze_patterns=True
     )
-    assert frozen["heads"][0]["attention_after"] != pytest.approx(
-        frozen["heads"][0]["attention_before"], abs=1e-4
+    assert frozen.heads[0].attention_after != pytest.approx(
+        frozen.heads[0].attention_before, abs=1e-4
     )
     with pytest.raises(InputError, match="not upstream"):
         intervene(sess, TEXT, ["L1H0"], "L1H0", "query", 0.0, query=q, key=k)

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from headscope.analysis import results as S
 from headscope.analysis.attend import attend
 from headscope.analysis.session import Session
 from headscope.server import create_app, serve
-from headscope.server import schemas as S
-from headscope.server.app import NO_MODEL
+from headscope.server.app import HealthResponse
 from headscope.server.guard import TOKEN_COOKIE
 from tests.tiny_models import tiny_adapter
 
@@ -63,31 +63,31 @@ def ok(resp, model: type[S.BaseModel]):
 
 # ----- happy paths --------------------------------------------------------------------------------
 def test_health(client, session):
-    h = ok(client.get("/api/health"), S.HealthResponse)
+    h = ok(client.get("/api/health"), HealthResponse)
     assert (h.model, h.n_layers, h.n_heads, h.run) == ("tiny-llama", 3, 4, None)
     assert h.max_tokens == session.max_tokens
 
 
 def test_tokenize(client, session):
-    r = ok(post(client, "/api/tokenize", {"text": "hi there"}), S.TokenizeResponse)
+    r = ok(post(client, "/api/tokenize", {"text": "hi there"}), S.TokenizeResult)
     assert r.tokens[0] == "<bos>" and "".join(r.tokens[1:]) == "hi there"
     assert r.ids == session.adapter.tokens.encode("hi there")
 
 
 def test_attend_matches_library(client, session):
-    r = ok(post(client, "/api/attend", {"text": TEXT, "heads": ["L0H1", "L2H3"]}), S.AttendResponse)
+    r = ok(post(client, "/api/attend", {"text": TEXT, "heads": ["L0H1", "L2H3"]}), S.AttendResult)
     ref = attend(session.adapter, TEXT, ["L0H1", "L2H3"])
     assert r.tokens == ref.tokens and r.patterns == ref.patterns
     rows = r.patterns["L2H3"]
     assert [len(row) for row in rows] == list(range(1, len(r.tokens) + 1))
     assert all(abs(sum(row) - 1) < 1e-4 for row in rows)
-    everything = ok(post(client, "/api/attend", {"text": "ab", "heads": None}), S.AttendResponse)
+    everything = ok(post(client, "/api/attend", {"text": "ab", "heads": None}), S.AttendResult)
     assert len(everything.patterns) == 12
 
 
 def test_rank_heads(client):
     r = ok(
-        post(client, "/api/rank-heads", {"text": TEXT, "query": -1, "key": 3}), S.RankHeadsResponse
+        post(client, "/api/rank-heads", {"text": TEXT, "query": -1, "key": 3}), S.RankHeadsResult
     )
     assert len(r.heads) == 12 and r.query == len(r.tokens) - 1 and r.key == 3
     att = [h.attention for h in r.heads]
@@ -99,7 +99,7 @@ def test_rank_heads(client):
 )
 def test_qk_attribution_sums_to_score(client, head, query, key):
     body = {"text": TEXT, "head": head, "query": query, "key": key}
-    r = ok(post(client, "/api/attribute/qk", body), S.QKResponse)
+    r = ok(post(client, "/api/attribute/qk", body), S.QKResult)
     assert abs(r.total - r.score) <= 1e-4
     assert r.basis == "components" and r.head == head
     assert abs(sum(m.value for m in r.query_marginals) - r.score) <= 1e-4
@@ -112,7 +112,7 @@ def test_qk_attribution_sums_to_score(client, head, query, key):
 
 def test_ov_attribution(client):
     body = {"text": TEXT, "head": "L2H1", "query": 20, "key": 7}
-    r = ok(post(client, "/api/attribute/ov", body), S.OVResponse)
+    r = ok(post(client, "/api/attribute/ov", body), S.OVResult)
     assert r.max_abs_diff < 1e-5
     # Every component is listed (the tiny model has fewer than 30), so values sum to the norm.
     assert abs(sum(t.value for t in r.terms) - r.total_norm) < 1e-4
@@ -121,7 +121,7 @@ def test_ov_attribution(client):
 
 def test_composition(client):
     body = {"text": TEXT, "head": "L2H1", "query": 20, "key": 7, "top": 3}
-    r = ok(post(client, "/api/composition", body), S.CompositionResponse)
+    r = ok(post(client, "/api/composition", body), S.CompositionResult)
     assert len(r.k_composition) == 3 and len(r.q_composition) == 3
     assert all(c.head.startswith(("L0", "L1")) for c in r.k_composition + r.q_composition)
 
@@ -157,7 +157,7 @@ def test_sweep(client, session):
         "query": "last",
         "key": "slot:0",
     }
-    r = ok(post(client, "/api/sweep", body), S.SweepResponse)
+    r = ok(post(client, "/api/sweep", body), S.SweepResult)
     assert r.values == ["1990", "1991", "1992", "1993"]
     assert set(r.attention) == {"L1H0", "L2H2"} and all(len(v) == 4 for v in r.attention.values())
     # Each point is the attention of the substituted text itself.
@@ -166,7 +166,7 @@ def test_sweep(client, session):
         pos = r.positions[i]
         assert abs(pat[pos.query][pos.key] - r.attention["L2H2"][i]) < 1e-5
     listed = post(client, "/api/sweep", {**body, "values": ["cat", "dog"]})
-    assert ok(listed, S.SweepResponse).values == ["cat", "dog"]
+    assert ok(listed, S.SweepResult).values == ["cat", "dog"]
 
 
 def test_geometry(client):
@@ -176,7 +176,7 @@ def test_geometry(client):
         "keys": ["The city [[Paris]] is", "The city [[Lima]] is"],
         "heads": ["L1H0", "L2H3"],
     }
-    r = ok(post(client, "/api/geometry", body), S.GeometryResponse)
+    r = ok(post(client, "/api/geometry", body), S.GeometryResult)
     assert set(r.heads) == {"L1H0", "L2H3"}
     for m in [*r.heads.values(), r.residual]:
         assert len(m.cosine) == 3 and all(len(row) == 2 for row in m.cosine)
@@ -196,10 +196,10 @@ def test_intervene_identity_and_effect(client):
         "key": 7,
         "freeze_patterns": False,
     }
-    r = ok(post(client, "/api/intervene", body), S.InterveneResponse)
+    r = ok(post(client, "/api/intervene", body), S.InterveneResult)
     h = r.heads[0]
     assert abs(h.attention_after - h.attention_before) < 1e-5 and r.kl_divergence < 1e-6
-    r0 = ok(post(client, "/api/intervene", {**body, "scale": 0.0}), S.InterveneResponse)
+    r0 = ok(post(client, "/api/intervene", {**body, "scale": 0.0}), S.InterveneResult)
     assert r0.heads[0].attention_before == pytest.approx(h.attention_before)
     assert abs(r0.heads[0].attention_after - h.attention_before) > 1e-7
 
@@ -340,22 +340,22 @@ def test_masked_key_score_is_null_not_500():
     c = TestClient(create_app(None, sess), raise_server_exceptions=False)
     r = c.post("/api/rank-heads", json={"text": TEXT, "query": 30, "key": 2})
     assert r.status_code == 200, r.text
-    body = ok(r, S.RankHeadsResponse)
+    body = ok(r, S.RankHeadsResult)
     masked = [h for h in body.heads if h.score is None]
     assert masked and all(h.attention == 0.0 for h in masked)
     body = {**QK, "head": "L0H1", "query": 30, "key": 2}
-    qk = ok(c.post("/api/attribute/qk", json=body), S.QKResponse)
+    qk = ok(c.post("/api/attribute/qk", json=body), S.QKResult)
     assert qk.masked and qk.attention == 0.0
 
 
 # ----- no model -----------------------------------------------------------------------------------
 def test_without_a_model_live_is_503_static_works(run_dir):
     c = TestClient(create_app(run_dir, None))
-    h = ok(c.get("/api/health"), S.HealthResponse)
+    h = ok(c.get("/api/health"), HealthResponse)
     assert h.model is None and h.n_layers is None and h.run == "myrun"
     for path, body in [("/api/tokenize", {"text": "a"}), ("/api/attribute/qk", QK)]:
         r = c.post(path, json=body)
-        assert r.status_code == 503 and r.json() == {"detail": NO_MODEL}
+        assert r.status_code == 503 and r.json()["detail"].startswith("no model loaded")
     assert c.get("/run/manifest.json").json()["status"] == "complete"
 
 
@@ -485,7 +485,7 @@ def test_openapi_has_the_contract(client):
         "/api/intervene",
     } <= set(spec["paths"])
     names = set(spec["components"]["schemas"])
-    assert {"QKRequest", "QKResponse", "SweepRequest", "ErrorResponse"} <= names
+    assert {"QKRequest", "QKResult", "SweepRequest", "ErrorResponse"} <= names
     assert client.get("/docs").status_code == 404  # Swagger UI needs a CDN
 
 

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from headscope.analysis import results as S
 from headscope.analysis.session import Session
 from headscope.server import create_app
-from headscope.server import schemas as S
 from tests.tiny_models import tiny_adapter
 
 try:
@@ -200,17 +200,17 @@ def intervention(draw) -> dict:
 
 
 VALID = {
-    "/api/tokenize": (st.fixed_dictionaries({"text": plain}), S.TokenizeResponse),
+    "/api/tokenize": (st.fixed_dictionaries({"text": plain}), S.TokenizeResult),
     "/api/attend": (
         st.fixed_dictionaries(
             {"text": plain, "heads": st.lists(st.sampled_from(HEADS_OK), max_size=3)}
         ),
-        S.AttendResponse,
+        S.AttendResult,
     ),
-    "/api/rank-heads": (edge(with_head=False), S.RankHeadsResponse),
-    "/api/attribute/qk": (edge(), S.QKResponse),
-    "/api/attribute/ov": (edge(), S.OVResponse),
-    "/api/composition": (edge(), S.CompositionResponse),
+    "/api/rank-heads": (edge(with_head=False), S.RankHeadsResult),
+    "/api/attribute/qk": (edge(), S.QKResult),
+    "/api/attribute/ov": (edge(), S.OVResult),
+    "/api/composition": (edge(), S.CompositionResult),
     "/api/sweep": (
         st.fixed_dictionaries(
             {
@@ -230,7 +230,7 @@ VALID = {
                 "key": st.sampled_from([0, 1, "slot:0"]),
             }
         ),
-        S.SweepResponse,
+        S.SweepResult,
     ),
     "/api/geometry": (
         st.fixed_dictionaries(
@@ -246,9 +246,9 @@ VALID = {
                 ),
             }
         ),
-        S.GeometryResponse,
+        S.GeometryResult,
     ),
-    "/api/intervene": (intervention(), S.InterveneResponse),
+    "/api/intervene": (intervention(), S.InterveneResult),
 }
 
 

@@ -1,20 +1,18 @@
-"""Attention patterns of chosen heads on any text."""
+"""Tokens and attention patterns of chosen heads on any text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from headscope.analysis.inputs import MAX_TOKENS, encode_text, parse_heads
+from headscope.analysis.inputs import encode_text, parse_heads
+from headscope.analysis.results import AttendResult, TokenizeResult
+from headscope.errors import InputError
+from headscope.limits import MAX_ATTEND_VALUES, MAX_TOKENS
 from headscope.model import ModelAdapter, head_name
 
 
-@dataclass(frozen=True)
-class AttendResult:
-    tokens: list[str]  # display string per position (index = position)
-    patterns: dict[str, list[list[float]]]  # head name -> rows (query-major), row q has q+1 keys
-
-    def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "patterns": self.patterns}
+def tokenize(adapter: ModelAdapter, text: str, *, max_tokens: int = MAX_TOKENS) -> TokenizeResult:
+    """Tokens of ``text`` as the model sees them (BOS first), with their ids."""
+    ids = encode_text(adapter, text, max_tokens)[0]
+    return TokenizeResult(tokens=adapter.tokens.displays(ids), ids=ids.tolist())
 
 
 def attend(
@@ -28,6 +26,13 @@ def attend(
     (every head when None). Rows are truncated at the diagonal: row q lists keys 0..q."""
     ids = encode_text(adapter, text, max_tokens)
     pairs = parse_heads(adapter, heads)
+    n = ids.shape[1]
+    n_values = len(pairs) * n * (n + 1) // 2
+    if n_values > MAX_ATTEND_VALUES:
+        raise InputError(
+            f"{len(pairs)} heads x {n} tokens is {n_values:,} attention weights; the limit is "
+            f"{MAX_ATTEND_VALUES:,}: ask for fewer heads or a shorter text"
+        )
     layers = sorted({layer for layer, _ in pairs})
     cap = adapter.run(ids, layers=layers, patterns=True, logits=False)
     patterns = {}
@@ -36,4 +41,5 @@ def attend(
         patterns[head_name(layer, h)] = [
             [round(float(w), 6) for w in row[: q + 1]] for q, row in enumerate(pat.tolist())
         ]
-    return AttendResult(adapter.tokens.displays(ids[0]), patterns)
+    # built from trusted numbers: skip validating millions of floats one by one
+    return AttendResult.model_construct(tokens=adapter.tokens.displays(ids[0]), patterns=patterns)

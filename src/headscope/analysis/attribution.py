@@ -19,8 +19,16 @@ import re
 
 import torch
 
-from headscope.analysis.inputs import InputError, check_pair
+from headscope.analysis.inputs import check_pair
+from headscope.analysis.results import (
+    CompositionResult,
+    Marginal,
+    OVResult,
+    QKResult,
+    RankHeadsResult,
+)
 from headscope.analysis.session import Session, TextState
+from headscope.errors import InputError
 from headscope.model.spec import head_name, norm_factor, parse_head
 
 _HEAD_RE = re.compile(r"L(\d+)H(\d+)")
@@ -106,7 +114,7 @@ def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:
 
 def qk_attribution(
     session: Session, text: str, head: str, query: int, key: int, *, top: int = 200, basis=None
-) -> dict:
+) -> QKResult:
     """The head's pre-softmax score on (query, key) as (query component x key component) terms.
 
     ``score`` is the model's own number (q . k * scale from the forward pass), ``total`` the sum
@@ -126,31 +134,33 @@ def qk_attribution(
     n_top = min(top, flat.numel())
     idx = torch.topk(flat.abs(), n_top).indices
     n_k = terms.shape[1]
-    return {
-        "head": head_name(layer, h),
-        "query": query,
-        "key": key,
-        "tokens": st.tokens,
-        "score": score,
-        "total": float(terms.sum(dtype=torch.float64)),
-        "capped_score": (
-            float(s.attn_softcap * torch.tanh(torch.tensor(score / s.attn_softcap)))
-            if s.attn_softcap is not None
-            else None
-        ),
-        "attention": float(pattern[h, key]),
-        # A key outside the layer's sliding window gets no attention whatever its score.
-        "masked": bool(torch.isinf(scores[h, key])),
-        "n_terms": flat.numel(),
-        "terms": [
-            {"query": q_labels[i // n_k], "key": k_labels[i % n_k], "value": float(flat[i])}
-            for i in idx.tolist()
-        ],
-        "query_marginals": _sorted(q_labels, terms.sum(1)),
-        "key_marginals": _sorted(k_labels, terms.sum(0)),
-        "basis": "components" if basis is None else basis.name,
-        **({} if basis is None else {"features": basis.cards(_shown(q_labels, k_labels, terms))}),
-    }
+    return QKResult.model_validate(
+        {
+            "head": head_name(layer, h),
+            "query": query,
+            "key": key,
+            "tokens": st.tokens,
+            "score": score,
+            "total": float(terms.sum(dtype=torch.float64)),
+            "capped_score": (
+                float(s.attn_softcap * torch.tanh(torch.tensor(score / s.attn_softcap)))
+                if s.attn_softcap is not None
+                else None
+            ),
+            "attention": float(pattern[h, key]),
+            # A key outside the layer's sliding window gets no attention whatever its score.
+            "masked": bool(torch.isinf(scores[h, key])),
+            "n_terms": flat.numel(),
+            "terms": [
+                {"query": q_labels[i // n_k], "key": k_labels[i % n_k], "value": float(flat[i])}
+                for i in idx.tolist()
+            ],
+            "query_marginals": _sorted(q_labels, terms.sum(1)),
+            "key_marginals": _sorted(k_labels, terms.sum(0)),
+            "basis": "components" if basis is None else basis.name,
+            "features": None if basis is None else basis.cards(_shown(q_labels, k_labels, terms)),
+        }
+    )
 
 
 def _shown(q_labels: list[str], k_labels: list[str], terms: torch.Tensor, n: int = 40) -> set[str]:
@@ -179,7 +189,7 @@ def ov_attribution(
     top: int = 30,
     n_tokens: int = 10,
     basis=None,
-) -> dict:
+) -> OVResult:
     """What the head moves from ``key`` to ``query``: attention x value path, by key component.
 
     Each component's output vector o_j sums to the head's actual output through this edge
@@ -223,32 +233,34 @@ def ov_attribution(
         idx = torch.topk(values * sign, k).indices.tolist()
         return [{"token": toks.display(i), "id": i, "logit": float(values[i])} for i in idx]
 
-    return {
-        "head": head_name(layer, h),
-        "query": query,
-        "key": key,
-        "tokens": st.tokens,
-        "attention": float(a),
-        "total_norm": float(norm),
-        "model_norm": float(model_out.norm()),
-        "max_abs_diff": float((total - model_out).abs().max()),
-        "terms": [
-            {
-                "component": labels[i],
-                "value": float(proj[i]),
-                "value_norm": float(out[i].norm()),
-                "logit_top": [t["token"] for t in tok_list(comp_logits[j], 5, 1.0)],
-            }
-            for j, i in enumerate(order)
-        ],
-        "promoted": tok_list(logits, n_tokens, 1.0),
-        "suppressed": tok_list(logits, n_tokens, -1.0),
-        "basis": "components" if basis is None else basis.name,
-        **({} if basis is None else {"features": basis.cards({labels[i] for i in order})}),
-    }
+    return OVResult.model_validate(
+        {
+            "head": head_name(layer, h),
+            "query": query,
+            "key": key,
+            "tokens": st.tokens,
+            "attention": float(a),
+            "total_norm": float(norm),
+            "model_norm": float(model_out.norm()),
+            "max_abs_diff": float((total - model_out).abs().max()),
+            "terms": [
+                {
+                    "component": labels[i],
+                    "value": float(proj[i]),
+                    "value_norm": float(out[i].norm()),
+                    "logit_top": [t["token"] for t in tok_list(comp_logits[j], 5, 1.0)],
+                }
+                for j, i in enumerate(order)
+            ],
+            "promoted": tok_list(logits, n_tokens, 1.0),
+            "suppressed": tok_list(logits, n_tokens, -1.0),
+            "basis": "components" if basis is None else basis.name,
+            "features": None if basis is None else basis.cards({labels[i] for i in order}),
+        }
+    )
 
 
-def rank_heads(session: Session, text: str, query: int, key: int) -> dict:
+def rank_heads(session: Session, text: str, query: int, key: int) -> RankHeadsResult:
     """Every head's attention weight and pre-softmax score on (query, key), by attention."""
     st = session.state(text)
     query, key = check_pair(st.n_tokens, query, key)
@@ -260,21 +272,23 @@ def rank_heads(session: Session, text: str, query: int, key: int) -> dict:
         ):
             rows.append({"head": head_name(layer, h), "attention": a, "score": sc})
     rows.sort(key=lambda r: -r["attention"])
-    return {"tokens": st.tokens, "query": query, "key": key, "heads": rows}
+    return RankHeadsResult.model_validate(
+        {"tokens": st.tokens, "query": query, "key": key, "heads": rows}
+    )
 
 
 def composition(
     session: Session, text: str, head: str, query: int, key: int, *, top: int = 10
-) -> dict:
+) -> CompositionResult:
     """Which earlier heads' outputs drive this edge's score: at the key (K-composition) and at
     the query (Q-composition), each with where that earlier head attended from that position."""
     qk = qk_attribution(session, text, head, query, key, top=1)
     st = session.state(text)
 
-    def side(marginals: list[dict], pos: int) -> list[dict]:
+    def side(marginals: list[Marginal], pos: int) -> list[dict]:
         out = []
         for m in marginals:
-            match = _HEAD_RE.fullmatch(m["component"])
+            match = _HEAD_RE.fullmatch(m.component)
             if not match:
                 continue
             lay, h = int(match.group(1)), int(match.group(2))
@@ -282,8 +296,8 @@ def composition(
             to = int(pattern[h].argmax())
             out.append(
                 {
-                    "head": m["component"],
-                    "value": m["value"],
+                    "head": m.component,
+                    "value": m.value,
                     "attends_to": to,
                     "attends_to_token": st.tokens[to],
                     "weight": float(pattern[h, to]),
@@ -293,11 +307,13 @@ def composition(
                 break
         return out
 
-    return {
-        "head": qk["head"],
-        "query": qk["query"],
-        "key": qk["key"],
-        "score": qk["score"],
-        "k_composition": side(qk["key_marginals"], qk["key"]),
-        "q_composition": side(qk["query_marginals"], qk["query"]),
-    }
+    return CompositionResult.model_validate(
+        {
+            "head": qk.head,
+            "query": qk.query,
+            "key": qk.key,
+            "score": qk.score,
+            "k_composition": side(qk.key_marginals, qk.key),
+            "q_composition": side(qk.query_marginals, qk.query),
+        }
+    )

@@ -14,11 +14,13 @@ import re
 import torch
 
 from headscope.analysis.batching import run_grouped
-from headscope.analysis.inputs import InputError, parse_heads
+from headscope.analysis.inputs import parse_heads
+from headscope.analysis.results import GeometryResult
 from headscope.analysis.session import Session
+from headscope.errors import InputError
+from headscope.limits import MAX_GEOMETRY_PROMPTS, MAX_GEOMETRY_VALUES
 from headscope.model.spec import head_name
 
-MAX_PROMPTS = 200
 _MARK = re.compile(r"\[\[(.+?)\]\]")
 
 
@@ -48,14 +50,20 @@ def _summary(cos: torch.Tensor) -> dict:
 
 def qk_geometry(
     session: Session, queries: list[str], keys: list[str], heads: list[str] | None
-) -> dict:
+) -> GeometryResult:
     """Per head: cosine matrix [len(queries), len(keys)] of mean-subtracted pre-RoPE q vs k."""
     for name, prompts in (("queries", queries), ("keys", keys)):
         if not prompts:
             raise InputError(f"no {name} prompts")
-        if len(prompts) > MAX_PROMPTS:
-            raise InputError(f"{len(prompts)} {name} prompts; the limit is {MAX_PROMPTS}")
+        if len(prompts) > MAX_GEOMETRY_PROMPTS:
+            raise InputError(f"{len(prompts)} {name} prompts; the limit is {MAX_GEOMETRY_PROMPTS}")
     pairs = parse_heads(session.adapter, heads)
+    n_values = len(pairs) * len(queries) * len(keys)
+    if n_values > MAX_GEOMETRY_VALUES:
+        raise InputError(
+            f"{n_values:,} cosine similarities (heads x queries x keys); the limit is "
+            f"{MAX_GEOMETRY_VALUES:,}: ask for fewer heads"
+        )
     ad = session.adapter
     layers = sorted({layer for layer, _ in pairs})
     prompts = [*queries, *keys]
@@ -104,10 +112,12 @@ def qk_geometry(
     for layer in layers:
         cos = _cosine(resid[layer][:nq], resid[layer][nq:])
         by_layer[str(layer)] = {"layer": layer, "cosine": cos.tolist(), **_summary(cos)}
-    return {
-        "query_labels": labels[:nq],
-        "key_labels": labels[nq:],
-        "heads": out_heads,
-        "residual": by_layer[str(layers[0])],
-        "residual_by_layer": by_layer,
-    }
+    return GeometryResult.model_validate(
+        {
+            "query_labels": labels[:nq],
+            "key_labels": labels[nq:],
+            "heads": out_heads,
+            "residual": by_layer[str(layers[0])],
+            "residual_by_layer": by_layer,
+        }
+    )

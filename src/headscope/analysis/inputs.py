@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from headscope.errors import InputError
+from headscope.limits import MAX_TOKENS
 from headscope.model import ModelAdapter
 from headscope.model.spec import parse_head
-
-MAX_TOKENS = 2048
-
-
-class InputError(ValueError):
-    """A request that cannot be answered as given (bad head, position, text, ...)."""
 
 
 def encode_text(adapter: ModelAdapter, text: str, max_tokens: int = MAX_TOKENS) -> torch.Tensor:

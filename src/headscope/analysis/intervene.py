@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from headscope.analysis.attribution import project_side
-from headscope.analysis.inputs import InputError, check_pair, parse_heads
+from headscope.analysis.inputs import check_pair, parse_heads
+from headscope.analysis.results import InterveneResult
 from headscope.analysis.session import Session, TextState
+from headscope.errors import InputError
 from headscope.model.capture import CaptureRequest, capturing, eager_attention
 from headscope.model.spec import head_name
 
@@ -72,7 +74,7 @@ def intervene(
     query: int = -1,
     key: int | None = None,
     freeze_patterns: bool = False,
-) -> dict:
+) -> InterveneResult:
     """Scale ``component`` by ``scale`` on the ``side`` ("query"/"key") of ``heads`` only."""
     if side not in ("query", "key"):
         raise InputError("side must be 'query' or 'key'")
@@ -148,16 +150,18 @@ def intervene(
                 "row_after": after.tolist(),
             }
         )
-    return {
-        "tokens": st.tokens,
-        "query": query,
-        "key": key_ if key is not None else None,
-        "component": component,
-        "side": side,
-        "scale": scale,
-        "freeze_patterns": freeze_patterns,
-        "heads": changes,
-        "next_token_before": _next_token(session, clean_logits),
-        "next_token_after": _next_token(session, new_logits),
-        "kl_divergence": kl,
-    }
+    return InterveneResult.model_validate(
+        {
+            "tokens": st.tokens,
+            "query": query,
+            "key": key_ if key is not None else None,
+            "component": component,
+            "side": side,
+            "scale": scale,
+            "freeze_patterns": freeze_patterns,
+            "heads": changes,
+            "next_token_before": _next_token(session, clean_logits),
+            "next_token_after": _next_token(session, new_logits),
+            "kl_divergence": kl,
+        }
+    )

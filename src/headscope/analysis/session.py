@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from headscope.analysis.inputs import MAX_TOKENS, InputError, encode_text
+from headscope.analysis.inputs import encode_text
+from headscope.errors import InputError
+from headscope.limits import MAX_TOKENS
 from headscope.model import Capture, ModelAdapter
 from headscope.model.capture import eager_attention
 from headscope.model.spec import head_name

@@ -11,11 +11,13 @@ import re
 import torch
 
 from headscope.analysis.batching import run_grouped
-from headscope.analysis.inputs import InputError, parse_heads
+from headscope.analysis.inputs import parse_heads
+from headscope.analysis.results import SweepResult
 from headscope.analysis.session import Session
+from headscope.errors import InputError
+from headscope.limits import MAX_SWEEP_VALUES
 from headscope.model.spec import head_name
 
-MAX_VALUES = 1000
 _SLOT = re.compile(r"slot:(-?\d+)")
 
 
@@ -56,15 +58,15 @@ def sweep(
     heads: list[str],
     query: str | int = "slot:-1",
     key: str | int = "slot:0",
-) -> dict:
+) -> SweepResult:
     """Attention of ``heads`` on (query, key) for each value substituted into ``template``'s
     single ``{}`` slot. Positions may refer to the slot (``slot:0``, ``slot:-1``)."""
     if template.count("{}") != 1:
         raise InputError("the template must contain exactly one {} slot")
     if not values:
         raise InputError("no values to sweep")
-    if len(values) > MAX_VALUES:
-        raise InputError(f"{len(values)} values; the limit is {MAX_VALUES}")
+    if len(values) > MAX_SWEEP_VALUES:
+        raise InputError(f"{len(values)} values; the limit is {MAX_SWEEP_VALUES}")
     pairs = parse_heads(session.adapter, heads)
     if not heads:
         raise InputError("name at least one head")
@@ -111,9 +113,6 @@ def sweep(
                         col[j] = value
 
     run_grouped(session.adapter, seqs, handle, layers=layers, patterns=True)
-    return {
-        "template": template,
-        "values": list(values),
-        "positions": detail,
-        "attention": attention,
-    }
+    return SweepResult.model_validate(
+        {"template": template, "values": list(values), "positions": detail, "attention": attention}
+    )

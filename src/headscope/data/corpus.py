@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,8 @@ from typing import Any
 from headscope.data.readers import CORPUS_FILE, STATS_FILE
 from headscope.data.sources import DOMAINS, SOURCES, Source, clear_caches
 from headscope.data.units import SourceUnavailable, Unit
+from headscope.errors import DataError
+from headscope.files import write_lines
 
 STATS_SCHEMA_VERSION = 1
 DEFAULT_MIN_BYTES = 5_000_000
@@ -39,7 +40,7 @@ class MissingSourceWarning(UserWarning):
     """A corpus source was skipped because its package or files are not installed."""
 
 
-class CorpusTooSmallError(RuntimeError):
+class CorpusTooSmallError(DataError):
     """The installed sources hold less text than the corpus needs."""
 
 
@@ -191,26 +192,6 @@ def _read_sources(sources: Iterable[Source]) -> tuple[dict[str, list[Unit]], dic
     return units, skipped
 
 
-def _write_atomic(path: Path, lines: Iterable[str]) -> tuple[int, str]:
-    """Write `lines` to `path` via a temporary file in the same folder; (bytes, sha256)."""
-    digest = hashlib.sha256()
-    size = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # not mkstemp's 0600: others may read a shared cache
-        with os.fdopen(fd, "wb") as f:
-            for line in lines:
-                data = line.encode("utf-8")
-                f.write(data)
-                digest.update(data)
-                size += len(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size, digest.hexdigest()
-
-
 def build_corpus(
     out_dir: Path,
     *,
@@ -280,7 +261,7 @@ def build_corpus(
             warnings.warn(f"the corpus has no {d} documents", MissingSourceWarning, stacklevel=2)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    file_bytes, sha256 = _write_atomic(
+    file_bytes, sha256 = write_lines(
         out_dir / CORPUS_FILE,
         (json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs),
     )
@@ -296,7 +277,7 @@ def build_corpus(
         max_doc_bytes=max_doc_bytes,
     )
     text = json.dumps(stats.to_dict(), ensure_ascii=False, sort_keys=True, indent=2) + "\n"
-    _write_atomic(out_dir / STATS_FILE, [text])
+    write_lines(out_dir / STATS_FILE, [text])
     return stats
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from headscope.analysis.inputs import InputError
 from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae, parse_hook_name
+from headscope.errors import InputError
 
 
 @dataclass

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from headscope.analysis.inputs import InputError, check_pair
+from headscope.analysis.inputs import check_pair
+from headscope.analysis.results import HeadLoadingsResult, VirtualWeightsResult
 from headscope.analysis.session import Session
 from headscope.dictionaries.basis import Dictionary, DictionarySet
+from headscope.errors import InputError
 from headscope.model import ModelAdapter
 from headscope.model.spec import head_name, norm_factor, parse_head
 
@@ -70,7 +72,7 @@ def virtual_weights(
     side: str = "key",
     *,
     top: int = 20,
-) -> dict:
+) -> VirtualWeightsResult:
     """Features nearest to ``feature`` after projection through the head (see module docs)."""
     try:
         layer, h = parse_head(head, adapter.spec)
@@ -83,16 +85,18 @@ def virtual_weights(
     same = torch.nn.functional.normalize(projected_features(adapter, d, layer, h, side), dim=-1)
     opp = torch.nn.functional.normalize(projected_features(adapter, d, layer, h, other), dim=-1)
     src = same[feature]
-    return {
-        "head": head_name(layer, h),
-        "feature": d.label(feature),
-        "side": side,
-        "same_side": _ranked(d, same @ src, feature, top),
-        "other_side": _ranked(d, opp @ src, None, top),
-    }
+    return VirtualWeightsResult.model_validate(
+        {
+            "head": head_name(layer, h),
+            "feature": d.label(feature),
+            "side": side,
+            "same_side": _ranked(d, same @ src, feature, top),
+            "other_side": _ranked(d, opp @ src, None, top),
+        }
+    )
 
 
-def head_loadings(
+def edge_head_loadings(
     session: Session,
     text: str | list[int],
     dictionaries: DictionarySet,
@@ -101,7 +105,7 @@ def head_loadings(
     source_pos: int,
     target_feature: int,
     target_pos: int,
-) -> dict:
+) -> HeadLoadingsResult:
     """Each head of ``source_layer``'s share of the edge from a feature at (source_layer,
     source_pos) to a feature of the next layer's dictionary at target_pos, ranked."""
     ad, s = session.adapter, session.adapter.spec
@@ -141,17 +145,27 @@ def head_loadings(
     edge = a_s * a_t * ov * att
     total = edge.abs().sum().clamp_min(1e-30)
     order = torch.argsort(edge.abs(), descending=True).tolist()
-    return {
-        "source": {"feature": src.label(source_feature), "position": source_pos, "activation": a_s},
-        "target": {"feature": tgt.label(target_feature), "position": target_pos, "activation": a_t},
-        "heads": [
-            {
-                "head": head_name(source_layer, h),
-                "loading": float(edge[h]),
-                "share": float(edge[h].abs() / total),
-                "attention": float(att[h]),
-                "ov": float(ov[h]),
-            }
-            for h in order
-        ],
-    }
+    return HeadLoadingsResult.model_validate(
+        {
+            "source": {
+                "feature": src.label(source_feature),
+                "position": source_pos,
+                "activation": a_s,
+            },
+            "target": {
+                "feature": tgt.label(target_feature),
+                "position": target_pos,
+                "activation": a_t,
+            },
+            "heads": [
+                {
+                    "head": head_name(source_layer, h),
+                    "loading": float(edge[h]),
+                    "share": float(edge[h].abs() / total),
+                    "attention": float(att[h]),
+                    "ov": float(ov[h]),
+                }
+                for h in order
+            ],
+        }
+    )

@@ -17,6 +17,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 
+from headscope.files import write_text
+
 
 def head_loadings(W_dec: torch.Tensor | np.ndarray, n_heads: int, d_head: int) -> np.ndarray:
     """[d_sae, n_layers·n_heads·d_head] decoder -> [d_sae, n_layers·n_heads] head loadings.
@@ -184,5 +186,5 @@ def plot_cluster_sizes(
         el.append(f'<text x="{width - right + 38}" y="{ly + 4}">k = {k}</text>')
     el.append("</svg>")
     path = Path(path)
-    path.write_text("\n".join(el) + "\n")
+    write_text(path, "\n".join(el) + "\n")
     return path

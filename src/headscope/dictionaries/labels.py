@@ -38,6 +38,7 @@ import torch
 
 from headscope.dictionaries.activations import capture_sites, site_key
 from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae
+from headscope.files import write_json
 from headscope.model import ModelAdapter
 from headscope.precompute.runner import _batches, _stack
 from headscope.precompute.sequences import iter_sequences
@@ -299,8 +300,8 @@ def label_features(
         promoted = promoted_tokens(adapter, output_directions(adapter, sae), n_promoted)
         cards = _cards(adapter, state, ids_all, seen, promoted, context, top)
         out = path / FEATURES_FILENAME
-        _write_json(out, cards)
-        _write_json(path / FEATURES_META_FILENAME, cfg.to_dict(), indent=2)
+        write_json(out, cards)
+        write_json(path / FEATURES_META_FILENAME, cfg.to_dict(), indent=2)
         alive = sum(1 for c in cards.values() if c["density"] > 0)
         say(f"labels: {key}: {alive}/{len(cards)} features fire -> {out}")
         written[str(path)] = out
@@ -367,13 +368,6 @@ def _recorded_sequences(path: Path) -> int:
     if not stats.is_file():
         return 0
     return int(json.loads(stats.read_text()).get("sequences_seen", 0))
-
-
-def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    separators = None if indent else (",", ":")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=indent, separators=separators) + "\n")
-    os.replace(tmp, path)
 
 
 def load_cards(path: Path) -> dict[str, dict[str, Any]]:

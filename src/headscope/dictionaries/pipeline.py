@@ -18,7 +18,6 @@ in :mod:`headscope.dictionaries.reports`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from headscope.dictionaries.reports import (
 )
 from headscope.dictionaries.sae import SAEConfig, save_sae
 from headscope.dictionaries.train import TrainStats, train_saes
+from headscope.files import write_json
 from headscope.model import ModelAdapter
 
 SITES = ("resid", "z", "v")
@@ -261,7 +261,7 @@ def train_sites(
             "sequences_seen": chunks[0] * batch_size,
             "load_average": [round(load_start, 2), round(load_end, 2)],
         }
-        (folder / STATS_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(folder / STATS_FILENAME, record, indent=2)
         say(f"train: {key}: {format_stats(st)}")
         result["saes"][key] = {"path": str(folder), **record}
 

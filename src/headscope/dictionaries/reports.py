@@ -28,6 +28,7 @@ from headscope.dictionaries.labels import (
     marked_token,
 )
 from headscope.dictionaries.sae import SAEConfig, load_sae
+from headscope.files import write_json, write_text
 from headscope.model.spec import head_name
 
 HEAD_REPORT_FILENAME = "head_report.json"
@@ -199,10 +200,8 @@ def z_head_report(
         "heads": head_rows,
         "features": features,
     }
-    (folder / HEAD_REPORT_FILENAME).write_text(
-        json.dumps(report, ensure_ascii=False, separators=(",", ":")) + "\n"
-    )
-    (folder / "head_report.md").write_text(_head_report_md(report))
+    write_json(folder / HEAD_REPORT_FILENAME, report)
+    write_text(folder / "head_report.md", _head_report_md(report))
     return report
 
 
@@ -327,7 +326,7 @@ def value_cluster_report(
         "seed": seed,
         "sweep": {str(k): v for k, v in sweep.items()},
     }
-    (folder / CLUSTERS_FILENAME).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(folder / CLUSTERS_FILENAME, report, indent=1)
     plot_cluster_sizes(
         sweep,
         folder / CLUSTERS_SVG_FILENAME,

@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,8 +29,11 @@ from typing import Any, Literal, cast
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from headscope.errors import AlreadyExists, DataError
+from headscope.files import atomic_dir, write_tensors, write_text
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -86,7 +87,7 @@ _CONSUMED_KEYS = frozenset(
 )
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(DataError):
     """A folder or config dict is not a loadable SAE; the message says which file/key is wrong."""
 
 
@@ -417,25 +418,17 @@ def save_sae(sae: SAE, path: str | os.PathLike[str]) -> Path:
     tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
     cfg_text = json.dumps(sae.cfg.to_dict(), indent=2)
 
-    def write(folder: Path, suffix: str) -> None:
-        save_file(tensors, folder / (WEIGHTS_FILENAME + suffix), metadata={"format": "pt"})
-        (folder / (CFG_FILENAME + suffix)).write_text(cfg_text + "\n")
+    def write(folder: Path) -> None:
+        write_tensors(folder / WEIGHTS_FILENAME, tensors, metadata={"format": "pt"})
+        write_text(folder / CFG_FILENAME, cfg_text + "\n")
 
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            write(tmp, "")
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a folder")
-    write(path, ".tmp")
-    os.replace(path / (WEIGHTS_FILENAME + ".tmp"), path / WEIGHTS_FILENAME)
-    os.replace(path / (CFG_FILENAME + ".tmp"), path / CFG_FILENAME)
+        with atomic_dir(path) as tmp:
+            write(tmp)
+    elif path.is_dir():
+        write(path)  # file by file: the folder may hold features.json and reports too
+    else:
+        raise AlreadyExists(f"{path} exists and is not a folder")
     return path
 
 

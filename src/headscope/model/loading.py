@@ -16,8 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,9 @@ from typing import Any
 import torch
 import transformers.modeling_utils  # noqa: F401  (import cost paid once, not inside load timings)
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from headscope.errors import ModelUnavailable
+from headscope.files import atomic_dir, write_json, write_text
 
 
 def cache_dir() -> Path:
@@ -78,7 +79,7 @@ class ResolvedModel:
 def _package_dir(package: str, hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the model package {package!r} is not installed; run: {hint}")
+        raise ModelUnavailable(f"the model package {package!r} is not installed; run: {hint}")
     return Path(spec.origin).parent
 
 
@@ -93,7 +94,7 @@ def _gguf_for_builtin(model: BuiltinModel) -> Path:
     try:
         return Path(gem.assemble(target))
     except (FileNotFoundError, ModuleNotFoundError) as err:
-        raise FileNotFoundError(f"{err}; run: {model.install_hint}") from err
+        raise ModelUnavailable(f"{err}; run: {model.install_hint}") from err
 
 
 def _file_key(path: Path) -> str:
@@ -111,7 +112,7 @@ def _file_key(path: Path) -> str:
 def dequantized_dir(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a cached safetensors model directory; return it."""
     if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        raise ModelUnavailable(f"GGUF file not found: {gguf}")
     target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -119,20 +120,11 @@ def dequantized_dir(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename, so a killed conversion never leaves a
-    # half-written cache that a later run would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    # A killed conversion never leaves a half-written cache that a later run would trust.
+    with atomic_dir(target) as tmp:
         _save_dequantized(model, tmp)
         tok.save_pretrained(tmp)
-        (tmp / "headscope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "headscope_source.json", {"gguf": str(gguf)})
     return target
 
 
@@ -146,7 +138,7 @@ def _save_dequantized(model, out: Path) -> None:
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["architectures"] = [type(model).__name__]
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -168,15 +160,26 @@ def resolve(name: str) -> ResolvedModel:
         return ResolvedModel(path.stem, dequantized_dir(path), f"gguf:{path}", None)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a Hugging Face model directory (no config.json)"
-            )
+            raise ModelUnavailable(f"{path} is not a Hugging Face model directory (no config.json)")
         return ResolvedModel(path.name, path, f"dir:{path.resolve()}", None)
     if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"model path {name!r} is neither a model directory nor a .gguf file"
-        )
-    return ResolvedModel(name, Path(name), f"hub:{name}", None)
+        raise ModelUnavailable(f"model path {name!r} is neither a model directory nor a .gguf file")
+    return ResolvedModel(name, _hub_snapshot(name), f"hub:{name}", None)
+
+
+def _hub_snapshot(name: str) -> Path:
+    """The local Hugging Face cache's copy of hub model ``name``; headscope never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise ModelUnavailable(
+            f"model {name!r} is not a local model directory, a .gguf file or a built-in model "
+            f"({', '.join(BUILTINS)}), and not in the local Hugging Face cache; headscope does "
+            "not download models: pass a local folder"
+        ) from None
 
 
 def _load_tokenizer(directory: Path):

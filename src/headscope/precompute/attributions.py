@@ -11,7 +11,7 @@ from pathlib import Path
 
 from headscope.analysis.attribution import ov_attribution, qk_attribution
 from headscope.analysis.session import Session
-from headscope.store.files import read_json, write_json
+from headscope.files import read_json, write_json
 from headscope.store.run import open_run
 
 
@@ -40,9 +40,9 @@ def precompute_attributions(
             ids = ex["tokens"]
             for kind, fn in (("qk", qk_attribution), ("ov", ov_attribution)):
                 result = fn(session, ids, head, q, k)
-                result["sequence"] = ex["sequence"]
                 name = f"{head}/{ex['sequence']}_{q}_{k}_{kind}.json"
-                write_json(run_dir / "attributions" / name, result)
+                record = {**result.model_dump(), "sequence": ex["sequence"]}
+                write_json(run_dir / "attributions" / name, record)
                 written.append(name)
     manifest = read_json(run_dir / "manifest.json")
     manifest["attributions"] = sorted(set(manifest.get("attributions", [])) | set(written))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from headscope.files import write_json, write_npy, write_with
 from headscope.metrics.registry import METRICS, metric_docs
 from headscope.model import ModelAdapter
 from headscope.model.spec import head_name
@@ -16,7 +17,6 @@ from headscope.precompute import probes
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.motifs import MotifEmbedder, head_distances, head_map, nearest_heads
 from headscope.precompute.state import StreamState
-from headscope.store.files import write_json
 
 SCHEMA_VERSION = 1
 N_SIMILAR = 10
@@ -50,9 +50,7 @@ def _similar(
     emb = embedder.embed(feats.reshape(-1, F)).reshape(Lp * H, M, -1)  # [N, M, 16]
     (out / "motifs").mkdir(exist_ok=True)
     embedder.save(out / "motifs" / "pca.safetensors")
-    import numpy as np
-
-    np.save(out / "motifs" / "embedding.npy", emb.numpy().astype("float32"))
+    write_npy(out / "motifs" / "embedding.npy", emb.numpy().astype("float32"))
     dist = head_distances(emb)  # [N, N]
     names = [head_name(layer, h) for layer in layers for h in range(n_heads)]
     maps = head_map(dist)
@@ -113,7 +111,7 @@ def finalize(
             rows.append([layer, h, *[v if math.isfinite(v) else 0.0 for v in values]])
     df = pd.DataFrame(rows, columns=["layer", "head", *names])
     df.insert(2, "name", [head_name(int(r[0]), int(r[1])) for r in rows])
-    df.to_parquet(out / "metrics.parquet", index=False)
+    write_with(out / "metrics.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     docs = {n: METRICS[n].doc if n in METRICS else "" for n in names}
     write_json(
         out / "metrics.json", {"columns": ["layer", "head", *names], "rows": rows, "docs": docs}

@@ -48,9 +48,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from headscope.files import write_tensors
 from headscope.precompute.pca import orient_components, single_threaded
 
 MOTIF_BLOCK = 128
@@ -277,14 +278,14 @@ class MotifEmbedder:
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file with the feature names and block size in its metadata."""
-        save_file(
+        write_tensors(
+            path,
             {
                 "mean": self.mean.contiguous(),
                 "std": self.std.contiguous(),
                 "components": self.components.contiguous(),
                 "explained_variance_ratio": self.explained_variance_ratio.contiguous(),
             },
-            str(path),
             metadata={
                 "format": _FORMAT,
                 "block": str(MOTIF_BLOCK),

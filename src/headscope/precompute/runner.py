@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
+from headscope.files import read_json, read_tensors, write_json, write_tensors
 from headscope.metrics.registry import TokenMatches
 from headscope.model import ModelAdapter
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.probes import head_out_norm
 from headscope.precompute.sequences import Sequence, iter_sequences
 from headscope.precompute.state import StreamState
-from headscope.store.files import read_json, read_tensors, write_json, write_tensors
 
 SCHEMA_VERSION = 1
 

@@ -6,13 +6,15 @@ is not reentrant, torch already uses every core for one call, and a queue that r
 ("503 busy, retry") beats one that grows until requests time out. Results per text are cached
 by the :class:`Session`, so a second (query, key) pair on a seen text costs no forward pass.
 
-Request and response bodies are the pydantic models of :mod:`headscope.server.schemas`.
+Every live endpoint is generated from the operation table (:mod:`headscope.operations`): its
+request model validates the body, its result model is the response. Errors are
+:class:`~headscope.errors.HeadscopeError` subclasses, mapped to their status in one handler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
+import inspect
 import logging
 import mimetypes
 import threading
@@ -25,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from headscope.analysis.inputs import InputError
-from headscope.server import schemas as S
+from headscope.errors import Busy, HeadscopeError
+from headscope.operations import OPERATIONS, Context, Operation
 from headscope.server.guard import Guard
 from headscope.server.responses import JSON, error_response, readable_errors
 
@@ -38,10 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("headscope.server")
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
-NO_MODEL = "no model loaded: start the server with --model M"
-# attend returns T(T+1)/2 weights per head; beyond this the JSON alone is tens of megabytes.
-MAX_ATTEND_VALUES = 4_000_000
-MAX_GEOMETRY_VALUES = 4_000_000
 
 _CONTENT_TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -55,18 +54,6 @@ _CONTENT_TYPES = {
     ".parquet": "application/octet-stream",
     ".safetensors": "application/octet-stream",
 }
-
-
-class Busy(Exception):
-    """The model queue is full."""
-
-
-class NoModel(Exception):
-    """A live endpoint was called on a server started without a model."""
-
-
-class NotAvailable(Exception):
-    """An analysis this version of headscope does not have."""
 
 
 # ----- the model queue ----------------------------------------------------------------------------
@@ -85,7 +72,7 @@ class ModelQueue:
     def try_submit(self, fn: Callable[[], Any]) -> Future:
         """Queue ``fn`` or raise :class:`Busy`; the slot is freed when ``fn`` finishes."""
         if not self._slots.acquire(blocking=False):
-            raise Busy
+            raise Busy(f"busy, retry: {self.queue_size} model calls are already waiting")
         try:
             with self._lock:
                 if self._executor is None:  # created on first use: no thread at import/creation
@@ -136,22 +123,56 @@ def _file_response(path: Path) -> FileResponse:
 
 
 # ----- the app ------------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    """Whether a model is loaded and which run is served. ``model`` is null without a model."""
+
+    model: str | None
+    n_layers: int | None
+    n_heads: int | None
+    run: str | None = Field(description="name of the served run directory, null without one")
+    max_tokens: int | None = Field(None, description="longest text accepted, BOS included")
+    dictionary_layers: list[int] = Field(
+        default_factory=list, description="layers with a residual dictionary (feature basis)"
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: a message a user can act on."""
+
+    detail: str
+    errors: list[dict] | None = Field(None, description="per-field validation errors (422)")
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": S.ErrorResponse, "description": "access token missing or wrong"},
-    422: {"model": S.ErrorResponse, "description": "invalid request"},
-    503: {"model": S.ErrorResponse, "description": "no model loaded, or busy (retry)"},
+    401: {"model": ErrorResponse, "description": "access token missing or wrong"},
+    422: {"model": ErrorResponse, "description": "invalid request"},
+    503: {"model": ErrorResponse, "description": "no model loaded, or busy (retry)"},
 }
 
 
-def _lazy(module: str, name: str) -> Callable:
-    full = f"headscope.analysis.{module}"
-    try:
-        mod = importlib.import_module(full)
-    except ModuleNotFoundError as err:
-        if err.name == full:
-            raise NotAvailable(f"{module} is not available in this version of headscope") from None
-        raise
-    return getattr(mod, name)
+def _dictionary_layers(dictionaries) -> list[int]:
+    return sorted(dictionaries.by_layer) if dictionaries is not None else []
+
+
+def _add_route(app: FastAPI, op: Operation, ctx: Context, queue: ModelQueue) -> None:
+    """``POST /api/<op.path>``: validate the body with ``op.request``, run ``op`` on the model
+    queue, answer with ``op.result``."""
+
+    async def endpoint(req):
+        result = await queue.run(lambda: op.run(ctx, req))
+        return JSON(result.model_dump())
+
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("req", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=op.request)]
+    )
+    endpoint.__name__ = op.path.replace("/", "_").replace("-", "_")
+    app.post(
+        f"/api/{op.path}",
+        response_model=op.result,
+        responses=_ERRORS,
+        summary=op.help,
+        name=op.name,
+    )(endpoint)
 
 
 def create_app(
@@ -207,10 +228,11 @@ def create_app(
     app.state.run_dir = run_root
     app.add_middleware(Guard, token=token, allowed_hosts=allowed_hosts)
 
-    # ----- errors
-    @app.exception_handler(InputError)
-    async def _inputerror_response(_req, err: InputError):
-        return error_response(422, str(err))
+    # ----- errors: every expected one is a HeadscopeError that knows its status
+    @app.exception_handler(HeadscopeError)
+    async def _headscope_error(_req, err: HeadscopeError):
+        headers = {"Retry-After": "1"} if isinstance(err, Busy) else None
+        return error_response(err.status, str(err), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validationerror_response(_req, err: RequestValidationError):
@@ -224,41 +246,17 @@ def create_app(
     async def _too_deep(_req, _err):
         return error_response(400, "the request body is nested too deeply")
 
-    @app.exception_handler(Busy)
-    async def _busy(_req, _err):
-        return error_response(
-            503,
-            f"busy, retry: {queue.queue_size} model calls are already waiting",
-            headers={"Retry-After": "1"},
-        )
-
-    @app.exception_handler(NoModel)
-    async def _no_model(_req, _err):
-        return error_response(503, NO_MODEL)
-
-    @app.exception_handler(NotAvailable)
-    async def _not_available(_req, err):
-        return error_response(501, str(err))
-
     @app.exception_handler(StarletteHTTPException)
     async def _httperror_response(_req, err: StarletteHTTPException):
         return error_response(
             err.status_code, str(err.detail), headers=getattr(err, "headers", None)
         )
 
-    def need_session() -> Session:
-        if session is None:
-            raise NoModel
-        return session
+    ctx = Context(session, dictionaries)
 
-    async def call(fn: Callable[[Session], Any]) -> JSON:
-        sess = need_session()
-        return JSON(await queue.run(lambda: fn(sess)))
-
-    # ----- live API
-    @app.get("/api/health", response_model=S.HealthResponse, responses=_ERRORS)
+    @app.get("/api/health", response_model=HealthResponse, responses=_ERRORS)
     async def health():
-        """Which model and run this server has."""
+        """Which model, run and dictionaries this server has."""
         spec = session.adapter.spec if session is not None else None
         return JSON(
             {
@@ -267,145 +265,12 @@ def create_app(
                 "n_heads": spec.n_heads if spec else None,
                 "run": run_root.name if run_root is not None else None,
                 "max_tokens": session.max_tokens if session is not None else None,
+                "dictionary_layers": _dictionary_layers(dictionaries),
             }
         )
 
-    @app.post("/api/tokenize", response_model=S.TokenizeResponse, responses=_ERRORS)
-    async def tokenize(req: S.TokenizeRequest):
-        """Tokens of a text as the model sees it (BOS first)."""
-        from headscope.analysis.inputs import encode_text
-
-        def run(sess: Session):
-            ids = encode_text(sess.adapter, req.text, sess.max_tokens)[0]
-            return {"tokens": sess.adapter.tokens.displays(ids), "ids": ids.tolist()}
-
-        return await call(run)
-
-    @app.post("/api/attend", response_model=S.AttendResponse, responses=_ERRORS)
-    async def attend(req: S.AttendRequest):
-        """Attention patterns of the given heads (all heads when null) on a text."""
-        from headscope.analysis.attend import attend as attend_fn
-        from headscope.analysis.inputs import encode_text, parse_heads
-
-        def run(sess: Session):
-            n = encode_text(sess.adapter, req.text, sess.max_tokens).shape[1]
-            n_heads = len(parse_heads(sess.adapter, req.heads))
-            if n_heads * n * (n + 1) // 2 > MAX_ATTEND_VALUES:
-                raise InputError(
-                    f"{n_heads} heads x {n} tokens is {n_heads * n * (n + 1) // 2:,} attention "
-                    f"weights; the limit is {MAX_ATTEND_VALUES:,}: ask for fewer heads or a "
-                    "shorter text"
-                )
-            return attend_fn(
-                sess.adapter, req.text, req.heads, max_tokens=sess.max_tokens
-            ).to_dict()
-
-        return await call(run)
-
-    @app.post("/api/rank-heads", response_model=S.RankHeadsResponse, responses=_ERRORS)
-    async def rank_heads(req: S.PairRequest):
-        """Every head's attention and score on one (query, key) pair, highest attention first."""
-        from headscope.analysis.attribution import rank_heads as fn
-
-        return await call(lambda sess: fn(sess, req.text, req.query, req.key))
-
-    def basis(name: str):
-        if name == "components":
-            return None
-        if app.state.dictionaries is None:
-            raise InputError(
-                "no dictionaries loaded: serve with --dictionaries DIR, or put residual SAEs in "
-                "RUN/dictionaries/"
-            )
-        return app.state.dictionaries
-
-    @app.post("/api/attribute/qk", response_model=S.QKResponse, responses=_ERRORS)
-    async def attribute_qk(req: S.QKRequest):
-        """A head's pre-softmax score on (query, key) as query-component x key-component terms."""
-        from headscope.analysis.attribution import qk_attribution
-
-        return await call(
-            lambda sess: qk_attribution(
-                sess, req.text, req.head, req.query, req.key, top=req.top, basis=basis(req.basis)
-            )
-        )
-
-    @app.post("/api/attribute/ov", response_model=S.OVResponse, responses=_ERRORS)
-    async def attribute_ov(req: S.OVRequest):
-        """What a head moves from key to query, by key-side component, read out as logits."""
-        from headscope.analysis.attribution import ov_attribution
-
-        def run(sess: Session):
-            return ov_attribution(
-                sess,
-                req.text,
-                req.head,
-                req.query,
-                req.key,
-                top=req.top,
-                n_tokens=req.n_tokens,
-                basis=basis(req.basis),
-            )
-
-        return await call(run)
-
-    @app.post("/api/composition", response_model=S.CompositionResponse, responses=_ERRORS)
-    async def composition(req: S.CompositionRequest):
-        """Which earlier heads drive this edge's score, at the key and at the query."""
-        from headscope.analysis.attribution import composition as fn
-
-        return await call(
-            lambda sess: fn(sess, req.text, req.head, req.query, req.key, top=req.top)
-        )
-
-    @app.post("/api/sweep", response_model=S.SweepResponse, responses=_ERRORS)
-    async def sweep(req: S.SweepRequest):
-        """Attention from query to key as one slot of a template takes each value."""
-        values = req.value_list()
-
-        def run(sess: Session):
-            fn = _lazy("sweep", "sweep")
-            return fn(sess, req.template, values, req.heads, req.query, req.key)
-
-        return await call(run)
-
-    @app.post("/api/geometry", response_model=S.GeometryResponse, responses=_ERRORS)
-    async def geometry(req: S.GeometryRequest):
-        """Cosine similarity of heads' query and key vectors on marked tokens ([[token]])."""
-
-        def run(sess: Session):
-            from headscope.analysis.inputs import parse_heads
-
-            fn = _lazy("geometry", "qk_geometry")
-            n = len(parse_heads(sess.adapter, req.heads)) * len(req.queries) * len(req.keys)
-            if n > MAX_GEOMETRY_VALUES:
-                raise InputError(
-                    f"{n:,} cosine similarities (heads x queries x keys); the limit is "
-                    f"{MAX_GEOMETRY_VALUES:,}: ask for fewer heads"
-                )
-            return fn(sess, req.queries, req.keys, req.heads)
-
-        return await call(run)
-
-    @app.post("/api/intervene", response_model=S.InterveneResponse, responses=_ERRORS)
-    async def intervene(req: S.InterveneRequest):
-        """Attention after scaling one component's contribution to a head's query or key."""
-
-        def run(sess: Session):
-            fn = _lazy("intervene", "intervene")
-            return fn(
-                sess,
-                req.text,
-                req.heads,
-                req.component,
-                req.side,
-                req.scale,
-                req.query,
-                req.key,
-                freeze_patterns=req.freeze_patterns,
-            )
-
-        return await call(run)
+    for op in OPERATIONS:
+        _add_route(app, op, ctx, queue)
 
     @app.api_route(
         "/api/{path:path}",

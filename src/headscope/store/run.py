@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from headscope.errors import DataError
+from headscope.files import read_json
 from headscope.model.spec import head_name, parse_head
-from headscope.store.files import read_json
 
 
-class RunError(ValueError):
+class RunError(DataError):
     """A run directory that is missing, incomplete or malformed."""
 
 

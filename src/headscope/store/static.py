@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from headscope.errors import AlreadyExists
+from headscope.files import atomic_dir
 from headscope.store.run import open_run
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
@@ -15,13 +17,11 @@ def export_static(run_dir: Path | str, out: Path | str) -> Path:
     server; everything precomputed (attributions included) works from the files alone."""
     run = open_run(run_dir)  # refuses incomplete runs
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(APP_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    shutil.copytree(run.path, tmp / "run", ignore=shutil.ignore_patterns("checkpoint", ".*"))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AlreadyExists(f"{out} exists and is not an empty folder; choose another path")
+    with atomic_dir(out) as tmp:
+        shutil.copytree(
+            APP_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"), dirs_exist_ok=True
+        )
+        shutil.copytree(run.path, tmp / "run", ignore=shutil.ignore_patterns("checkpoint", ".*"))
     return out

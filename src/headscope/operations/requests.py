@@ -1,0 +1,228 @@
+"""What every live operation takes: one pydantic model per request.
+
+The server validates request bodies with these models (they generate the request half of
+``/openapi.json``) and the CLI builds its flags from the same fields, so a limit, a default or a
+description is written once. Requests are strict: unknown fields are rejected and sizes bounded
+(the bounds live in :mod:`headscope.limits`).
+
+Positions are token indices with the BOS token at 0; negative positions count from the end
+(``-1`` is the last token). Head names are ``L{layer}H{head}``, 0-indexed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from headscope.limits import (
+    MAX_GEOMETRY_PROMPTS,
+    MAX_HEADS,
+    MAX_POSITION,
+    MAX_SWEEP_VALUES,
+    MAX_TEXT_CHARS,
+)
+
+
+def _utf8(value: str) -> str:
+    # JSON can carry lone surrogates ("\ud800"); the tokenizer cannot take them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the string is not valid Unicode (it has a lone surrogate)") from None
+    return value
+
+
+_UTF8 = AfterValidator(_utf8)
+Text = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the text; BOS is added"),
+    _UTF8,
+]
+HeadName = Annotated[
+    str, Field(min_length=1, max_length=32, description="a head such as L5H3"), _UTF8
+]
+Template = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TEXT_CHARS, description="text with exactly one {} slot"),
+    _UTF8,
+]
+SweepValue = Annotated[str, Field(max_length=1000), _UTF8]
+ComponentName = Annotated[
+    str,
+    Field(min_length=1, max_length=64, description="embed, pos_embed, bias, L3H1 or L3.mlp"),
+    _UTF8,
+]
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_TEXT_CHARS,
+        description="a prompt with its token marked as [[token]]",
+    ),
+    _UTF8,
+]
+Position = Annotated[
+    int,
+    Field(
+        ge=-MAX_POSITION,
+        le=MAX_POSITION,
+        description="token index (BOS = 0); negative counts from the end, -1 = last token",
+    ),
+]
+Basis = Literal["components", "sae"]
+_BASIS_HELP = (
+    "what the residual is decomposed into: model components, or the features of the residual "
+    "dictionaries (sae)"
+)
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenizeRequest(Request):
+    text: Text
+
+
+class AttendRequest(Request):
+    text: Text
+    heads: list[HeadName] | None = Field(
+        None, max_length=MAX_HEADS, description="heads to return (default: every head)"
+    )
+
+
+class PairRequest(Request):
+    text: Text
+    query: Position
+    key: Position = Field(description="key position (<= query); negative counts from the end")
+
+
+class HeadPairRequest(PairRequest):
+    head: HeadName
+
+
+class RankHeadsRequest(PairRequest):
+    top: int = Field(20, ge=1, le=100_000, description="heads to print as text (JSON has all)")
+
+
+class QKRequest(HeadPairRequest):
+    basis: Basis = Field("components", description=_BASIS_HELP)
+    top: int = Field(200, ge=1, le=10_000, description="how many (query, key) terms to list")
+
+
+class OVRequest(HeadPairRequest):
+    basis: Basis = Field("components", description=_BASIS_HELP)
+    top: int = Field(30, ge=1, le=1000, description="how many components to list")
+    n_tokens: int = Field(10, ge=1, le=100, description="promoted/suppressed tokens to list")
+
+
+class CompositionRequest(HeadPairRequest):
+    top: int = Field(10, ge=1, le=1000, description="earlier heads to list per side")
+
+
+RANGE_SYNTAX = re.compile(r"^\s*(-?[0-9]+)\s*:\s*(-?[0-9]+)\s*(?::\s*(-?[0-9]+)\s*)?$")
+
+
+class ValueRange(Request):
+    """Integers ``start, start+step, ...`` below ``stop`` (Python's ``range``), as strings.
+
+    Also written ``"START:STOP"`` or ``"START:STOP:STEP"`` (stop excluded): the only range syntax
+    headscope reads, in the CLI, the API and the app alike.
+    """
+
+    start: int = Field(ge=-(10**15), le=10**15)
+    stop: int = Field(ge=-(10**15), le=10**15)
+    step: int = Field(1, ge=-(10**15), le=10**15)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            m = RANGE_SYNTAX.match(value)
+            if not m:
+                raise ValueError(f"range {value!r} must look like START:STOP or START:STOP:STEP")
+            start, stop, step = m.groups()
+            return {"start": int(start), "stop": int(stop), "step": int(step or 1)}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ValueRange:
+        if self.step == 0:
+            raise ValueError("step must not be 0")
+        n = len(range(self.start, self.stop, self.step))
+        if n == 0:
+            raise ValueError(f"range({self.start}, {self.stop}, {self.step}) is empty")
+        if n > MAX_SWEEP_VALUES:
+            raise ValueError(f"the range has {n} values; the limit is {MAX_SWEEP_VALUES}")
+        return self
+
+    def values(self) -> list[str]:
+        return [str(v) for v in range(self.start, self.stop, self.step)]
+
+
+PositionSpec = Annotated[
+    str,
+    Field(
+        pattern=r"^(last|slot:-?[0-9]{1,9}|-?[0-9]{1,12})$",
+        description="'last', 'slot:i' (i-th token of the slot's value; -1 = its last token), "
+        "or a position",
+    ),
+]
+
+
+class SweepRequest(Request):
+    template: Template
+    values: (
+        ValueRange | Annotated[list[SweepValue], Field(min_length=1, max_length=MAX_SWEEP_VALUES)]
+    ) = Field(description="strings put into the slot, or an integer range START:STOP[:STEP]")
+    heads: list[HeadName] = Field(min_length=1, max_length=MAX_HEADS, description="heads to show")
+    query: Position | PositionSpec = Field("slot:-1", description="int, 'last' or slot:i")
+    key: Position | PositionSpec = Field("slot:0", description="int, 'last' or slot:i")
+
+    def value_list(self) -> list[str]:
+        return self.values.values() if isinstance(self.values, ValueRange) else self.values
+
+
+class GeometryRequest(Request):
+    queries: list[Prompt] = Field(
+        min_length=1, max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
+    )
+    keys: list[Prompt] = Field(
+        min_length=1, max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
+    )
+    heads: list[HeadName] | None = Field(
+        None, max_length=MAX_HEADS, description="heads (default: every head)"
+    )
+
+
+class InterveneRequest(Request):
+    text: Text
+    heads: list[HeadName] = Field(
+        min_length=1, max_length=MAX_HEADS, description="heads whose query or key is edited"
+    )
+    component: ComponentName
+    side: Literal["query", "key"] = Field(description="edit the heads' query or key input")
+    scale: float = Field(
+        0.0, allow_inf_nan=False, ge=-1e6, le=1e6, description="factor (0 removes the component)"
+    )
+    query: Position = Field(-1, description="query position whose attention row to report")
+    key: Position | None = Field(None, description="key position whose attention to report")
+    freeze_patterns: bool = Field(False, description="freeze every other head's pattern")
+
+
+class VirtualWeightsRequest(Request):
+    head: HeadName
+    feature: int = Field(ge=0, description="feature index in the head's layer's dictionary")
+    side: Literal["key", "query"] = "key"
+    top: int = Field(20, ge=1, le=1000, description="features to list per side")
+
+
+class HeadLoadingsRequest(Request):
+    text: Text
+    layer: int = Field(ge=0, description="source layer L (the target feature is in layer L+1)")
+    source_feature: int = Field(ge=0)
+    source_pos: Position
+    target_feature: int = Field(ge=0)
+    target_pos: Position

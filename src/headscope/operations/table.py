@@ -1,0 +1,277 @@
+"""Every live operation, declared once: request model, function, result model, text.
+
+The server (``server/app.py``) turns each entry into ``POST /api/<path>`` and the CLI
+(``cli.py``) into ``headscope <name> --flag ...`` with ``--json``; neither lists operations
+itself. Adding a live capability is one function returning a result model
+(:mod:`headscope.analysis.results`), one request model (:mod:`.requests`) and one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from headscope.analysis import results as R
+from headscope.errors import InputError, NoModel
+from headscope.operations import requests as Q
+from headscope.operations import text as T
+
+if TYPE_CHECKING:
+    from headscope.analysis.session import Session
+    from headscope.dictionaries.basis import DictionarySet
+
+
+class Context:
+    """What an operation runs against: the model's session and the residual dictionaries.
+
+    Both are loaded on first use (a CLI command that needs no dictionaries never reads them).
+    """
+
+    def __init__(
+        self,
+        session: Callable[[], Session] | Session | None,
+        dictionaries: Callable[[], DictionarySet] | DictionarySet | None = None,
+    ):
+        self._session = session
+        self._dictionaries = dictionaries
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise NoModel("no model loaded: start the server with --model M")
+        if callable(self._session):
+            self._session = self._session()
+        return self._session
+
+    @property
+    def dictionaries(self) -> DictionarySet:
+        if self._dictionaries is None:
+            raise InputError(
+                "no dictionaries loaded: pass --dictionaries DIR (residual SAEs: train-sae "
+                "output or SAELens folders), or put them in RUN/dictionaries/"
+            )
+        if callable(self._dictionaries):
+            self._dictionaries = self._dictionaries()
+        return self._dictionaries
+
+    @property
+    def has_dictionaries(self) -> bool:
+        return self._dictionaries is not None
+
+    def basis(self, name: str) -> DictionarySet | None:
+        """The decomposition a request asks for: None = model components."""
+        return None if name == "components" else self.dictionaries
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One live operation. ``name``'s words are the CLI subcommand and the URL path."""
+
+    name: str
+    help: str
+    request: type[Q.Request]
+    result: type[BaseModel]
+    run: Callable[[Context, Any], BaseModel]
+    text: Callable[[Any, Any], str]
+    # request field -> CLI flag, where the flag differs from --field-name (e.g. heads -> --head)
+    flags: dict[str, str] = field(default_factory=dict)
+    # list fields the CLI reads from a file, one item per line
+    files: tuple[str, ...] = ()
+    # extra CLI flag -> (request field it sets, help): another way to give that field
+    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return self.name.replace(" ", "/")
+
+
+def _tokenize(ctx: Context, r: Q.TokenizeRequest) -> R.TokenizeResult:
+    from headscope.analysis.attend import tokenize
+
+    return tokenize(ctx.session.adapter, r.text, max_tokens=ctx.session.max_tokens)
+
+
+def _attend(ctx: Context, r: Q.AttendRequest) -> R.AttendResult:
+    from headscope.analysis.attend import attend
+
+    return attend(ctx.session.adapter, r.text, r.heads, max_tokens=ctx.session.max_tokens)
+
+
+def _rank_heads(ctx: Context, r: Q.RankHeadsRequest) -> R.RankHeadsResult:
+    from headscope.analysis.attribution import rank_heads
+
+    return rank_heads(ctx.session, r.text, r.query, r.key)
+
+
+def _qk(ctx: Context, r: Q.QKRequest) -> R.QKResult:
+    from headscope.analysis.attribution import qk_attribution
+
+    basis = ctx.basis(r.basis)
+    return qk_attribution(ctx.session, r.text, r.head, r.query, r.key, top=r.top, basis=basis)
+
+
+def _ov(ctx: Context, r: Q.OVRequest) -> R.OVResult:
+    from headscope.analysis.attribution import ov_attribution
+
+    basis = ctx.basis(r.basis)
+    return ov_attribution(
+        ctx.session, r.text, r.head, r.query, r.key, top=r.top, n_tokens=r.n_tokens, basis=basis
+    )
+
+
+def _composition(ctx: Context, r: Q.CompositionRequest) -> R.CompositionResult:
+    from headscope.analysis.attribution import composition
+
+    return composition(ctx.session, r.text, r.head, r.query, r.key, top=r.top)
+
+
+def _sweep(ctx: Context, r: Q.SweepRequest) -> R.SweepResult:
+    from headscope.analysis.sweep import sweep
+
+    return sweep(ctx.session, r.template, r.value_list(), r.heads, r.query, r.key)
+
+
+def _geometry(ctx: Context, r: Q.GeometryRequest) -> R.GeometryResult:
+    from headscope.analysis.geometry import qk_geometry
+
+    return qk_geometry(ctx.session, r.queries, r.keys, r.heads)
+
+
+def _intervene(ctx: Context, r: Q.InterveneRequest) -> R.InterveneResult:
+    from headscope.analysis.intervene import intervene
+
+    return intervene(
+        ctx.session,
+        r.text,
+        r.heads,
+        r.component,
+        r.side,
+        r.scale,
+        r.query,
+        r.key,
+        freeze_patterns=r.freeze_patterns,
+    )
+
+
+def _virtual_weights(ctx: Context, r: Q.VirtualWeightsRequest) -> R.VirtualWeightsResult:
+    from headscope.dictionaries.circuits import virtual_weights
+
+    return virtual_weights(
+        ctx.session.adapter, ctx.dictionaries, r.head, r.feature, r.side, top=r.top
+    )
+
+
+def _head_loadings(ctx: Context, r: Q.HeadLoadingsRequest) -> R.HeadLoadingsResult:
+    from headscope.dictionaries.circuits import edge_head_loadings
+
+    return edge_head_loadings(
+        ctx.session,
+        r.text,
+        ctx.dictionaries,
+        r.layer,
+        r.source_feature,
+        r.source_pos,
+        r.target_feature,
+        r.target_pos,
+    )
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "tokenize",
+        "the tokens of a text as the model sees them (BOS first)",
+        Q.TokenizeRequest,
+        R.TokenizeResult,
+        _tokenize,
+        lambda res, _: T.tokenize_text(res),
+    ),
+    Operation(
+        "attend",
+        "attention patterns of heads on a text",
+        Q.AttendRequest,
+        R.AttendResult,
+        _attend,
+        lambda res, _: T.attend_text(res),
+        flags={"heads": "--head"},
+    ),
+    Operation(
+        "rank-heads",
+        "every head's attention and score on one (query, key) pair, highest attention first",
+        Q.RankHeadsRequest,
+        R.RankHeadsResult,
+        _rank_heads,
+        lambda res, req: T.rank_heads_text(res, req.top),
+    ),
+    Operation(
+        "attribute qk",
+        "exact QK attribution: a head's score on (query, key) as query x key component terms",
+        Q.QKRequest,
+        R.QKResult,
+        _qk,
+        lambda res, _: T.qk_text(res),
+    ),
+    Operation(
+        "attribute ov",
+        "exact OV attribution: what a head moves from key to query, by key-side component",
+        Q.OVRequest,
+        R.OVResult,
+        _ov,
+        lambda res, _: T.ov_text(res),
+    ),
+    Operation(
+        "composition",
+        "earlier heads driving an edge's score, at the key (K-) and at the query (Q-composition)",
+        Q.CompositionRequest,
+        R.CompositionResult,
+        _composition,
+        lambda res, _: T.composition_text(res),
+    ),
+    Operation(
+        "sweep",
+        "attention on a (query, key) pair while one template slot takes each value",
+        Q.SweepRequest,
+        R.SweepResult,
+        _sweep,
+        lambda res, _: T.sweep_text(res),
+        flags={"heads": "--head"},
+        aliases={"--range": ("values", "integers START:STOP[:STEP], stop excluded")},
+    ),
+    Operation(
+        "geometry",
+        "QK geometry: cosines of mean-subtracted queries vs keys on marked tokens",
+        Q.GeometryRequest,
+        R.GeometryResult,
+        _geometry,
+        lambda res, _: T.geometry_text(res),
+        flags={"heads": "--head"},
+        files=("queries", "keys"),
+    ),
+    Operation(
+        "intervene",
+        "scale one component's contribution inside chosen heads' query or key",
+        Q.InterveneRequest,
+        R.InterveneResult,
+        _intervene,
+        lambda res, _: T.intervene_text(res),
+        flags={"heads": "--head"},
+    ),
+    Operation(
+        "virtual-weights",
+        "features nearest to a feature through a head's W_Q / W_K (same side and other side)",
+        Q.VirtualWeightsRequest,
+        R.VirtualWeightsResult,
+        _virtual_weights,
+        lambda res, _: T.virtual_weights_text(res),
+    ),
+    Operation(
+        "head-loadings",
+        "each head's share of a feature-to-feature edge between adjacent layers",
+        Q.HeadLoadingsRequest,
+        R.HeadLoadingsResult,
+        _head_loadings,
+        lambda res, _: T.head_loadings_text(res),
+    ),
+]

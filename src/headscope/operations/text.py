@@ -1,0 +1,174 @@
+"""How each live result prints as text in a terminal (``--json`` prints the model instead).
+
+Numbers are rounded to what a reader can use; every list says what it is.
+"""
+
+from __future__ import annotations
+
+from headscope.analysis.results import (
+    AttendResult,
+    CompositionResult,
+    GeometryResult,
+    HeadLoadingsResult,
+    InterveneResult,
+    OVResult,
+    QKResult,
+    RankHeadsResult,
+    SweepResult,
+    TokenizeResult,
+    VirtualWeightsResult,
+)
+
+
+def _edge(tokens: list[str], query: int, key: int) -> str:
+    return f"query {query} {tokens[query]!r} -> key {key} {tokens[key]!r}"
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def tokenize_text(r: TokenizeResult) -> str:
+    return "\n".join(
+        f"{i:>5}  {t!r}  (id {i_})" for i, (t, i_) in enumerate(zip(r.tokens, r.ids, strict=True))
+    )
+
+
+def attend_text(r: AttendResult) -> str:
+    lines = [" ".join(f"[{i}]{t!r}" for i, t in enumerate(r.tokens))]
+    for name, rows in r.patterns.items():
+        last = rows[-1]
+        top = sorted(range(len(last)), key=lambda k: -last[k])[:5]
+        tops = ", ".join(f"{r.tokens[k]!r}@{k} {last[k]:.3f}" for k in top)
+        lines.append(f"{name}: the last token attends to {tops}")
+    return "\n".join(lines)
+
+
+def rank_heads_text(r: RankHeadsResult, top: int = 20) -> str:
+    lines = [_edge(r.tokens, r.query, r.key), "    head  attention  score (pre-softmax)"]
+    lines += [f"{h.head:>8}  {h.attention:9.4f}  {_num(h.score, '+.3f')}" for h in r.heads[:top]]
+    if len(r.heads) > top:
+        lines.append(f"({len(r.heads) - top} more heads: --top N, or --json for all)")
+    return "\n".join(lines)
+
+
+def qk_text(r: QKResult, top: int = 20) -> str:
+    lines = [
+        f"{r.head} {_edge(r.tokens, r.query, r.key)}",
+        f"score (model) {r.score:+.5f}   sum of all {r.n_terms} terms {r.total:+.5f}   "
+        f"attention {r.attention:.4f}",
+    ]
+    if r.capped_score is not None:
+        lines.append(f"softcapped score {r.capped_score:+.5f}")
+    if r.masked:
+        lines.append("the key is outside this layer's sliding window: it gets no attention")
+    lines.append(f"largest terms ({r.basis} basis):    value  query side x key side")
+    lines += [f"{t.value:+30.4f}  {t.query} x {t.key}" for t in r.terms[:top]]
+    return "\n".join(lines)
+
+
+def ov_text(r: OVResult, top: int = 20) -> str:
+    lines = [
+        f"{r.head} moves |o| = {r.total_norm:.4f} (model {r.model_norm:.4f}) from key {r.key} "
+        f"{r.tokens[r.key]!r} to query {r.query} {r.tokens[r.query]!r}, attention "
+        f"{r.attention:.4f}",
+        "the head's output read through the unembedding (logit lens):",
+        "  promotes:   " + ", ".join(f"{t.token!r}" for t in r.promoted),
+        "  suppresses: " + ", ".join(f"{t.token!r}" for t in r.suppressed),
+        f"key-side components ({r.basis} basis), by their share of the output:",
+        "  along output     |term|  component   tokens its term promotes",
+    ]
+    lines += [
+        f"  {t.value:+12.4f} {t.value_norm:10.4f}  {t.component:<10}  {', '.join(map(repr, t.logit_top))}"
+        for t in r.terms[:top]
+    ]
+    return "\n".join(lines)
+
+
+def composition_text(r: CompositionResult) -> str:
+    lines = [f"{r.head} query {r.query} -> key {r.key}: score {r.score:+.4f}"]
+    for title, rows in (
+        ("K-composition (earlier heads' output at the key)", r.k_composition),
+        ("Q-composition (earlier heads' output at the query)", r.q_composition),
+    ):
+        lines.append(f"{title}:")
+        lines += [
+            f"  {c.value:+8.4f} {c.head:>8} (which attends to {c.attends_to} "
+            f"{c.attends_to_token!r}, weight {c.weight:.2f})"
+            for c in rows
+        ]
+    return "\n".join(lines)
+
+
+def sweep_text(r: SweepResult) -> str:
+    heads = list(r.attention)
+    lines = ["value".ljust(12) + "".join(h.rjust(10) for h in heads)]
+    for i, v in enumerate(r.values):
+        lines.append(v.ljust(12) + "".join(f"{r.attention[h][i]:10.4f}" for h in heads))
+    p0 = r.positions[0]
+    lines.append(f"(query {p0.query_token!r} -> key {p0.key_token!r} for the first value)")
+    return "\n".join(lines)
+
+
+def geometry_text(r: GeometryResult) -> str:
+    def line(name: str, diag: float | None, off: float | None) -> str:
+        return f"{name}: mean own-pair cosine {_num(diag, '+.3f')}, other pairs {_num(off, '+.3f')}"
+
+    lines = [line(h, m.diag_mean, m.offdiag_mean) for h, m in r.heads.items()]
+    res = r.residual
+    lines.append(line(f"residual (layer {res.layer})", res.diag_mean, res.offdiag_mean))
+    return "\n".join(lines)
+
+
+def intervene_text(r: InterveneResult) -> str:
+    what = f"{r.component} x {r.scale:g} on the {r.side} side"
+    lines = [f"{what}{' (other patterns frozen)' if r.freeze_patterns else ''}, query {r.query}"]
+    for h in r.heads:
+        if h.attention_before is not None and h.attention_after is not None:
+            lines.append(
+                f"  {h.head}: attention to key {r.key} {h.attention_before:.4f} -> "
+                f"{h.attention_after:.4f} ({h.attention_after - h.attention_before:+.4f})"
+            )
+        else:
+            top = max(range(len(h.row_after)), key=lambda k: h.row_after[k])
+            before = max(range(len(h.row_before)), key=lambda k: h.row_before[k])
+            lines.append(
+                f"  {h.head}: top key {before} {r.tokens[before]!r} -> {top} {r.tokens[top]!r} "
+                "(--key K for one key's attention)"
+            )
+    for title, toks in (("before", r.next_token_before), ("after ", r.next_token_after)):
+        lines.append(
+            f"next token {title}: " + ", ".join(f"{t.token!r} {t.prob:.3f}" for t in toks[:5])
+        )
+    lines.append(f"KL(before || after) = {r.kl_divergence:.5f}")
+    return "\n".join(lines)
+
+
+def virtual_weights_text(r: VirtualWeightsResult) -> str:
+    def row(f) -> str:
+        label = (f.card or {}).get("label") or (f.card or {}).get("top_tokens") or ""
+        return f"  {f.cosine:+.3f}  {f.feature:<10} {label}"
+
+    side, other = r.side, "query" if r.side == "key" else "key"
+    lines = [
+        f"{r.feature} as seen through {r.head}'s W_{side[0].upper()} ({side} side)",
+        f"same side: features whose {side} projections point the same way "
+        f"(the head cannot tell them apart as {side}s):",
+        *[row(f) for f in r.same_side[:10]],
+        f"other side: {other}-side features this {side} would match (high score when they meet):",
+        *[row(f) for f in r.other_side[:10]],
+    ]
+    return "\n".join(lines)
+
+
+def head_loadings_text(r: HeadLoadingsResult) -> str:
+    s, t = r.source, r.target
+    lines = [
+        f"{s.feature}@{s.position} (activation {s.activation:.3f}) -> "
+        f"{t.feature}@{t.position} (activation {t.activation:.3f})",
+        "    head   share   loading  attention",
+    ]
+    lines += [
+        f"  {h.head:>6}  {h.share:6.3f}  {h.loading:+8.4g}  {h.attention:9.4f}" for h in r.heads
+    ]
+    return "\n".join(lines)
