@@ -696,6 +696,11 @@ def test_feature_basis_is_offered_only_where_the_server_has_a_dictionary(page, c
     menu = panel.locator("select[aria-label='attribution basis']")
     assert menu.input_value() == "components"
     assert menu.locator("option[value='sae']").is_disabled()
+    shot(panel.locator(".panel-head").first, "feature_basis_refused")
+    # Any other pair of that layer: the menu says why before anything is asked.
+    open_view(page, code_live_url, f"#/head/L{missing}H1?ex=0&q=6&k=3", f"head:L{missing}H1")
+    check_line(panel)
+    assert menu.locator("option[value='sae']").is_disabled()
     assert reason in panel.locator(".basis-why").inner_text()
     shot(panel.locator(".panel-head").first, "feature_basis_unavailable")
     # A server whose api/health does not list its dictionary layers says which it has when it

@@ -185,9 +185,9 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
       srcEl,
       h('span', { class: 'grow' }),
       basisSel ? h('label', { class: 'small' }, 'basis ', basisSel) : null,
-      basisSel ? basisWhy : null,
       exportButtons(`${head}_attribution_${query}_${key}`, { svg: () => attributionSVG(title, results.qk, results.ov) }),
-      onClose ? h('button', { type: 'button', class: 'small', title: 'close (Esc)', onclick: onClose }, '×') : null),
+      onClose ? h('button', { type: 'button', class: 'small', title: 'close (Esc)', onclick: onClose }, '×') : null,
+      basisSel ? basisWhy : null),
     body);
   el.append(panel);
 
@@ -248,6 +248,7 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
       basisSel.title = 'precomputed result; a live server can compute the other basis';
     }
     if (fallback) {
+      basisWhy.textContent = ''; // the note below says it
       body.append(h('div', { class: 'note basis-note' },
         h('strong', {}, `SAE features are not available for ${head}`), `: ${fallback}; showing model components.`));
     }
