@@ -235,7 +235,10 @@ class Histogram(_Model):
 class ActivationHistogram(Histogram):
     """How many sequences have their max attention in each bin (all processed sequences)."""
 
-    bin_values: list[Int] = Field(validation_alias=AliasChoices("bin_values", "counts", "values"))
+    # counts: integers, a narrower list than the base class's floats
+    bin_values: list[Int] = Field(  # type: ignore[assignment]
+        validation_alias=AliasChoices("bin_values", "counts", "values")
+    )
 
 
 class TopToken(_Model):
