@@ -159,3 +159,33 @@ def write_texts(path, n_docs: int = 40, seed: int = 0):
             text = ". ".join([phrase] * 3 + [" ".join(rng.choice(words) for _ in range(20))])
             f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
     return path
+
+
+# small enough for a unit test, large enough that every accumulator sees data
+SMALL_RUN = dict(
+    sequences=8,
+    seq_len=48,
+    batch_size=4,
+    motif_sequences=4,
+    pca_pairs=16,
+    probe_sequences=2,
+    probe_length=12,
+)
+
+
+def build_tiny_run(root, arch: str = "llama", *, model=None, data=None, **overrides):
+    """Precompute a small run of a tiny model into ``root/run``; returns the run folder.
+
+    ``model``/``data``: an existing model folder / dataset (default: a tiny ``arch`` model and
+    :func:`write_texts`); ``overrides``: any :class:`PrecomputeConfig` field.
+    """
+    from pathlib import Path
+
+    from headscope.precompute.config import PrecomputeConfig
+    from headscope.precompute.runner import run_precompute
+
+    root = Path(root)
+    model = model if model is not None else save_tiny(arch, root / "model")
+    data = data if data is not None else write_texts(root / "data.jsonl")
+    cfg = PrecomputeConfig(model=str(model), data=str(data), **{**SMALL_RUN, **overrides})
+    return run_precompute(cfg, root / "run", progress=False)

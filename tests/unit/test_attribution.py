@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from headscope.analysis.attribution import composition, ov_attribution, qk_attribution, rank_heads
+from headscope.analysis.components import COMPONENTS, Component
 from headscope.analysis.inputs import InputError
 from headscope.analysis.session import Session
 from tests.tiny_models import ARCHS, tiny_adapter
@@ -21,8 +22,9 @@ def test_components_sum_to_residual(arch):
     st = sess.state(TEXT)
     for layer in range(sess.adapter.spec.n_layers + 1):
         for pos in (0, 5, st.n_tokens - 1):
-            labels, X = sess.components(st, layer, pos)
-            assert len(labels) == X.shape[0]
+            labels, X, flag = COMPONENTS.decompose(sess, st, layer, pos)
+            assert len(labels) == X.shape[0] == flag.shape[0]
+            assert [str(Component.parse(label)) for label in labels] == labels
             assert (X.sum(0) - sess.resid(st, layer, pos)).abs().max() <= 1e-5
 
 
@@ -91,3 +93,23 @@ def test_learned_positions_cap_the_text_length():
     with pytest.raises(InputError, match="limit is 128"):
         sess.state("x" * 200)
     assert Session(tiny_adapter("llama")).max_tokens == 2048  # RoPE: the default limit
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_a_component_at_every_position_is_its_row_of_the_decomposition(arch):
+    sess = Session(tiny_adapter(arch))
+    st = sess.state(TEXT)
+    layer = sess.adapter.spec.n_layers - 1
+    labels, X, _ = COMPONENTS.decompose(sess, st, layer, 7)
+    for label in ("embed", "bias", "L0H1", "L1.mlp"):
+        whole = COMPONENTS.vector(sess, st, label, layer)  # [T, d]
+        assert whole.shape == (st.n_tokens, X.shape[1])
+        torch.testing.assert_close(whole[7], X[labels.index(label)], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "label", ["L3", "L1H", "mlp", "sae:L2/", "sae:L2/x", "embed ", "L-1H0", "H1"]
+)
+def test_bad_component_labels_are_one_input_error(label):
+    with pytest.raises(InputError, match="unknown component"):
+        Component.parse(label)

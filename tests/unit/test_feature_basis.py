@@ -13,6 +13,7 @@ from headscope.analysis.session import Session
 from headscope.dictionaries.basis import DictionarySet
 from headscope.dictionaries.circuits import edge_head_loadings, projected_features, virtual_weights
 from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
+from headscope.errors import InputError
 from tests.tiny_models import tiny_adapter
 
 TEXT = "abcab cabc aab. The quick brown fox; the quick brown"
@@ -103,3 +104,21 @@ def test_head_loadings_put_the_planted_head_first(setup, tmp_path):
     out = edge_head_loadings(sess, TEXT, DictionarySet(tmp_path), 1, 4, 3, 9, 12)
     assert out.heads[0].head == "L1H3", out.heads
     assert out.source.activation > 0 and out.target.activation > 0
+
+
+def test_a_dictionary_row_at_every_position_is_its_row_of_the_decomposition(setup):
+    from headscope.analysis.intervene import intervene
+
+    sess, _, dicts = setup
+    st = sess.state(TEXT)
+    layer, pos = 2, 9
+    labels, X, _ = dicts.decompose(sess, st, layer, pos)
+    feature = next(lab for lab in labels if lab.startswith("sae:L2/") and lab[7:].isdigit())
+    for label in (feature, "sae:L2/b_dec", "sae:L2/error"):
+        whole = dicts.vector(sess, st, label, layer)  # [T, d]
+        torch.testing.assert_close(whole[pos], X[labels.index(label)], atol=1e-5, rtol=1e-5)
+    # a feature can be scaled inside a head's query, at one position, like any component
+    out = intervene(sess, TEXT, ["L2H1"], feature, "query", 0.0, pos, 3, at=[pos], basis=dicts)
+    assert out.heads[0].score_after != pytest.approx(out.heads[0].score_before, abs=1e-9)
+    with pytest.raises(InputError, match="not a row of layer 2"):
+        dicts.vector(sess, st, "sae:L1/3", layer)

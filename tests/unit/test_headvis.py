@@ -26,24 +26,16 @@ from pathlib import Path
 import pytest
 
 from headscope.files import read_json
-from headscope.precompute.config import PrecomputeConfig
-from headscope.precompute.runner import run_precompute
 from headscope.store import open_run
 from headscope.store.headvis import export_headvis, import_headvis
-from tests.tiny_models import save_tiny, write_texts
 
 N_SEQUENCES = 12
 PEER = Path(__file__).parent.parent / "fixtures" / "headvis_peer"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("headvis")
-    model = save_tiny("llama", root / "model")
-    data = write_texts(root / "data.jsonl")
-    small = dict(motif_sequences=6, pca_pairs=16, probe_sequences=2, probe_length=12)
-    cfg = PrecomputeConfig(str(model), str(data), sequences=N_SEQUENCES, seq_len=48, **small)
-    return run_precompute(cfg, root / "run", progress=False)
+def run(tiny_run) -> Path:
+    return tiny_run(sequences=N_SEQUENCES, motif_sequences=6)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from headscope.dictionaries import train as train_mod
 D, N_TRUE, K_TRUE = 64, 256, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # These matrices are small; a single thread is as fast and avoids OpenMP spin-wait
-    # oversubscription when the suite shares 2 cores with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def true_directions(seed: int = 1) -> torch.Tensor:

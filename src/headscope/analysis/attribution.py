@@ -15,10 +15,9 @@ capped score is reported beside it. OV is linear in the key-side components in t
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from headscope.analysis.components import COMPONENTS, Basis, Component
 from headscope.analysis.inputs import check_pair
 from headscope.analysis.results import (
     CompositionResult,
@@ -30,8 +29,6 @@ from headscope.analysis.results import (
 from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
 from headscope.model.spec import head_name, norm_factor, parse_head
-
-_HEAD_RE = re.compile(r"L(\d+)H(\d+)")
 
 
 def _head(session: Session, head: str) -> tuple[int, int]:
@@ -81,28 +78,21 @@ def project_side(
     return vec
 
 
-Decomposition = tuple[list[str], torch.Tensor, torch.Tensor]  # labels, X [C, d], bias flag [C]
-
-
-def component_basis(session: Session, st: TextState, layer: int, pos: int) -> Decomposition:
-    """The residual at (layer, pos) in residual components (see :meth:`Session.components`);
-    the ``bias`` row also carries the projection's constant part."""
-    labels, X = session.components(st, layer, pos)
-    flag = torch.zeros(len(labels), dtype=X.dtype)
-    flag[labels.index("bias")] = 1.0
-    return labels, X, flag
-
-
 def side_vectors(
-    session: Session, st: TextState, layer: int, head: int, pos: int, side: str, basis=None
+    session: Session,
+    st: TextState,
+    layer: int,
+    head: int,
+    pos: int,
+    side: str,
+    basis: Basis | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """Each basis row's contribution to the head's q (``side="q"``) or k at ``pos``.
 
     ``basis`` decomposes the residual (default: residual components; or a dictionary, see
     ``headscope.dictionaries.basis``). Returns labels and ``[C, D]`` rows (post-QK-norm,
     post-RoPE); rows sum to the captured q or k vector exactly up to float error."""
-    decompose = component_basis if basis is None else basis.decompose
-    labels, X, flag = decompose(session, st, layer, pos)
+    labels, X, flag = (basis or COMPONENTS).decompose(session, st, layer, pos)
     positions = torch.full((len(labels),), pos, dtype=torch.long)
     return labels, project_side(session, st, layer, head, side, X, positions, flag)
 
@@ -113,7 +103,14 @@ def _sorted(labels: list[str], values: torch.Tensor) -> list[dict]:
 
 
 def qk_attribution(
-    session: Session, text: str, head: str, query: int, key: int, *, top: int = 200, basis=None
+    session: Session,
+    text: str,
+    head: str,
+    query: int,
+    key: int,
+    *,
+    top: int = 200,
+    basis: Basis | None = None,
 ) -> QKResult:
     """The head's pre-softmax score on (query, key) as (query component x key component) terms.
 
@@ -157,7 +154,7 @@ def qk_attribution(
             ],
             "query_marginals": _sorted(q_labels, terms.sum(1)),
             "key_marginals": _sorted(k_labels, terms.sum(0)),
-            "basis": "components" if basis is None else basis.name,
+            "basis": (basis or COMPONENTS).name,
             "features": None if basis is None else basis.cards(_shown(q_labels, k_labels, terms)),
         }
     )
@@ -188,7 +185,7 @@ def ov_attribution(
     *,
     top: int = 30,
     n_tokens: int = 10,
-    basis=None,
+    basis: Basis | None = None,
 ) -> OVResult:
     """What the head moves from ``key`` to ``query``: attention x value path, by key component.
 
@@ -202,8 +199,7 @@ def ov_attribution(
     ad, s = session.adapter, session.adapter.spec
     w = ad.weights(layer)
     kv = int(w.kv_of_head[h])
-    decompose = component_basis if basis is None else basis.decompose
-    labels, X, flag = decompose(session, st, layer, key)
+    labels, X, flag = (basis or COMPONENTS).decompose(session, st, layer, key)
     f64 = torch.float64
     ln = ad.ln_attn(layer)
     ln = type(ln)(ln.weight.to(f64), None if ln.bias is None else ln.bias.to(f64))
@@ -254,7 +250,7 @@ def ov_attribution(
             ],
             "promoted": tok_list(logits, n_tokens, 1.0),
             "suppressed": tok_list(logits, n_tokens, -1.0),
-            "basis": "components" if basis is None else basis.name,
+            "basis": (basis or COMPONENTS).name,
             "features": None if basis is None else basis.cards({labels[i] for i in order}),
         }
     )
@@ -288,10 +284,10 @@ def composition(
     def side(marginals: list[Marginal], pos: int) -> list[dict]:
         out = []
         for m in marginals:
-            match = _HEAD_RE.fullmatch(m.component)
-            if not match:
+            c = Component.parse(m.component)
+            if c.kind != "head":
                 continue
-            lay, h = int(match.group(1)), int(match.group(2))
+            lay, h = c.layer or 0, c.index or 0
             _, pattern = session.pattern_rows(st, lay, pos)
             to = int(pattern[h].argmax())
             out.append(

@@ -1,4 +1,5 @@
-"""Interventions inside one head's QK circuit (seed 002).
+"""Interventions inside one head's QK circuit ("Tracing Attention Computation Through Feature
+Interactions").
 
 Scale one residual component's contribution to the queries (or keys) of chosen heads only —
 every other reader of the residual stream sees it unchanged — and report how those heads'
@@ -11,48 +12,13 @@ from __future__ import annotations
 import torch
 
 from headscope.analysis.attribution import project_side
+from headscope.analysis.components import COMPONENTS, Basis
 from headscope.analysis.inputs import check_pair, parse_heads
 from headscope.analysis.results import InterveneResult
-from headscope.analysis.session import Session, TextState
+from headscope.analysis.session import Session
 from headscope.errors import InputError
 from headscope.model.capture import CaptureRequest, capturing, eager_attention
 from headscope.model.spec import head_name
-
-
-def component_vectors(session: Session, st: TextState, component: str, layer: int) -> torch.Tensor:
-    """One residual component at every position, ``[T, d_model]``, as read by ``layer``."""
-    ad, cap = session.adapter, st.cap
-    if component == "embed":
-        return cap.get("embed")[0]
-    if component == "pos_embed":
-        if cap.pos_embed is None:
-            raise InputError("this model has no learned positional embedding")
-        return cap.pos_embed[0]
-    if component == "bias":
-        total = torch.zeros_like(cap.get("embed")[0])
-        for lay in range(layer):
-            factor = ad.post_attn_factor(cap.attn_out[lay][0], lay)
-            b = ad.weights(lay).b_O
-            total = total + (b * factor if factor is not None else b)
-        return total
-    import re
-
-    m = re.fullmatch(r"L(\d+)(?:H(\d+)|\.mlp)", component)
-    if not m:
-        raise InputError(
-            f"unknown component {component!r}: use embed, pos_embed, bias, L3H1 or L3.mlp"
-        )
-    lay = int(m.group(1))
-    if lay >= layer:
-        raise InputError(f"component {component} is not upstream of layer {layer}")
-    if m.group(2) is None:
-        return cap.mlp_contrib[lay][0]
-    h = int(m.group(2))
-    if h >= ad.spec.n_heads:
-        raise InputError(f"unknown head in component {component!r}")
-    out = ad.head_outputs(cap.layers[lay].z[0, :, h : h + 1], lay)[:, 0]  # [T, d]
-    factor = ad.post_attn_factor(cap.attn_out[lay][0], lay)
-    return out * factor if factor is not None else out
 
 
 def _next_token(session: Session, logits: torch.Tensor, k: int = 10) -> list[dict]:
@@ -74,8 +40,15 @@ def intervene(
     query: int = -1,
     key: int | None = None,
     freeze_patterns: bool = False,
+    *,
+    at: list[int] | None = None,
+    basis: Basis | None = None,
 ) -> InterveneResult:
-    """Scale ``component`` by ``scale`` on the ``side`` ("query"/"key") of ``heads`` only."""
+    """Scale ``component`` by ``scale`` on the ``side`` ("query"/"key") of ``heads`` only.
+
+    ``component`` is a row label of ``basis`` (default: the model's components, e.g. ``L3H1``;
+    with a dictionary, a feature ``sae:L5/123``). ``at``: the source positions where it is
+    scaled (default: every position)."""
     if side not in ("query", "key"):
         raise InputError("side must be 'query' or 'key'")
     if not heads:
@@ -86,16 +59,25 @@ def intervene(
     pairs = parse_heads(ad, heads)
     T = st.n_tokens
     positions = torch.arange(T)
+    where = torch.ones(T)  # [T] 1 where the component is scaled
+    if at is not None:
+        where = torch.zeros(T)
+        for p in at:
+            if not -T <= p < T:
+                raise InputError(f"position {p} is outside the text ({T} tokens)")
+            where[p] = 1.0
     # The change to each edited head's q (or k) at every position: (scale - 1) * component's part.
     deltas: dict[int, dict[int, torch.Tensor]] = {}
     for layer, h in pairs:
-        X = component_vectors(session, st, component, layer)  # [T, d]
+        X = (basis or COMPONENTS).vector(session, st, component, layer)  # [T, d]
         is_bias = torch.ones(T) if component == "bias" else None
         vec = project_side(
             session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias
         )
-        deltas.setdefault(layer, {})[h] = ((scale - 1.0) * vec).float()  # [T, D]
+        deltas.setdefault(layer, {})[h] = ((scale - 1.0) * where[:, None] * vec).float()  # [T, D]
     edited = {layer: sorted(hs) for layer, hs in deltas.items()}
+
+    score_rows: dict[int, torch.Tensor] = {}
 
     def override(layer, q, k, v, mask, scaling, softcap, window):
         H = q.shape[1]
@@ -108,7 +90,9 @@ def intervene(
                     q[0, h] += d
                 else:
                     k[0, h] += d
-        _, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
+        scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
+        if layer in deltas:
+            score_rows[layer] = scores[0, :, query, : query + 1].clone()  # [H, query + 1]
         if freeze_patterns:
             clean = st.cap.layers[layer]
             _, clean_pattern, _ = eager_attention(
@@ -139,13 +123,16 @@ def intervene(
     kl = float((p_clean.exp() * (p_clean - p_new)).sum())
     changes = []
     for layer, h in pairs:
-        _, before = session.pattern_rows(st, layer, query)
+        scores_before, before = session.pattern_rows(st, layer, query)
         after = rows[layer][h]
+        has_key = key is not None
         changes.append(
             {
                 "head": head_name(layer, h),
-                "attention_before": float(before[h, key_]) if key is not None else None,
-                "attention_after": float(after[key_]) if key is not None else None,
+                "attention_before": float(before[h, key_]) if has_key else None,
+                "attention_after": float(after[key_]) if has_key else None,
+                "score_before": float(scores_before[h, key_]) if has_key else None,
+                "score_after": float(score_rows[layer][h, key_]) if has_key else None,
                 "row_before": before[h].tolist(),
                 "row_after": after.tolist(),
             }

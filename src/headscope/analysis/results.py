@@ -167,6 +167,8 @@ class HeadChange(Result):
     head: str
     attention_before: float | None = Field(description="on (query, key); null without a key")
     attention_after: float | None
+    score_before: float | None = Field(None, description="pre-softmax score on (query, key)")
+    score_after: float | None = None
     row_before: list[float] = Field(description="the query's attention row before")
     row_after: list[float]
 

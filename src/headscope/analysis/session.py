@@ -19,7 +19,6 @@ from headscope.errors import InputError
 from headscope.limits import MAX_TOKENS
 from headscope.model import Capture, ModelAdapter
 from headscope.model.capture import eager_attention
-from headscope.model.spec import head_name
 
 
 @dataclass
@@ -119,34 +118,6 @@ class Session:
         return scores[0, :, 0], pattern[0, :, 0]
 
     # ----- residual decomposition ---------------------------------------------------------------
-    def components(self, st: TextState, layer: int, pos: int) -> tuple[list[str], torch.Tensor]:
-        """The residual stream entering ``layer`` at ``pos`` as a sum of components.
-
-        Returns labels and ``X [C, d_model]`` with rows ``embed``, ``pos_embed`` (learned
-        positions only), ``L{l}H{h}`` and ``L{l}.mlp`` for every earlier layer, and ``bias``
-        (every attention output bias, through Gemma's frozen post-norm where there is one).
-        ``layer = n_layers`` decomposes the input of the final norm. Rows sum to the residual."""
-        ad, cap = self.adapter, st.cap
-        labels: list[str] = ["embed"]
-        rows: list[torch.Tensor] = [cap.get("embed")[0, pos][None]]
-        if cap.pos_embed is not None:
-            labels.append("pos_embed")
-            rows.append(cap.pos_embed[0, pos][None])
-        bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype)
-        for lay in range(layer):
-            heads = ad.head_outputs(cap.layers[lay].z[0, pos], lay)  # [H, d]
-            b_o = ad.weights(lay).b_O
-            factor = ad.post_attn_factor(cap.attn_out[lay][0, pos], lay)  # [d] or None
-            if factor is not None:
-                heads, b_o = heads * factor, b_o * factor
-            labels += [head_name(lay, h) for h in range(ad.spec.n_heads)]
-            rows += [heads, cap.mlp_contrib[lay][0, pos][None]]
-            labels.append(f"L{lay}.mlp")
-            bias = bias + b_o
-        labels.append("bias")
-        rows.append(bias[None])
-        return labels, torch.cat(rows)
-
     def resid(self, st: TextState, layer: int, pos: int) -> torch.Tensor:
         """The actual residual entering ``layer`` (``n_layers``: the final norm's input) ``[d]``."""
         if layer == self.adapter.spec.n_layers:

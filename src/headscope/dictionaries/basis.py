@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from headscope.analysis.components import Component, Decomposition
 from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae, parse_hook_name
 from headscope.errors import InputError
 
@@ -82,9 +83,7 @@ class DictionarySet:
             )
         return self.by_layer[layer]
 
-    def decompose(
-        self, session, st, layer: int, pos: int
-    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def decompose(self, session, st, layer: int, pos: int) -> Decomposition:
         """Rows: each active feature a_i d_i, then b_dec, the error, and the projection's
         constant part (``bias``, a zero residual vector flagged as bias)."""
         d = self.for_layer(layer)
@@ -105,6 +104,25 @@ class DictionarySet:
         flag = torch.zeros(len(labels), dtype=X.dtype)
         flag[-1] = 1.0
         return labels, X, flag
+
+    def vector(self, session, st, label: str, layer: int) -> torch.Tensor:
+        """Row ``label`` (a feature, ``b_dec`` or ``error``) of the residual entering ``layer``
+        at every position ``[T, d]``: a feature's activation there times its decoder vector."""
+        c = Component.parse(label)
+        if c.layer != layer or c.kind not in ("feature", "b_dec", "error"):
+            raise InputError(f"{label} is not a row of layer {layer}'s dictionary")
+        d = self.for_layer(layer)
+        x = st.cap.resid_pre[layer][0].float()  # [T, d]
+        with torch.no_grad():
+            acts = d.sae.encode(x)  # [T, F]
+            b_dec = d.sae.b_dec.detach().expand_as(x)
+            if c.kind == "feature":
+                if not 0 <= (c.index or 0) < d.n_features:
+                    raise InputError(f"feature {c.index} out of range 0..{d.n_features - 1}")
+                return acts[:, c.index, None] * d.sae.W_dec[c.index].detach()
+            if c.kind == "b_dec":
+                return b_dec
+            return x - acts @ d.sae.W_dec.detach() - b_dec
 
     def cards(self, labels: set[str]) -> dict[str, dict]:
         """Hover cards (top contexts, density, promoted tokens) of the feature labels given."""

@@ -210,6 +210,10 @@ class InterveneRequest(Request):
     query: Position = Field(-1, description="query position whose attention row to report")
     key: Position | None = Field(None, description="key position whose attention to report")
     freeze_patterns: bool = Field(False, description="freeze every other head's pattern")
+    at: list[Position] | None = Field(
+        None, max_length=MAX_HEADS, description="source positions to scale it at (default: all)"
+    )
+    basis: Basis = Field("components", description=_BASIS_HELP)
 
 
 class VirtualWeightsRequest(Request):

@@ -153,6 +153,8 @@ def _intervene(ctx: Context, r: Q.InterveneRequest) -> R.InterveneResult:
         r.query,
         r.key,
         freeze_patterns=r.freeze_patterns,
+        at=r.at,
+        basis=ctx.basis(r.basis),
     )
 
 

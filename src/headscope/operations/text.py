@@ -127,7 +127,8 @@ def intervene_text(r: InterveneResult) -> str:
         if h.attention_before is not None and h.attention_after is not None:
             lines.append(
                 f"  {h.head}: attention to key {r.key} {h.attention_before:.4f} -> "
-                f"{h.attention_after:.4f} ({h.attention_after - h.attention_before:+.4f})"
+                f"{h.attention_after:.4f} ({h.attention_after - h.attention_before:+.4f}), "
+                f"score {_num(h.score_before, '+.4f')} -> {_num(h.score_after, '+.4f')}"
             )
         else:
             top = max(range(len(h.row_after)), key=lambda k: h.row_after[k])
