@@ -1,4 +1,4 @@
-"""QK geometry (seed 000, the country/city figure): cosine similarity of mean-subtracted query
+"""QK geometry (the HeadVis paper's country/city matrix): cosine similarity of mean-subtracted query
 vectors of one prompt set against mean-subtracted key vectors of another, per head, beside the
 same matrix in the residual stream at the head's layer input.
 

@@ -1,6 +1,6 @@
 """Controlled sweeps: one slot in a template, many values, chosen heads' attention on a pair.
 
-Seed 000's year sweep ("the head attends strongly only for 1000-1986") is
+The HeadVis paper's year sweep ("the head attends strongly only for 1000-1986") is
 ``headscope sweep --template "... {} ..." --range 1000:2000 --head L?H? --query slot:-1 --key slot:0``.
 """
 

@@ -1,13 +1,13 @@
 """Feature-level views of a head's circuits: virtual weights and head loadings.
 
-Virtual weights (seed 000, Figure 13): push every decoder direction of a residual dictionary
+Virtual weights (the HeadVis paper): push every decoder direction of a residual dictionary
 through the head's pre-norm weight and W_K (or W_Q), with the norm's scale frozen at a typical
 value (a single scalar, so it leaves cosines unchanged) and QK-norm's weight applied; then rank
 features by cosine similarity to one feature in that projected space — on the same side (which
 features look alike to this head) and on the other side (which query features a key feature
 matches best). RoPE is position-dependent and left out: these are position-free affinities.
 
-Head loadings (seed 002): the share of an edge between a feature at (layer L, position p_s) and a
+Head loadings ("Tracing Attention Computation Through Feature Interactions"): the share of an edge between a feature at (layer L, position p_s) and a
 feature at (layer L+1, position p_t) that each head of layer L carries:
 ``a_s * a_t * (v_t . O_h V_h v_s) * attention_h(p_t, p_s)``, with v_s the source decoder
 direction (through the frozen pre-norm), v_t the target's encoder direction.

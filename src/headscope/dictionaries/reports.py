@@ -1,10 +1,10 @@
 """Reports on trained dictionaries, read from an SAE folder of a ``train-sae`` run.
 
-* :func:`z_head_report` -- head attribution of z features (Kissane et al. 2024, seed 004): a
+* :func:`z_head_report` -- head attribution of z features ("We Inspected Every Head in GPT-2 Small Using SAEs"): a
   z-SAE reconstructs all heads' outputs of a layer concatenated, so the decoder row of a feature
   splits into one slice per head; each slice's norm over the row's sum of slice norms is that
   head's share of the feature. Writes ``head_report.json`` and ``head_report.md``.
-* :func:`value_cluster_report` -- value-SAE head loadings (Jermyn et al. 2025, seed 001): the
+* :func:`value_cluster_report` -- value-SAE head loadings ("Progress on Attention"): the
   same shares over the key/value heads of one or two layers, clustered with k-means over a
   sweep of k. Writes ``clusters.json`` and ``cluster_sizes.svg``.
 """

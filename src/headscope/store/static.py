@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from headscope.errors import AlreadyExists
-from headscope.files import atomic_dir
+from headscope.files import atomic_dir, write_json
 from headscope.store.run import open_run
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
@@ -24,4 +24,6 @@ def export_static(run_dir: Path | str, out: Path | str) -> Path:
             APP_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py"), dirs_exist_ok=True
         )
         shutil.copytree(run.path, tmp / "run", ignore=shutil.ignore_patterns("checkpoint", ".*"))
+        # the copy is always called "run": keep the run's own name for the app's header
+        write_json(tmp / "run" / "manifest.json", {**run.manifest, "name": run.name}, indent=2)
     return out

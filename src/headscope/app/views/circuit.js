@@ -1,4 +1,4 @@
-// Circuit diagram (seed 000, Figure 4) for one (query, key) pair: QK on top (query-side
+// Circuit diagram (as in the HeadVis paper) for one (query, key) pair: QK on top (query-side
 // components at the query token, key-side components at the key token, edges weighted by the
 // QK term), OV below (value-side components at the key token → output tokens at the query
 // token, edges weighted by the component's value norm). Returns an <svg> element.

@@ -1,6 +1,6 @@
 // QK geometry (#/geometry, live server): cosine similarity between the chosen heads' query
-// vectors and key vectors, side by side with the same matrix in the residual stream (seed 000,
-// Figure 17). One heatmap per matrix, diverging scale on [-1, 1]. Each prompt marks the token
+// vectors and key vectors, side by side with the same matrix in the residual stream (the HeadVis
+// paper's country/city matrix). One heatmap per matrix, diverging scale on [-1, 1]. Each prompt marks the token
 // whose vector is used as [[token]]; a line without a mark uses its last word. URL params:
 // queries, keys, heads.
 

@@ -1,6 +1,6 @@
 // Sweep (#/sweep, live server): fill a template's {} with each value and plot the chosen heads'
 // attention from the query to the key as a function of the value (line chart for numbers, bar
-// chart otherwise) — seed 000, Figure 7. Positions are an index, 'last', or 'slot:i' (the i-th
+// chart otherwise) — the HeadVis paper's year sweep. Positions are an index, 'last', or 'slot:i' (the i-th
 // token of the value; the default query is slot:-1, the key slot:0). URL params: tpl, vals,
 // heads, q, k.
 
@@ -11,30 +11,25 @@ import { lineChart, barChart } from '../lib/svg.js';
 import { labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
 
-const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000..2000:25', heads: 'L0H0', q: 'slot:-1', k: 'slot:0' };
+const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000:2001:25', heads: 'L0H0', q: 'slot:-1', k: 'slot:0' };
 const POSITION_RE = /^(last|slot:-?\d{1,9}|-?\d{1,12})$/;
 
 /** A position field as the API takes it: an integer, or 'last' / 'slot:i' as a string. */
 const position = (v) => (/^-?\d+$/.test(v) ? Number.parseInt(v, 10) : v);
 
-/** Parse "a, b, c", one per line, or numeric ranges "1000..2000" / "1000..2000:10". */
+const RANGE_RE = /^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?::\s*(-?\d+)\s*)?$/;
+
+/** The values field as the API takes it: an integer range "START:STOP" / "START:STOP:STEP"
+ *  (stop excluded; the server parses it, the one range syntax of headscope), or a list of
+ *  values separated by commas or newlines. */
 export function parseValues(text) {
-  const out = [];
-  for (const part of String(text).split(/[\n,]+/).map((x) => x.trim()).filter(Boolean)) {
-    const m = part.match(/^(-?\d+)\s*\.\.\s*(-?\d+)(?:\s*:\s*(\d+))?$/);
-    if (m) {
-      const a = +m[1];
-      const b = +m[2];
-      const step = Math.max(1, +(m[3] || 1));
-      const n = Math.floor(Math.abs(b - a) / step) + 1;
-      if (n > 1000) throw new Error(`range ${part} has ${n} values; use a step (a..b:step) to stay within 1000`);
-      for (let i = 0; i < n; i++) out.push(String(a + Math.sign(b - a || 1) * i * step));
-    } else {
-      out.push(part);
-    }
-  }
-  return out;
+  const t = String(text).trim();
+  if (RANGE_RE.test(t)) return t;
+  return t.split(/[\n,]+/).map((x) => x.trim()).filter(Boolean);
 }
+
+/** The first value the field stands for (for the token preview). */
+const firstValue = (values) => (typeof values === 'string' ? values.match(RANGE_RE)[1] : values[0]);
 
 export function mount(root, ctx) {
   let alive = true;
@@ -72,8 +67,7 @@ function build(container, ctx0, health) {
   let lastKey = null;
 
   async function showTokens() {
-    const values = (() => { try { return parseValues(vals.value); } catch { return []; } })();
-    const text = tpl.value.replace('{}', values[0] ?? '');
+    const text = tpl.value.replace('{}', firstValue(parseValues(vals.value)) ?? '');
     clear(preview).append(loading('Tokenising…'));
     try {
       const { tokens } = await data.api.tokenize(text);
@@ -90,13 +84,12 @@ function build(container, ctx0, health) {
     const names = heads.value.split(/[\s,]+/).filter(Boolean).map((x) => parseHead(x));
     if (!names.length || names.some((x) => !x)) { msg.textContent = 'heads: a comma-separated list like L0H1, L5H3'; return; }
     if (!tpl.value.includes('{}')) { msg.textContent = 'the template needs a {} where each value goes'; return; }
-    try { parseValues(vals.value); } catch (err) { msg.textContent = err.message; return; }
     if (!POSITION_RE.test(q.value.trim()) || !POSITION_RE.test(k.value.trim())) { msg.textContent = 'positions: an index, “last”, or “slot:i” (the i-th token of the value)'; return; }
     msg.textContent = '';
     ctx.set({ tpl: tpl.value, vals: vals.value, heads: names.map((x) => x.name).join(','), q: q.value.trim(), k: k.value.trim() });
   } },
   field('sweep-template', 'Template ({} is replaced by each value)', tpl),
-  field('sweep-values', 'Values', vals, 'comma or newline separated; numeric ranges as 1000..2000 or 1000..2000:10'),
+  field('sweep-values', 'Values', vals, 'comma or newline separated, or an integer range START:STOP[:STEP] (stop excluded), e.g. 1000:2001:25'),
   h('div', { class: 'form-row' },
     field('sweep-heads', 'Heads', heads),
     field('sweep-query', 'Query position', q, 'index, “last” or “slot:i”'),

@@ -1,0 +1,112 @@
+"""The CLI's live commands, generated from the operation table: text output, --json, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from headscope.cli import main
+from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
+from headscope.operations import OPERATIONS
+from tests.tiny_models import save_tiny
+
+TEXT = "abcab cabc aab. The quick brown fox; the quick brown"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = save_tiny("llama", root / "model")
+    for layer in range(3):
+        cfg = SAEConfig(d_in=32, d_sae=16, architecture="topk", k=4, site="resid", layers=(layer,))
+        save_sae(SAE(cfg, generator=torch.Generator().manual_seed(layer)), root / f"d/L{layer}")
+    (root / "q.txt").write_text("the [[cat]] sat\na [[dog]] ran\n")
+    (root / "k.txt").write_text("one [[cat]] here\nsome [[dog]] there\n")
+    return root, str(model)
+
+
+def _args(root, model) -> dict[str, list[str]]:
+    """One working command line per live operation (the test fails if an operation has none)."""
+    pair = ["--text", TEXT, "--query", "12", "--key", "4"]
+    return {
+        "tokenize": ["--text", "hi there"],
+        "attend": ["--text", "hi there", "--head", "L1H2", "L0H0"],
+        "rank-heads": [*pair, "--top", "3"],
+        "attribute qk": [*pair, "--head", "L2H1"],
+        "attribute ov": [*pair, "--head", "L2H1"],
+        "composition": [*pair, "--head", "L2H1"],
+        "sweep": ["--template", "x {} y", "--range", "10:30:5", "--head", "L1H2", "--head", "L2H0"],
+        "geometry": ["--queries", str(root / "q.txt"), "--keys", str(root / "k.txt"), "--head", "L1H0"],
+        "intervene": [*pair, "--head", "L2H1", "--component", "L1H0", "--side", "key", "--at", "4"],
+        "virtual-weights": ["--dictionaries", str(root / "d"), "--head", "L1H0", "--feature", "3"],
+        "head-loadings": [
+            "--dictionaries", str(root / "d"), "--text", TEXT, "--layer", "0",
+            "--source-feature", "1", "--source-pos", "4", "--target-feature", "2", "--target-pos", "12",
+        ],
+    }  # fmt: skip
+
+
+# what each command's text must say: a word that names its content, checked in the output
+TEXT_HAS = {
+    "tokenize": "'<bos>'  (id",
+    "attend": "L1H2: the last token attends to",
+    "rank-heads": "query 12",
+    "attribute qk": "score (model)",
+    "attribute ov": "promotes:",
+    "composition": "K-composition",
+    "sweep": "L2H0",
+    "geometry": "mean own-pair cosine",
+    "intervene": "score",
+    "virtual-weights": "same side:",
+    "head-loadings": "share",
+}
+
+
+@pytest.mark.parametrize("op", OPERATIONS, ids=lambda op: op.name)
+def test_every_live_command_prints_text_and_json(env, op, capsys):
+    root, model = env
+    argv = [*op.name.split(), "--model", model, *_args(root, model)[op.name]]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert TEXT_HAS[op.name] in out, out
+    assert "Traceback" not in out
+    assert main([*argv, "--json"]) == 0
+    op.result.model_validate(json.loads(capsys.readouterr().out))
+
+
+def test_text_rounds_numbers_and_sweep_ranges_exclude_the_stop(env, capsys):
+    root, model = env
+    argv = ["sweep", "--model", model, "--template", "x {} y", "--range", "10:30:5"]
+    assert main([*argv, "--head", "L1H2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["values"] == ["10", "15", "20", "25"]
+    argv = ["intervene", "--model", model, "--text", TEXT, "--head", "L2H1"]
+    assert main([*argv, "--component", "L1H0", "--side", "query", "--scale", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "--key K" in out  # no key given: says how to get one
+    for number in out.replace(",", " ").split():
+        if number.lstrip("+-").replace(".", "", 1).isdigit() and "." in number:
+            assert len(number.split(".")[1]) <= 5, number
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["attribute", "qk", "--text", TEXT, "--head", "L9H0", "--query", "3", "--key", "1"], "L9H0"),
+        (["attribute", "qk", "--text", TEXT, "--head", "L1H0", "--query", "3", "--key", "5"], "causal"),
+        (["attribute", "qk", "--text", TEXT, "--head", "L1H0", "--query", "3", "--key", "1", "--basis", "sae"], "no dictionaries"),
+        (["sweep", "--template", "no slot", "--range", "1:3", "--head", "L0H0"], "{}"),
+        (["sweep", "--template", "x {}", "--range", "5:1", "--head", "L0H0"], "empty"),
+        (["intervene", "--text", TEXT, "--head", "L1H0", "--component", "L7.mlp", "--side", "key"], "upstream"),
+        (["intervene", "--text", TEXT, "--head", "L1H0", "--component", "nope", "--side", "key"], "unknown component"),
+        (["geometry", "--queries", "/nonexistent.txt", "--keys", "/nonexistent.txt"], "cannot read"),
+        (["tokenize", "--text", "x" * 5000], "limit"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_code_2(env, argv, needle, capsys):
+    _, model = env
+    assert main([*argv, "--model", model]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err, err
