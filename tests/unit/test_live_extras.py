@@ -10,7 +10,8 @@ from headscope.analysis.geometry import qk_geometry
 from headscope.analysis.inputs import InputError
 from headscope.analysis.intervene import intervene
 from headscope.analysis.session import Session
-from headscope.analysis.sweep import expand_range, sweep
+from headscope.analysis.sweep import sweep
+from headscope.operations.requests import ValueRange
 from tests.tiny_models import tiny_adapter
 
 TEXT = "abcab cabc aab. The quick brown fox; the quick brown"
@@ -22,7 +23,7 @@ def sess():
 
 
 def test_sweep_matches_single_runs(sess):
-    values = expand_range("10:30:4")
+    values = ValueRange.model_validate("10:30:4").values()
     out = sweep(sess, "x {} y", values, ["L1H2", "L2H0"], query="slot:-1", key="slot:0")
     assert out.values == ["10", "14", "18", "22", "26"]
     for i, value in enumerate(values):

@@ -21,15 +21,6 @@ from headscope.model.spec import head_name
 _SLOT = re.compile(r"slot:(-?\d+)")
 
 
-def expand_range(spec: str) -> list[str]:
-    """``"1000:2000"`` or ``"0:100:5"`` -> the values as strings (stop excluded)."""
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(re.fullmatch(r"\s*-?[0-9]+\s*", p) for p in parts):
-        raise InputError(f"range {spec!r} must look like START:STOP or START:STOP:STEP")
-    start, stop, *step = (int(p) for p in parts)
-    return [str(v) for v in range(start, stop, step[0] if step else 1)]
-
-
 def resolve_position(spec: str | int, n_tokens: int, slot: list[int]) -> int:
     """A position spec: an int (negative counts from the end), ``last``, or ``slot:i`` (the
     i-th token of the slot's value; negative counts from the value's last token)."""
