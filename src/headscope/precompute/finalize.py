@@ -17,8 +17,8 @@ from headscope.precompute import probes
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.motifs import MotifEmbedder, head_distances, head_map, nearest_heads
 from headscope.precompute.state import StreamState
+from headscope.store.run_format import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 N_SIMILAR = 10
 
 

@@ -27,8 +27,7 @@ from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.probes import head_out_norm
 from headscope.precompute.sequences import Sequence, iter_sequences
 from headscope.precompute.state import StreamState
-
-SCHEMA_VERSION = 1
+from headscope.store.run_format import SCHEMA_VERSION
 
 
 def dataset_hash(path: Path) -> str:

@@ -35,10 +35,10 @@ from headscope.store.headvis_format import (
 )
 from headscope.store.headvis_parse import Head, derive_maxima, digest, read_head, read_tree
 from headscope.store.run import open_run
+from headscope.store.run_format import SCHEMA_VERSION
 
 __all__ = ["export_headvis", "import_headvis"]
 
-SCHEMA_VERSION = 1  # of the run directory the import writes (docs/run-format.md)
 SIG_DIGITS = 6
 # headscope computes patterns in its own registered attention function (model/capture.py)
 ATTN_IMPLEMENTATION = "headscope"

@@ -6,14 +6,28 @@ import functools
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel, ValidationError
 
 from headscope.errors import DataError
 from headscope.files import read_json
 from headscope.model.spec import head_name, parse_head
+from headscope.store.run_format import HeadPayload, Manifest
 
 
 class RunError(DataError):
     """A run directory that is missing, incomplete or malformed."""
+
+
+def _validated(model: type[BaseModel], path: Path) -> dict:
+    """``path``'s JSON, checked against its model of the run format; RunError names the file."""
+    try:
+        data = read_json(path)
+        model.model_validate(data)
+    except (OSError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else None
+        where = ".".join(str(x) for x in first["loc"]) + ": " + first["msg"] if first else err
+        raise RunError(f"{path} is not a valid run file ({where})") from None
+    return data
 
 
 class Run:
@@ -24,7 +38,7 @@ class Run:
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise RunError(f"{self.path} is not a headscope run (no manifest.json)")
-        self.manifest = read_json(manifest)
+        self.manifest = _validated(Manifest, manifest)
         if self.manifest.get("status") != "complete":
             raise RunError(
                 f"{self.path} is an incomplete run (status {self.manifest.get('status')!r}); "
@@ -49,7 +63,7 @@ class Run:
         path = self.path / "heads" / f"{head_name(layer, h)}.json"
         if not path.is_file():
             raise RunError(f"no head {name} in run {self.path}")
-        return read_json(path)
+        return _validated(HeadPayload, path)
 
     def similar_heads(self, name: str, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` nearest heads by pattern-motif embedding: ``[(head, distance), ...]``."""
