@@ -30,47 +30,40 @@ class HeadscopeError(Exception):
 class InputError(HeadscopeError, ValueError):
     """A request that cannot be answered as given (bad head, position, text, option, ...)."""
 
-    status = 422
-    exit_code = 2
+    status, exit_code = 422, 2
 
 
 class DataError(HeadscopeError, ValueError):
     """A file or dataset that is malformed, empty or too small for what was asked."""
 
-    status = 422
-    exit_code = 2
+    status, exit_code = 422, 2
 
 
 class NotFound(HeadscopeError, FileNotFoundError):
     """A run, file, head or feature that does not exist."""
 
-    status = 404
-    exit_code = 2
+    status, exit_code = 404, 2
 
 
 class AlreadyExists(HeadscopeError, FileExistsError):
     """An output path that holds something this command must not overwrite."""
 
-    status = 409
-    exit_code = 2
+    status, exit_code = 409, 2
 
 
 class ModelUnavailable(HeadscopeError):
     """A model that cannot be loaded here: a hub id with no network, missing files, ..."""
 
-    status = 503
-    exit_code = 3
+    status, exit_code = 503, 3
 
 
 class NoModel(HeadscopeError):
     """A live analysis was asked of a server started without a model."""
 
-    status = 503
-    exit_code = 3
+    status, exit_code = 503, 3
 
 
 class Busy(HeadscopeError):
     """The model queue is full; the request may be retried."""
 
-    status = 503
-    exit_code = 3
+    status, exit_code = 503, 3

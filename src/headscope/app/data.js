@@ -3,7 +3,7 @@
 // and docs/app.md (live API). Responses are normalised here once (token ids decoded to strings,
 // metric columns split out) so views only deal with ready-to-draw data.
 
-import { HEAD_RE } from './lib/dom.js';
+import { HEAD_RE } from './lib/components.js';
 
 /** Thrown for HTTP errors; `message` is the server's `detail` when it sent one. */
 export class ApiError extends Error {

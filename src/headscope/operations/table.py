@@ -8,6 +8,7 @@ itself. Adding a live capability is one function returning a result model
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -68,12 +69,12 @@ class Context:
 
 @dataclass(frozen=True)
 class Operation:
-    """One live operation. ``name``'s words are the CLI subcommand and the URL path."""
+    """One live operation. ``name``'s words are the CLI subcommand and the URL path; the request
+    and result models are the annotations of ``run(ctx, request) -> result``; ``text(result,
+    request)`` is how the CLI prints it."""
 
     name: str
     help: str
-    request: type[Q.Request]
-    result: type[BaseModel]
     run: Callable[[Context, Any], BaseModel]
     text: Callable[[Any, Any], str]
     # request field -> CLI flag, where the flag differs from --field-name (e.g. heads -> --head)
@@ -86,6 +87,14 @@ class Operation:
     @property
     def path(self) -> str:
         return self.name.replace(" ", "/")
+
+    @property
+    def request(self) -> type[Q.Request]:
+        return typing.get_type_hints(self.run)["r"]
+
+    @property
+    def result(self) -> type[BaseModel]:
+        return typing.get_type_hints(self.run)["return"]
 
 
 def _tokenize(ctx: Context, r: Q.TokenizeRequest) -> R.TokenizeResult:
@@ -185,95 +194,73 @@ OPERATIONS: list[Operation] = [
     Operation(
         "tokenize",
         "the tokens of a text as the model sees them (BOS first)",
-        Q.TokenizeRequest,
-        R.TokenizeResult,
         _tokenize,
-        lambda res, _: T.tokenize_text(res),
+        T.tokenize_text,
     ),
     Operation(
         "attend",
         "attention patterns of heads on a text",
-        Q.AttendRequest,
-        R.AttendResult,
         _attend,
-        lambda res, _: T.attend_text(res),
+        T.attend_text,
         flags={"heads": "--head"},
     ),
     Operation(
         "rank-heads",
         "every head's attention and score on one (query, key) pair, highest attention first",
-        Q.RankHeadsRequest,
-        R.RankHeadsResult,
         _rank_heads,
-        lambda res, req: T.rank_heads_text(res, req.top),
+        T.rank_heads_text,
     ),
     Operation(
         "attribute qk",
         "exact QK attribution: a head's score on (query, key) as query x key component terms",
-        Q.QKRequest,
-        R.QKResult,
         _qk,
-        lambda res, _: T.qk_text(res),
+        T.qk_text,
     ),
     Operation(
         "attribute ov",
         "exact OV attribution: what a head moves from key to query, by key-side component",
-        Q.OVRequest,
-        R.OVResult,
         _ov,
-        lambda res, _: T.ov_text(res),
+        T.ov_text,
     ),
     Operation(
         "composition",
         "earlier heads driving an edge's score, at the key (K-) and at the query (Q-composition)",
-        Q.CompositionRequest,
-        R.CompositionResult,
         _composition,
-        lambda res, _: T.composition_text(res),
+        T.composition_text,
     ),
     Operation(
         "sweep",
         "attention on a (query, key) pair while one template slot takes each value",
-        Q.SweepRequest,
-        R.SweepResult,
         _sweep,
-        lambda res, _: T.sweep_text(res),
+        T.sweep_text,
         flags={"heads": "--head"},
         aliases={"--range": ("values", "integers START:STOP[:STEP], stop excluded")},
     ),
     Operation(
         "geometry",
         "QK geometry: cosines of mean-subtracted queries vs keys on marked tokens",
-        Q.GeometryRequest,
-        R.GeometryResult,
         _geometry,
-        lambda res, _: T.geometry_text(res),
+        T.geometry_text,
         flags={"heads": "--head"},
         files=("queries", "keys"),
     ),
     Operation(
         "intervene",
         "scale one component's contribution inside chosen heads' query or key",
-        Q.InterveneRequest,
-        R.InterveneResult,
         _intervene,
-        lambda res, _: T.intervene_text(res),
+        T.intervene_text,
         flags={"heads": "--head"},
     ),
     Operation(
         "virtual-weights",
         "features nearest to a feature through a head's W_Q / W_K (same side and other side)",
-        Q.VirtualWeightsRequest,
-        R.VirtualWeightsResult,
         _virtual_weights,
-        lambda res, _: T.virtual_weights_text(res),
+        T.virtual_weights_text,
     ),
     Operation(
         "head-loadings",
         "each head's share of a feature-to-feature edge between adjacent layers",
-        Q.HeadLoadingsRequest,
-        R.HeadLoadingsResult,
         _head_loadings,
-        lambda res, _: T.head_loadings_text(res),
+        T.head_loadings_text,
     ),
 ]

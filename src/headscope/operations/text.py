@@ -5,6 +5,8 @@ Numbers are rounded to what a reader can use; every list says what it is.
 
 from __future__ import annotations
 
+from typing import Any
+
 from headscope.analysis.results import (
     AttendResult,
     CompositionResult,
@@ -28,13 +30,13 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def tokenize_text(r: TokenizeResult) -> str:
+def tokenize_text(r: TokenizeResult, _req: Any = None) -> str:
     return "\n".join(
         f"{i:>5}  {t!r}  (id {i_})" for i, (t, i_) in enumerate(zip(r.tokens, r.ids, strict=True))
     )
 
 
-def attend_text(r: AttendResult) -> str:
+def attend_text(r: AttendResult, _req: Any = None) -> str:
     lines = [" ".join(f"[{i}]{t!r}" for i, t in enumerate(r.tokens))]
     for name, rows in r.patterns.items():
         last = rows[-1]
@@ -44,7 +46,8 @@ def attend_text(r: AttendResult) -> str:
     return "\n".join(lines)
 
 
-def rank_heads_text(r: RankHeadsResult, top: int = 20) -> str:
+def rank_heads_text(r: RankHeadsResult, req: Any = None) -> str:
+    top = req.top if req is not None else 20
     lines = [_edge(r.tokens, r.query, r.key), "    head  attention  score (pre-softmax)"]
     lines += [f"{h.head:>8}  {h.attention:9.4f}  {_num(h.score, '+.3f')}" for h in r.heads[:top]]
     if len(r.heads) > top:
@@ -52,7 +55,7 @@ def rank_heads_text(r: RankHeadsResult, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def qk_text(r: QKResult, top: int = 20) -> str:
+def qk_text(r: QKResult, _req: Any = None, top: int = 20) -> str:
     lines = [
         f"{r.head} {_edge(r.tokens, r.query, r.key)}",
         f"score (model) {r.score:+.5f}   sum of all {r.n_terms} terms {r.total:+.5f}   "
@@ -67,7 +70,7 @@ def qk_text(r: QKResult, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def ov_text(r: OVResult, top: int = 20) -> str:
+def ov_text(r: OVResult, _req: Any = None, top: int = 20) -> str:
     lines = [
         f"{r.head} moves |o| = {r.total_norm:.4f} (model {r.model_norm:.4f}) from key {r.key} "
         f"{r.tokens[r.key]!r} to query {r.query} {r.tokens[r.query]!r}, attention "
@@ -85,7 +88,7 @@ def ov_text(r: OVResult, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def composition_text(r: CompositionResult) -> str:
+def composition_text(r: CompositionResult, _req: Any = None) -> str:
     lines = [f"{r.head} query {r.query} -> key {r.key}: score {r.score:+.4f}"]
     for title, rows in (
         ("K-composition (earlier heads' output at the key)", r.k_composition),
@@ -100,7 +103,7 @@ def composition_text(r: CompositionResult) -> str:
     return "\n".join(lines)
 
 
-def sweep_text(r: SweepResult) -> str:
+def sweep_text(r: SweepResult, _req: Any = None) -> str:
     heads = list(r.attention)
     lines = ["value".ljust(12) + "".join(h.rjust(10) for h in heads)]
     for i, v in enumerate(r.values):
@@ -110,7 +113,7 @@ def sweep_text(r: SweepResult) -> str:
     return "\n".join(lines)
 
 
-def geometry_text(r: GeometryResult) -> str:
+def geometry_text(r: GeometryResult, _req: Any = None) -> str:
     def line(name: str, diag: float | None, off: float | None) -> str:
         return f"{name}: mean own-pair cosine {_num(diag, '+.3f')}, other pairs {_num(off, '+.3f')}"
 
@@ -120,7 +123,7 @@ def geometry_text(r: GeometryResult) -> str:
     return "\n".join(lines)
 
 
-def intervene_text(r: InterveneResult) -> str:
+def intervene_text(r: InterveneResult, _req: Any = None) -> str:
     what = f"{r.component} x {r.scale:g} on the {r.side} side"
     lines = [f"{what}{' (other patterns frozen)' if r.freeze_patterns else ''}, query {r.query}"]
     for h in r.heads:
@@ -145,7 +148,7 @@ def intervene_text(r: InterveneResult) -> str:
     return "\n".join(lines)
 
 
-def virtual_weights_text(r: VirtualWeightsResult) -> str:
+def virtual_weights_text(r: VirtualWeightsResult, _req: Any = None) -> str:
     def row(f) -> str:
         label = (f.card or {}).get("label") or (f.card or {}).get("top_tokens") or ""
         return f"  {f.cosine:+.3f}  {f.feature:<10} {label}"
@@ -162,7 +165,7 @@ def virtual_weights_text(r: VirtualWeightsResult) -> str:
     return "\n".join(lines)
 
 
-def head_loadings_text(r: HeadLoadingsResult) -> str:
+def head_loadings_text(r: HeadLoadingsResult, _req: Any = None) -> str:
     s, t = r.source, r.target
     lines = [
         f"{s.feature}@{s.position} (activation {s.activation:.3f}) -> "

@@ -1,5 +1,7 @@
 // Tiny DOM helpers shared by every view: element creation, formatting, the live-server note.
 
+import { HEAD_RE } from './components.js';
+
 /**
  * Create an HTML element. `attrs` keys starting with "on" become listeners, `class`/`style`
  * and `dataset` are handled, everything else is set as an attribute; children may be strings,
@@ -50,7 +52,6 @@ export function fmt(v, digits = 4) {
 /** Fixed-decimals formatting, used where two numbers must be compared by eye (total vs score). */
 export const fixed = (v, d = 4) => (v === null || v === undefined ? '–' : Number(v).toFixed(d));
 
-export const HEAD_RE = /^L(\d+)H(\d+)$/;
 
 /** Parse "L5H3" (case-insensitive, spaces ignored) into {layer, head, name}, or null. */
 export function parseHead(text) {

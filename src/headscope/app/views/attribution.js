@@ -6,7 +6,7 @@
 import * as data from '../data.js';
 import { h, clear, fmt, fixed, errorBox, loading, select } from '../lib/dom.js';
 import { s, svgRoot, fitText } from '../lib/svg.js';
-import { describeComponent } from '../lib/components.js';
+import { describeComponent, parseComponent } from '../lib/components.js';
 import { labelToken } from '../lib/tokens.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
@@ -174,7 +174,7 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
   const srcEl = h('span', { class: 'badge' }, '…');
   let results = { qk: null, ov: null };
   const title = `${head} · query ${query}${qTok ? ` “${qTok}”` : ''} → key ${key}${kTok ? ` “${kTok}”` : ''}`;
-  const layer = Number((String(head).match(/^L(\d+)H/) || [])[1]);
+  const layer = parseComponent(head)?.layer ?? NaN;
   const basisSel = onBasis ? select([['components', 'model components'], ['sae', 'SAE features']], data.basisKind(basis), onBasis,
     { 'aria-label': 'attribution basis' }) : null;
   const saeOption = basisSel ? basisSel.querySelector('option[value="sae"]') : null;
