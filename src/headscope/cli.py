@@ -278,6 +278,13 @@ def _train_sae(args):
     _emit(args, out, "\n".join(lines))
 
 
+def _compare(args):
+    from headscope.store.compare import compare_run, format_text
+
+    result = compare_run(args.run, args.summary, top=args.top)
+    _emit(args, result, format_text(result))
+
+
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
 
@@ -387,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(first)
         sp.add_argument(second)
         sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = _command(
+        sub,
+        "compare",
+        _compare,
+        "rank-correlate a run's head metrics with a published per-model summary (e.g. Neuronpedia's)",
+    )
+    sp.add_argument("run", help="run folder")
+    sp.add_argument("summary", help="summary JSON: a config and per-metric [layer][head] grids")
+    sp.add_argument("--top", type=int, default=5, help="most-disagreeing heads to list per metric")
+    sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = _command(
         sub,

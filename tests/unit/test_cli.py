@@ -110,3 +110,35 @@ def test_bad_input_is_one_line_and_exit_code_2(env, argv, needle, capsys):
     assert main([*argv, "--model", model]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_compare_prints_rank_correlations(tiny_run, tmp_path, capsys):
+    from headscope.store import open_run
+
+    run = open_run(tiny_run())
+    m = run.metrics
+    n_layers, n_heads = int(m["layer"].max()) + 1, int(m["head"].max()) + 1
+
+    def grid(col: str, sign: float) -> list[list[float]]:
+        by = {(r.layer, r.head): sign * getattr(r, col) for r in m.itertuples()}
+        return [[by[(layer, h)] for h in range(n_heads)] for layer in range(n_layers)]
+
+    summary = {
+        "config": {"num_hidden_layers": n_layers, "num_attention_heads": n_heads},
+        "metrics": {
+            "prev_token_score": grid("prev_token_score", 1.0),
+            "pattern_entropy": grid("pattern_entropy", -1.0),
+        },
+    }
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    assert main(["compare", str(run.path), str(tmp_path / "s.json"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rho = {c["metric"]: c["spearman"] for c in out["metrics"]}
+    assert rho["prev_token_score"] == pytest.approx(1.0) and rho[
+        "pattern_entropy"
+    ] == pytest.approx(-1.0)
+    assert main(["compare", str(run.path), str(tmp_path / "s.json")]) == 0
+    assert "prev_token_score" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{")
+    assert main(["compare", str(run.path), str(tmp_path / "bad.json")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from headscope.errors import DataError
 from headscope.model.spec import head_name
 from headscope.store.run import Run, open_run
 
@@ -41,7 +42,7 @@ REFERENCE_METRICS: dict[str, str] = {
 REFERENCE_PREFIX = "ref:"
 
 
-class SummaryError(ValueError):
+class SummaryError(DataError):
     """A metric summary file that is missing or malformed, or that does not fit the run."""
 
 
