@@ -256,6 +256,23 @@ def test_token_scores_equal_direct_definitions(seed):
     assert not torch.allclose(r["induction_score"], r["induction_mass"])
 
 
+def test_pair_mean_and_query_mass_rank_heads_alike():
+    """Both divide the same per-head total by a count that depends only on the tokens, so over a
+    whole stream they differ by one factor for every head and layer: a rescaling, never a
+    re-ranking."""
+    acc = MetricAccumulator(2, 3, names=["induction_score", "induction_mass"])
+    g = torch.Generator().manual_seed(5)
+    for seed in range(3):
+        tokens = torch.randint(0, 4, (2, 30), generator=g)
+        for layer in range(2):
+            pattern = random_causal(2, 3, T=30, seed=10 * seed + layer)
+            acc.update(make_batch(pattern, tokens=tokens, layer=layer))
+    r = acc.result()
+    ratio = r["induction_score"] / r["induction_mass"]  # [L, H]
+    assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio))
+    assert ratio[0, 0] < 1  # several pairs per matched query
+
+
 def test_token_matches_by_hand():
     #                   0  1  2  3  4  5
     tokens = torch.tensor([[0, 5, 6, 5, 6, 5]])

@@ -154,8 +154,10 @@ def induction_mass(batch: LayerBatch) -> MetricPartial:
     For each non-padding query ``q`` with at least one induction key (``tokens[k - 1] ==
     tokens[q]``, ``1 <= k < q``), the total ``sum_k A[q, k]`` over its induction keys; mean over
     those queries (queries without an induction key do not count). The same pairs as
-    ``induction_score``, which averages over pairs instead. Pairs may cross packed-document
-    boundaries.
+    ``induction_score``, which averages over pairs instead; the two divide the same total by
+    counts that depend only on the tokens, so over a run they differ by one factor for every
+    head (pairs per matched query) and rank heads alike, but this one reads as a share of
+    attention. Pairs may cross packed-document boundaries.
     """
     m = batch.token_matches
     return _query_mass_partial(batch, m.ind_b, m.ind_q, m.ind_k)
