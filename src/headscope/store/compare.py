@@ -30,7 +30,8 @@ from headscope.store.run import Run, open_run
 
 # Reference metric -> the run's metric with the same formula (docs/metrics.md, "Comparing with
 # published metrics"). The summary's induction_score sums over a query's induction keys and
-# averages over queries, so its counterpart is induction_mass, not the pairwise induction_score.
+# averages over queries, so its counterpart is induction_mass, not the pairwise induction_score
+# (which ranks heads the same, on another scale).
 REFERENCE_METRICS: dict[str, str] = {
     "self_attention_score": "self_attention_score",
     "prev_token_score": "prev_token_score",
