@@ -123,8 +123,9 @@ def qk_distance_variance(batch: LayerBatch) -> MetricPartial:
     Mean over non-padding queries ``q >= 1`` of ``sum_k A[q, k] (q - k)^2 - (sum_k A[q, k]
     (q - k))^2``: the variance within each query's row (0 = each token attends to a single
     position, at any distance), not the variance of distances pooled over all rows. Keys in
-    earlier packed documents count at their full distance. Computed in float32 in one pass, so
-    values below about 0.1 are rounding noise on long sequences.
+    earlier packed documents count at their full distance. Computed in float32 in one pass from
+    moments of ``q - k``, so the rounding error scales with the squared distances the head
+    attends over, not with the squared sequence length.
     """
     moments = batch.rows.moments  # [B, H, T, 2]
     var = (moments[..., 1] - moments[..., 0].square()).clamp_min_(0.0)  # [B, H, T]
