@@ -162,10 +162,9 @@ def test_jump_box_rejects_unknown_heads(page, app_url):
 
 
 def test_header_and_title_name_the_run(page, app_url, run_dir, code_live_url, shot):
-    # A static export keeps the run at run/ and its manifest has no name: the run is named by
-    # its dataset and size. The live server knows the name of the run directory it serves.
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    name = f"{Path(manifest['dataset']['path']).name}, {manifest['tokens']['tokens']:,} tokens"
+    # A static export keeps the run at run/ and records the run's own name in its manifest.
+    # The live server knows the name of the run directory it serves.
+    name = run_dir.name
     open_view(page, app_url, "#/heads", "heads")
     page.wait_for_function("n => document.title === `${n} · headscope`", arg=name)
     assert page.locator(".run-label").inner_text() == name
@@ -727,6 +726,19 @@ def test_feature_basis_is_offered_only_where_the_server_has_a_dictionary(page, c
         "el => window.scrollTo(0, el.getBoundingClientRect().top + window.scrollY - 130)"
     )
     shot(page, "feature_basis", full_page=False)
+
+
+def test_sweep_without_heads_starts_from_the_heads_that_fit_the_model(page, live_url, shot):
+    """The default form ranks every head on the first value and sweeps the top three, saying
+    why, instead of a fixed head that may show nothing on this model's tokenizer."""
+    open_view(page, live_url, "#/sweep", "sweep")
+    page.locator("#sweep-chart svg").wait_for(timeout=LIVE_TIMEOUT)
+    assert page.locator("#sweep-chart svg polyline").count() == 3
+    why = page.locator("#sweep-why").inner_text()
+    assert "found by ranking every head" in why
+    chosen = page.locator("#sweep-heads").input_value().split(",")
+    assert len(chosen) == 3 and all(c in why for c in chosen)
+    shot(page, "sweep_suggested")
 
 
 def test_sweep_plots_attention_against_the_value(page, live_url, shot):

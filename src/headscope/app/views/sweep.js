@@ -11,7 +11,7 @@ import { lineChart, barChart } from '../lib/svg.js';
 import { labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
 
-const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000:2001:25', heads: 'L0H0', q: 'slot:-1', k: 'slot:0' };
+const DEFAULTS = { tpl: 'The war lasted from {} to 1800.', vals: '1000:2001:25', q: 'slot:-1', k: 'slot:0' };
 const POSITION_RE = /^(last|slot:-?\d{1,9}|-?\d{1,12})$/;
 
 /** A position field as the API takes it: an integer, or 'last' / 'slot:i' as a string. */
@@ -63,8 +63,36 @@ function build(container, ctx0, health) {
   const k = h('input', { id: 'sweep-key', type: 'text', size: 8, spellcheck: 'false' });
   const msg = h('span', { class: 'error-text small', 'aria-live': 'polite' });
   const preview = h('div', { class: 'token-preview' });
+  const why = h('p', { class: 'muted small', id: 'sweep-why' });
   const result = h('div', {});
   let lastKey = null;
+
+  /** The heads that attend most from the query to the key on the first value: every head of
+   *  the model is ranked with one sweep over that one value, so the suggestion fits the model's
+   *  tokenizer (a year is one token in some models and four digits in others). */
+  async function findHeads(n = 3) {
+    const all = [];
+    for (let l = 0; l < health.n_layers; l++) for (let i = 0; i < health.n_heads; i++) all.push(`L${l}H${i}`);
+    const first = firstValue(parseValues(vals.value));
+    why.textContent = `Ranking all ${all.length} heads on “${tpl.value.replace('{}', first ?? '')}”…`;
+    const res = await data.api.sweep({ template: tpl.value, values: [String(first)], heads: all,
+      query: position(q.value.trim()), key: position(k.value.trim()) });
+    const ranked = Object.entries(res.attention).map(([hn, ys]) => [hn, ys[0]]).sort((a, b) => b[1] - a[1]).slice(0, n);
+    const p0 = res.positions[0];
+    why.textContent = `${ranked.map(([hn, a]) => `${hn} (${fixed(a, 2)})`).join(', ')}: the heads that attend most from `
+      + `“${labelToken(p0.query_token)}” (${q.value.trim()}) to “${labelToken(p0.key_token)}” (${k.value.trim()}) on the first value, `
+      + `found by ranking every head; edit the list to compare others.`;
+    return ranked.map(([hn]) => hn);
+  }
+
+  async function suggest() {
+    try {
+      const names = await findHeads();
+      ctx.set({ tpl: tpl.value, vals: vals.value, heads: names.join(','), q: q.value.trim(), k: k.value.trim() });
+    } catch (err) {
+      clear(result).append(errorBox(err));
+    }
+  }
 
   async function showTokens() {
     const text = tpl.value.replace('{}', firstValue(parseValues(vals.value)) ?? '');
@@ -95,8 +123,9 @@ function build(container, ctx0, health) {
     field('sweep-query', 'Query position', q, 'index, “last” or “slot:i”'),
     field('sweep-key', 'Key position', k, '“slot:0” = first token of the value'),
     h('button', { type: 'button', onclick: showTokens }, 'Show tokens'),
+    h('button', { type: 'button', onclick: suggest, title: 'rank every head on the first value and sweep the top 3' }, 'Find heads'),
     h('button', { type: 'submit', class: 'primary' }, 'Run sweep'), msg),
-  preview);
+  why, preview);
   container.replaceChildren(h('h1', {}, 'Sweep'), h('p', { class: 'muted' }, `Attention from the query to the key as one slot of a template varies (model: ${health.model}).`), form, result);
 
   async function run(c) {
@@ -148,13 +177,16 @@ function build(container, ctx0, health) {
       ctx = c;
       tpl.value = c.get('tpl', tpl.value || DEFAULTS.tpl);
       vals.value = c.get('vals', vals.value || DEFAULTS.vals);
-      heads.value = c.get('heads', heads.value || DEFAULTS.heads);
+      heads.value = c.get('heads', heads.value || '');
       q.value = c.get('q', q.value || DEFAULTS.q);
       k.value = c.get('k', k.value || DEFAULTS.k);
       const key = ['tpl', 'vals', 'heads', 'q', 'k'].map((n) => c.get(n)).join('\u0000');
       if (c.get('tpl') && c.get('vals') && c.get('heads') && key !== lastKey) {
         lastKey = key;
         run(c);
+      } else if (!c.get('heads') && !heads.value && lastKey === null) {
+        lastKey = '';
+        suggest();  // no heads asked for: start from the ones that fit this model
       }
     },
   };
