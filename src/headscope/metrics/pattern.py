@@ -196,3 +196,83 @@ def output_norm(batch: LayerBatch) -> MetricPartial:
     output bias) over all non-padding positions ``q``, including position 0.
     """
     return _masked_mean_partial(batch.head_out_norm, batch.valid)
+
+
+# ----- long range -------------------------------------------------------------------------------------
+LONG_DISTANCES = (64, 512)  # the distances of the attention_beyond_* metrics
+_LONG_BLOCK = 64  # query rows per block in _far_mass
+
+
+def _far_mass(pattern: Tensor) -> Tensor:
+    """[B, H, T, T] causal pattern -> [B, H, T, len(LONG_DISTANCES) + 1] float32: per query q,
+    ``sum_{1 <= k <= q - d} A[q, k]`` for each distance d, then ``sum_{1 <= k <= q} A[q, k]``.
+
+    Block by block of query rows, so no [T, T]-sized temporary is made: in a block starting at
+    ``s`` every row takes all keys ``1 .. s - d``, and only a tile at most a block wide needs
+    the per-row mask ``k <= q - d``."""
+    B, H, T, _ = pattern.shape
+    D = len(LONG_DISTANCES)
+    out = pattern.new_zeros(B, H, T, D + 1)
+    rows_idx = torch.arange(T, device=pattern.device)
+    for start in range(0, T, _LONG_BLOCK):
+        stop = min(start + _LONG_BLOCK, T)
+        rows = pattern[:, :, start:stop, :stop]  # [B, H, r, stop]
+        out[:, :, start:stop, D] = rows[..., 1:].sum(-1)
+        for i, d in enumerate(LONG_DISTANCES):
+            full = max(1, start - d + 1)  # keys 1 .. full - 1: inside every row's far region
+            edge = max(full, stop - d)  # keys full .. edge - 1: far only for some rows
+            if edge <= 1:
+                continue
+            far = rows[..., 1:full].sum(-1)  # [B, H, r]
+            if edge > full:
+                k = rows_idx[full:edge]
+                q = rows_idx[start:stop, None]
+                tile = torch.where(k[None, :] <= q - d, rows[..., full:edge], 0.0)
+                far = far + tile.sum(-1)
+            out[:, :, start:stop, i] = far
+    return out
+
+
+def _far(batch: LayerBatch) -> Tensor:
+    return batch.memo("far_mass", lambda: _far_mass(batch.pattern))
+
+
+@register_metric("attention_beyond_64")
+def attention_beyond_64(batch: LayerBatch) -> MetricPartial:
+    """Share of each token's attention that goes to tokens at least 64 positions back (the
+    first position, the attention sink, left out).
+
+    Mean over non-padding queries ``q >= 1`` of ``sum_{1 <= k <= q - 64} A[q, k]`` (0 for
+    ``q <= 64``, so the value grows with the sequence length: compare heads within a run). Keys
+    in earlier packed documents count at their full distance.
+    """
+    return _masked_mean_partial(_far(batch)[..., 0], batch.query_mask)
+
+
+@register_metric("attention_beyond_512")
+def attention_beyond_512(batch: LayerBatch) -> MetricPartial:
+    """Share of each token's attention that goes to tokens at least 512 positions back (the
+    first position, the attention sink, left out).
+
+    Mean over non-padding queries ``q >= 1`` of ``sum_{1 <= k <= q - 512} A[q, k]`` (0 for
+    ``q <= 512``). Keys in earlier packed documents count at their full distance.
+    """
+    return _masked_mean_partial(_far(batch)[..., 1], batch.query_mask)
+
+
+@register_metric("long_range_share")
+def long_range_share(batch: LayerBatch) -> MetricPartial:
+    """Of the attention a head gives to tokens other than the first position, the share that
+    goes 64 or more positions back.
+
+    ``sum_q sum_{1 <= k <= q - 64} A[q, k]`` divided by ``sum_q sum_{1 <= k <= q} A[q, k]``,
+    both over non-padding queries ``q >= 1``: a ratio of sums, so each query weighs as much as
+    the attention it does not park on position 0 (``attention_beyond_64`` counts attention to
+    position 0 in each query's whole). Keys in earlier packed documents count at their full
+    distance.
+    """
+    far = _far(batch)
+    w = batch.query_mask[:, None, :]  # [B, 1, T]
+    total = torch.where(w, far[..., 0], 0.0).sum(dim=(0, 2), dtype=torch.float64)  # [H]
+    count = torch.where(w, far[..., -1], 0.0).sum(dim=(0, 2), dtype=torch.float64)  # [H]
+    return MetricPartial(total=total, count=count)
