@@ -49,3 +49,13 @@ def test_intervening_at_the_key_moves_the_score_by_the_attributed_terms():
     assert same.kl_divergence == pytest.approx(0.0, abs=1e-7)
     zeroed = intervene(sess, text, ["L1H0"], "L0H0", "key", 0.0, 11, 2, at=[2])
     assert zeroed.heads[0].attention_after < 0.5 * zeroed.heads[0].attention_before
+
+
+def test_ov_readouts_show_the_induction_head_copying_the_attended_token():
+    from headscope.analysis.attribution import ov_attribution
+
+    sess = Session(ModelAdapter(_model(), tiny_tokenizer(), name="induction", source="test"))
+    ov = ov_attribution(sess, "qwertyuiopqwertyuiop", "L1H0", 11, 2)
+    assert ov.key_token == "w"
+    assert ov.key_token_readout[0].token == "w"  # its OV circuit alone copies the token
+    assert ov.key_token_rank == 1  # and so does this edge's actual output

@@ -229,6 +229,17 @@ def ov_attribution(
         idx = torch.topk(values * sign, k).indices.tolist()
         return [{"token": toks.display(i), "id": i, "logit": float(values[i])} for i in idx]
 
+    # The OV circuit on the attended token alone: its embedding, normalised on its own, through
+    # W_V W_O and the unembedding. A copying head lists the token itself here, whatever else the
+    # residual at the key carries.
+    key_id = int(st.ids[0, key])
+    e = ad.embed_matrix()[key_id].to(f64)  # [d]
+    e_out = ad.apply_norm_frozen(e, norm_factor(e, s.norm).to(f64), ln) @ W_V @ W_O  # [d]
+    if factor is not None:
+        e_out = e_out * factor.to(f64)
+    e_logits = logit_readout(session, st, query, e_out.float())
+    key_rank = int((logits > logits[key_id]).sum()) + 1
+
     return OVResult.model_validate(
         {
             "head": head_name(layer, h),
@@ -250,6 +261,9 @@ def ov_attribution(
             ],
             "promoted": tok_list(logits, n_tokens, 1.0),
             "suppressed": tok_list(logits, n_tokens, -1.0),
+            "key_token": toks.display(key_id),
+            "key_token_rank": key_rank,
+            "key_token_readout": tok_list(e_logits, n_tokens, 1.0),
             "basis": (basis or COMPONENTS).name,
             "features": None if basis is None else basis.cards({labels[i] for i in order}),
         }

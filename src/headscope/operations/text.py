@@ -10,9 +10,11 @@ from typing import Any
 from headscope.analysis.results import (
     AttendResult,
     CompositionResult,
+    DescribeResult,
     GeometryResult,
     HeadLoadingsResult,
     InterveneResult,
+    KnockoutResult,
     OVResult,
     QKResult,
     RankHeadsResult,
@@ -75,9 +77,12 @@ def ov_text(r: OVResult, _req: Any = None, top: int = 20) -> str:
         f"{r.head} moves |o| = {r.total_norm:.4f} (model {r.model_norm:.4f}) from key {r.key} "
         f"{r.tokens[r.key]!r} to query {r.query} {r.tokens[r.query]!r}, attention "
         f"{r.attention:.4f}",
-        "the head's output read through the unembedding (logit lens):",
+        "this edge's output read through the unembedding (logit lens):",
         "  promotes:   " + ", ".join(f"{t.token!r}" for t in r.promoted),
         "  suppresses: " + ", ".join(f"{t.token!r}" for t in r.suppressed),
+        f"  the attended token {r.key_token!r} ranks {r.key_token_rank} among the promoted tokens",
+        f"the OV circuit on {r.key_token!r}'s embedding alone promotes: "
+        + ", ".join(f"{t.token!r}" for t in r.key_token_readout),
         f"key-side components ({r.basis} basis), by their share of the output:",
         "  along output     |term|  component   tokens its term promotes",
     ]
@@ -175,4 +180,84 @@ def head_loadings_text(r: HeadLoadingsResult, _req: Any = None) -> str:
     lines += [
         f"  {h.head:>6}  {h.share:6.3f}  {h.loading:+8.4g}  {h.attention:9.4f}" for h in r.heads
     ]
+    return "\n".join(lines)
+
+
+def _share(x: float | None) -> str:
+    return "   n/a" if x is None else f"{x:6.1%}"
+
+
+def describe_text(r: DescribeResult, _req: Any = None) -> str:
+    sink = "key 0 included" if r.include_sink else "key 0 (the sink) left out"
+    bucket = (
+        f"top bucket [{r.top_bucket[0]:.1f}, {r.top_bucket[1]:.1f}]"
+        if r.top_bucket
+        else "top bucket"
+    )
+    lines = [
+        f"{r.head} on {r.source}: {r.sequences} sequences, {r.queries} queries ({sink})",
+        f"{r.events} max-attention events (largest weight >= {r.min_event:g}), "
+        f"{r.top_bucket_examples} examples in the {bucket}",
+        "  mass  events  top-bucket  rule",
+    ]
+    for c in [*r.rules, r.all_rules]:
+        lines.append(f"{_share(c.mass)}  {_share(c.events)}  {_share(c.top_bucket)}      {c.rule}")
+    if r.uncovered_key_tokens:
+        lines.append(
+            "uncovered attention goes to: "
+            + ", ".join(f"{t.token!r} {t.share:.1%}" for t in r.uncovered_key_tokens[:6])
+        )
+    if r.uncovered_distances:
+        far = sorted(r.uncovered_distances, key=lambda d: -d.share)[:4]
+        lines.append(
+            "uncovered by distance: "
+            + ", ".join(
+                f"{d.min}{'' if d.max == d.min else '-' + (str(d.max) if d.max is not None else '')}"
+                f" {d.share:.1%}"
+                for d in far
+            )
+        )
+    if r.counterexamples:
+        lines.append("strongest counterexamples (no rule covers them; key [[ ]], query {{ }}):")
+        lines += [
+            f"  {c.weight:.3f}  seq {c.sequence} q {c.query} k {c.key}: {c.context}"
+            for c in r.counterexamples
+        ]
+    else:
+        lines.append("no counterexamples: the rules cover every weight that counts")
+    return "\n".join(lines)
+
+
+def knockout_text(r: KnockoutResult, _req: Any = None) -> str:
+    knocked = ", ".join(f"{k} {r.tokens[k]!r}" for k in r.knocked[:8])
+    more = f" and {len(r.knocked) - 8} more" if len(r.knocked) > 8 else ""
+    by = f" (rule {r.rule!r})" if r.rule else ""
+    lines = [
+        f"{r.head} query {r.query} {r.tokens[r.query]!r}: knocked out {knocked}{more}{by}, "
+        f"which had {r.knocked_mass:.4f} of the attention",
+        "score profile (pre-softmax) of the strongest keys before:",
+    ]
+    top = sorted(range(len(r.before)), key=lambda k: -r.before[k])[:5]
+    lines += [
+        f"  key {k:>5} {r.tokens[k]!r:<16} score {_num(r.scores[k], '+.3f')}  "
+        f"attention {r.before[k]:.4f}"
+        for k in top
+    ]
+    exact = r.exact is not None
+    lines += [
+        "where the attention goes (the largest changes):",
+        f"  {'key':>9} {'token':<16} {'before':>8} {'cheap':>8}"
+        + (f" {'exact':>8}" if exact else ""),
+    ]
+    lines += [
+        f"  key {m.key:>5} {m.token!r:<16} {m.before:8.4f} {m.cheap:8.4f}"
+        + (f" {m.exact:8.4f}" if m.exact is not None else "")
+        for m in r.moves
+    ]
+    lines.append(
+        "cheap: this layer's scores renormalised without the knocked-out keys (no forward pass; "
+        "it ignores that earlier layers read them too)"
+    )
+    if exact:
+        lines.append("exact: a forward pass in which no head up to this layer attends to them")
     return "\n".join(lines)

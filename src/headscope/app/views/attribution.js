@@ -119,8 +119,19 @@ function ovBlock(ov, ctx, features) {
         h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact ov-terms' },
           h('thead', {}, head),
           h('tbody', {}, terms.map(row))))),
-      h('div', { class: 'marg' }, h('h4', {}, 'Promoted'), logitList(ov.promoted, 'pos')),
-      h('div', { class: 'marg' }, h('h4', {}, 'Suppressed'), logitList(ov.suppressed, 'neg'))));
+      h('div', { class: 'marg readouts' },
+        h('h4', { title: 'this edge’s output through the final norm and the unembedding (logit lens)' }, 'Output promotes'),
+        ov.key_token_rank ? h('p', { class: 'muted small' }, 'the attended token “', labelToken(ov.key_token), `” ranks ${ov.key_token_rank} here`) : null,
+        logitList(ov.promoted, 'pos'),
+        h('h4', { title: 'this edge’s output through the final norm and the unembedding (logit lens)' }, 'Output suppresses'),
+        logitList(ov.suppressed, 'neg')),
+      ov.key_token_readout && ov.key_token_readout.length
+        ? h('div', { class: 'marg readouts' },
+          h('h4', { title: 'the OV circuit applied to the attended token’s embedding alone: what the head writes for this token in any context (a copying head lists the token itself)' },
+            'OV on “', labelToken(ov.key_token), '” alone'),
+          h('p', { class: 'muted small' }, 'what the head writes for this token in any context'),
+          logitList(ov.key_token_readout, 'pos'))
+        : null));
 }
 
 /** SVG summary of the panel (for export): check line, top QK terms and top OV terms. */
