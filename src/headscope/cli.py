@@ -292,6 +292,53 @@ def _corpus_build(args):
     _emit(args, stats.to_dict(), format_stats(stats))
 
 
+def _describe(args):
+    from headscope.analysis.describe import describe, describe_examples, head_patterns
+    from headscope.analysis.rules import load_rules
+    from headscope.files import read_json
+    from headscope.operations.text import describe_text
+    from headscope.store import open_run
+
+    rules = load_rules(args.rules)
+    run = open_run(args.run)
+    config = run.manifest["config"]
+    n = {"counterexamples": args.counterexamples}
+    if args.on == "stored":
+        vocab = read_json(run.path / "vocab.json")
+        result = describe_examples(run.head(args.head), rules, lambda i: vocab[str(i)], **n)
+    else:
+        args.model = args.model or config.get("model", "default")
+        adapter = _adapter(args)
+        if args.on == "examples":
+            result = describe_examples(
+                run.head(args.head), rules, adapter.tokens.display, adapter=adapter, **n
+            )
+        else:
+            from headscope.precompute.config import PrecomputeConfig
+            from headscope.precompute.sequences import iter_sequences
+
+            cfg = PrecomputeConfig.from_dict(config)
+            if cfg.data is None:
+                from headscope.data.corpus import ensure_default_corpus
+
+                data = ensure_default_corpus()
+            else:
+                data = Path(cfg.data)
+            limit = min(args.sequences or cfg.n_sequences, cfg.n_sequences)
+            seqs = iter_sequences(
+                adapter.tokens, data, cfg.seq_len, text_field=cfg.text_field, limit=limit
+            )
+            result = describe(
+                head_patterns(adapter, ((q.index, q.ids) for q in seqs), args.head),
+                args.head,
+                rules,
+                adapter.tokens.display,
+                source=f"the run's dataset ({limit} sequences of {cfg.seq_len} tokens, re-read)",
+                **n,
+            )
+    _emit(args, result, describe_text(result))
+
+
 # ----- the parser ---------------------------------------------------------------------------------
 _GROUPS: dict[str, Any] = {}
 
@@ -447,6 +494,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--out", help="output folder (default: in $HEADSCOPE_CACHE, see docs/corpus.md)"
     )
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = _command(
+        sub,
+        "describe",
+        _describe,
+        "test a head's description (named rules over query/key pairs, docs/describe.md) on a "
+        "run: coverage of its attention, events and top examples, and counterexamples",
+    )
+    sp.add_argument("run", help="run folder")
+    sp.add_argument("head", help="a head such as L5H3")
+    sp.add_argument("rules", help="rules file (YAML)")
+    sp.add_argument(
+        "--on",
+        choices=["dataset", "examples", "stored"],
+        default="dataset",
+        help="dataset: the run's sequences re-read and run through the model up to the head's "
+        "layer; examples: the head's stored example sequences, patterns recomputed; stored: "
+        "the stored sparse patterns only (no model)",
+    )
+    sp.add_argument("--sequences", type=int, help="read at most this many (dataset)")
+    sp.add_argument("--counterexamples", type=int, default=10, help="counterexamples to list")
+    sp.add_argument("--model", help="the model to run; none given: the run's model")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     sp.add_argument("--json", action="store_true", help="print JSON")
     return p
 
