@@ -46,6 +46,10 @@ def _args(root, model) -> dict[str, list[str]]:
             "--dictionaries", str(root / "d"), "--text", TEXT, "--layer", "0",
             "--source-feature", "1", "--source-pos", "4", "--target-feature", "2", "--target-pos", "12",
         ],
+        "describe-text": ["--text", TEXT, "--head", "L1H2", "--rules", "- {name: prev, distance: 1}"],
+        "knockout": [
+            "--text", TEXT, "--head", "L2H1", "--query", "12", "--keys", "4", "3", "--rule", "key: {text: c}",
+        ],
     }  # fmt: skip
 
 
@@ -62,6 +66,8 @@ TEXT_HAS = {
     "intervene": "score",
     "virtual-weights": "same side:",
     "head-loadings": "share",
+    "describe-text": "all rules",
+    "knockout": "where the attention goes",
 }
 
 

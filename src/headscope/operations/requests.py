@@ -14,8 +14,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from headscope.analysis.rules import Rule, RuleSet, rule_input
 from headscope.limits import (
     MAX_GEOMETRY_PROMPTS,
     MAX_HEADS,
@@ -230,3 +231,36 @@ class HeadLoadingsRequest(Request):
     source_pos: Position
     target_feature: int = Field(ge=0)
     target_pos: Position
+
+
+RuleSetInput = Annotated[
+    RuleSet,
+    Field(
+        description="the head's description: named rules (docs/describe.md), as an object or "
+        "as YAML/JSON text"
+    ),
+]
+RuleInput = Annotated[Rule, BeforeValidator(rule_input)]
+
+
+class DescribeTextRequest(Request):
+    text: Text
+    head: HeadName
+    rules: RuleSetInput
+    counterexamples: int = Field(10, ge=0, le=100, description="counterexamples to list")
+
+
+class KnockoutRequest(Request):
+    text: Text
+    head: HeadName
+    query: Position = Field(-1, description="the query position whose attention row to change")
+    keys: list[Position] | None = Field(
+        None, max_length=MAX_HEADS, description="key positions to knock out of the softmax"
+    )
+    rule: RuleInput | None = Field(
+        None,
+        description="knock out every key this rule matches (docs/describe.md), as an object or "
+        "as YAML/JSON text",
+    )
+    cheap_only: bool = Field(False, description="skip the exact knockout (its forward pass)")
+    top: int = Field(10, ge=1, le=1000, description="keys whose attention changes most to list")

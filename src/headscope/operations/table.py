@@ -190,6 +190,20 @@ def _head_loadings(ctx: Context, r: Q.HeadLoadingsRequest) -> R.HeadLoadingsResu
     )
 
 
+def _describe_text(ctx: Context, r: Q.DescribeTextRequest) -> R.DescribeResult:
+    from headscope.analysis.describe import describe_text
+
+    return describe_text(ctx.session, r.text, r.head, r.rules, counterexamples=r.counterexamples)
+
+
+def _knockout(ctx: Context, r: Q.KnockoutRequest) -> R.KnockoutResult:
+    from headscope.analysis.knockout import knockout
+
+    return knockout(
+        ctx.session, r.text, r.head, r.query, r.keys, r.rule, exact=not r.cheap_only, top=r.top
+    )
+
+
 OPERATIONS: list[Operation] = [
     Operation(
         "tokenize",
@@ -262,5 +276,19 @@ OPERATIONS: list[Operation] = [
         "each head's share of a feature-to-feature edge between adjacent layers",
         _head_loadings,
         T.head_loadings_text,
+    ),
+    Operation(
+        "describe-text",
+        "test a head's description (named rules over query/key pairs) on one text: coverage "
+        "and counterexamples",
+        _describe_text,
+        T.describe_text,
+    ),
+    Operation(
+        "knockout",
+        "remove keys (or the keys a rule matches) from a head's softmax at one query and see "
+        "where the attention goes",
+        _knockout,
+        T.knockout_text,
     ),
 ]
