@@ -728,6 +728,23 @@ def test_feature_basis_is_offered_only_where_the_server_has_a_dictionary(page, c
     shot(page, "feature_basis", full_page=False)
 
 
+def test_a_feature_row_opens_its_virtual_weights_explained(page, code_live_url, shot):
+    present = DICTIONARY_LAYERS[-1]
+    view = f"#/head/L{present}H0?ex=0&q=5&k=3&basis=sae"
+    open_view(page, code_live_url, view, f"head:L{present}H0")
+    panel = page.locator(".attribution")
+    panel.locator("h3 span", has_text="basis: SAE features").wait_for(timeout=LIVE_TIMEOUT)
+    panel.locator(".terms td.comp-feature.clickable").nth(1).click()  # a key-side feature
+    vw = panel.locator("#virtual-weights")
+    vw.locator("table").nth(1).locator("tbody tr").first.wait_for(timeout=LIVE_TIMEOUT)
+    text = vw.inner_text()
+    assert "same side" in text.lower() and "other side" in text.lower()
+    assert "can hardly tell them apart" in text
+    assert vw.locator("table").nth(0).locator("tbody tr").count() == 10
+    vw.scroll_into_view_if_needed()
+    shot(vw, "virtual_weights")
+
+
 def test_sweep_without_heads_starts_from_the_heads_that_fit_the_model(page, live_url, shot):
     """The default form ranks every head on the first value and sweeps the top three, saying
     why, instead of a fixed head that may show nothing on this model's tokenizer."""

@@ -230,6 +230,7 @@ export const api = {
   composition: (req) => post('api/composition', req),
   sweep: (req) => post('api/sweep', req),
   geometry: (req) => post('api/geometry', req),
+  virtualWeights: (req) => post('api/virtual-weights', req),
 };
 
 const SPECIAL = /^<\|?[^<>]*\|?>$/;

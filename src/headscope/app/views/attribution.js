@@ -19,7 +19,7 @@ function bar(value, maxAbs) {
     h('div', { class: `vbar-fill ${pos ? 'pos' : 'neg'}`, style: { width: `${(f * 50).toFixed(1)}%`, [pos ? 'left' : 'right']: '50%' } }));
 }
 
-function componentCell(name, features, ctx) {
+function componentCell(name, features, ctx, onFeature = null) {
   const d = describeComponent(name, features);
   const tag = ['bias', 'error'].includes(d.kind) ? h('span', { class: `tag tag-${d.kind}` }, d.kind === 'error' ? 'error' : 'bias') : null;
   const text = d.kind === 'head' && ctx ? h('a', { href: ctx.href(['head', d.head]) }, d.text) : d.text;
@@ -40,26 +40,55 @@ function componentCell(name, features, ctx) {
     cell.addEventListener('focus', () => { const r = cell.getBoundingClientRect(); showTip(card(), r.right, r.top); });
     cell.addEventListener('blur', hideTip);
   }
+  if (d.kind === 'feature' && onFeature) {
+    cell.classList.add('clickable');
+    cell.title = `${name}: click for its virtual weights through this head`;
+    cell.addEventListener('click', () => onFeature(name));
+  }
   const kindClass = d.kind === 'bias' || d.kind === 'error' ? `row-${d.kind}` : '';
   return { cell, kindClass };
+}
+
+/** Virtual weights of one feature through a head's W_Q or W_K (live server), explained. */
+function virtualWeightsPanel(panel, head, label, side) {
+  const p = parseComponent(label);
+  const other = side === 'key' ? 'query' : 'key';
+  clear(panel).append(loading(`Virtual weights of ${label} through ${head}…`));
+  data.api.virtualWeights({ head, feature: p.index, side }).then((vw) => {
+    const list = (rows) => h('table', { class: 'data compact' },
+      h('thead', {}, h('tr', {}, h('th', { class: 'num' }, 'cosine'), h('th', {}, 'feature'))),
+      h('tbody', {}, rows.slice(0, 10).map((r) => h('tr', {}, h('td', { class: 'num' }, fixed(r.cosine, 3)),
+        h('td', {}, r.feature, r.card && r.card.label ? h('span', { class: 'muted' }, ` · ${r.card.label}`) : null)))));
+    clear(panel).append(h('h4', {}, `Virtual weights · ${vw.feature} through ${vw.head}’s ${side} projection`),
+      h('div', { class: 'attr-grid' },
+        h('div', { class: 'marg' }, h('h4', {}, 'Same side'),
+          h('p', { class: 'muted small' }, `features whose ${side} projections point the same way: the head can hardly tell them apart as ${side}s`),
+          list(vw.same_side)),
+        h('div', { class: 'marg' }, h('h4', {}, 'Other side'),
+          h('p', { class: 'muted small' }, `${other}-side features this ${side} matches: a high score when they meet`),
+          list(vw.other_side))));
+  }).catch((err) => clear(panel).append(errorBox(err)));
 }
 
 function qkBlock(qk, ctx) {
   const features = qk.features || {};
   const terms = qk.terms || [];
   const maxAbs = Math.max(1e-12, ...terms.map((t) => Math.abs(t.value)));
+  const vwPanel = h('div', { class: 'vw-panel', id: 'virtual-weights' });
+  const onQuery = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'query');
+  const onKey = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'key');
   const termRows = terms.map((t, i) => {
-    const a = componentCell(t.query, features, ctx);
-    const b = componentCell(t.key, features, ctx);
+    const a = componentCell(t.query, features, ctx, onQuery);
+    const b = componentCell(t.key, features, ctx, onKey);
     return h('tr', { class: [a.kindClass, b.kindClass].filter(Boolean).join(' ') },
       h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(t.value)), h('td', { class: 'barcell' }, bar(t.value, maxAbs)));
   });
-  const marg = (rows, title) => {
+  const marg = (rows, title, onFeature) => {
     const mx = Math.max(1e-12, ...(rows || []).map((r) => Math.abs(r.value)));
     return h('div', { class: 'marg' }, h('h4', {}, title), h('div', { class: 'table-scroll' }, h('table', { class: 'data compact' },
       h('thead', {}, h('tr', {}, h('th', {}, 'component'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
       h('tbody', {}, (rows || []).map((r) => {
-        const c = componentCell(r.component, features, ctx);
+        const c = componentCell(r.component, features, ctx, onFeature);
         return h('tr', { class: c.kindClass }, c.cell, h('td', { class: 'num' }, fixed(r.value)), h('td', { class: 'barcell' }, bar(r.value, mx)));
       })))));
   };
@@ -77,8 +106,9 @@ function qkBlock(qk, ctx) {
       h('div', { class: 'terms' }, h('h4', {}, `Top ${terms.length}${qk.n_terms ? ` of ${qk.n_terms}` : ''} terms (query component × key component)`), h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact' },
         h('thead', {}, h('tr', {}, h('th', { class: 'num' }, '#'), h('th', {}, 'query component'), h('th', {}, 'key component'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
         h('tbody', {}, termRows)))),
-      marg(qk.query_marginals, 'Query marginals'),
-      marg(qk.key_marginals, 'Key marginals')));
+      marg(qk.query_marginals, 'Query marginals', onQuery),
+      marg(qk.key_marginals, 'Key marginals', onKey)),
+    vwPanel);
 }
 
 // The OV value-side table: each component's output through this edge (attention × its value ×
