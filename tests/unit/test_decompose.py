@@ -94,7 +94,7 @@ def test_mtc_recovers_a_feature_moved_by_one_head(moved, one_thread):
     dec = mtc.W_dec.detach()
     f = int(dec[:, MOVED_OUT].abs().argmax())
     assert dec[f, MOVED_OUT].abs() > 0.95  # the decoder writes the moved feature's direction
-    assert loads[f, 0] > 0.8, loads[f]  # ... moved by L0H0, the previous-token head
+    assert loads[f, 0] > 0.7, loads[f]  # ... moved by L0H0, the previous-token head
     g = int(dec[:, OTHER_OUT].abs().argmax())
     assert loads[g].argmax() == 1, loads[g]  # the other feature by L0H1
 

@@ -47,7 +47,7 @@ class QKConfig:
     variant: QKVariant = "softmax"
     l1: float = 1e-3  # on each side's activations
     l1_product: float = 1e-3  # on Σ_f gq·gk over causal pairs
-    neg: float = 1e-5
+    neg: float = 1e-3
     q_scale: float = 1.0
     k_scale: float = 1.0
     window: int | None = None  # the head's sliding window, if any

@@ -84,7 +84,7 @@ def train_qk(
     variant: QKVariant = "softmax",
     l1: float = 1e-3,
     l1_product: float = 1e-3,
-    neg: float = 1e-5,
+    neg: float = 1e-3,
     epochs: int = 8,
     batch_size: int = 8,
     lr: float = 3e-3,

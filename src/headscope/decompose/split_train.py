@@ -135,20 +135,23 @@ def init_split(
     return split
 
 
-def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, iters: int = 30) -> Tensor:
-    """``[n]`` cluster of each row of ``x [n, d]`` by direction (k-means on unit rows, cosine
-    similarity; k-means++ seeding from ``seed``)."""
+def spherical_kmeans(
+    x: Tensor, k: int, weight: Tensor | None = None, *, seed: int = 0, iters: int = 30
+) -> Tensor:
+    """``[n]`` cluster of each row of ``x [n, d]`` by direction: k-means on unit rows with cosine
+    similarity, rows weighted by ``weight [n]`` (default 1), k-means++ seeding from ``seed``."""
     u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w = torch.ones(len(u), device=x.device) if weight is None else weight.float()
     gen = torch.Generator().manual_seed(seed)
-    centres = [u[int(torch.randint(len(u), (1,), generator=gen))]]
+    centres = [u[int(torch.multinomial(w.cpu() + 1e-12, 1, generator=gen))]]
     for _ in range(1, k):
         sim = (u @ torch.stack(centres).T).amax(-1)  # [n]
-        weight = (1 - sim).clamp_min(0) + 1e-12
-        centres.append(u[int(torch.multinomial(weight.cpu(), 1, generator=gen))])
+        spread = w * (1 - sim).clamp_min(0) + 1e-12
+        centres.append(u[int(torch.multinomial(spread.cpu(), 1, generator=gen))])
     c = torch.stack(centres)  # [k, d]
     for _ in range(iters):
         label = (u @ c.T).argmax(-1)
-        new = torch.zeros_like(c).index_add_(0, label, u)
+        new = torch.zeros_like(c).index_add_(0, label, u * w[:, None])
         empty = new.norm(dim=-1) == 0
         new[empty] = c[empty]
         c = new / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -157,18 +160,15 @@ def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, iters: int = 30) -> Te
 
 def _routes(split: HeadSplit, data: LayerData, y: Tensor, k: int, seed: int) -> Tensor:
     """``[N, T]`` the sub-head each position starts out handling: spherical k-means of the
-    original head's centred, pre-RoPE queries (which behaviour the head is asked for), fitted
-    on the positions with the larger half of output norms (where it does something)."""
+    original head's centred, pre-RoPE queries (which behaviour the head is asked for), each
+    position weighted by its squared output norm (how much the head does there)."""
     with torch.no_grad():
         # the sub-heads' mean query weights are the original's up to the noise
         q = split.normalise(data.resid) @ split.W_Q.mean(0) + split.b_Q.mean(0)  # [N, T, D']
     rows = (q - q[:, 1:].mean((0, 1))).reshape(-1, q.shape[-1])
-    norms = y.reshape(-1, y.shape[-1]).norm(dim=-1)
-    big = norms >= norms.median()
-    label = spherical_kmeans(rows[big], k, seed=seed)
-    u = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    centres = torch.zeros(k, rows.shape[-1], device=y.device).index_add_(0, label, u[big])
-    return (u @ centres.T).argmax(-1).view(y.shape[:2])
+    weight = y.reshape(-1, y.shape[-1]).pow(2).sum(-1)
+    weight.view(y.shape[:2])[:, 0] = 0.0
+    return spherical_kmeans(rows, k, weight, seed=seed).view(y.shape[:2])
 
 
 def _simplicity_ref(split: HeadSplit) -> float:
