@@ -285,6 +285,40 @@ def _compare(args):
     _emit(args, result, format_text(result))
 
 
+def _motifs_fit(args):
+    from headscope.precompute.motif_space import fit_space
+
+    out = fit_space(args.runs, args.out)
+    _emit(args, {"space": str(out)}, f"motif space fitted on {len(args.runs)} runs: {out}")
+
+
+def _motifs_map(args):
+    from headscope.files import write_json
+    from headscope.precompute.motif_space import map_across
+
+    m = map_across(args.runs, space=args.space, method=args.method, n_neighbors=args.neighbors)
+    if args.out:
+        write_json(args.out, m.model_dump())
+    text = "\n".join(
+        f"{x:+8.3f} {y:+8.3f}  {h}" for h, (x, y) in zip(m.heads, m.coords, strict=True)
+    )
+    _emit(args, m, text + (f"\nwritten to {args.out}" if args.out else ""))
+
+
+def _similar(args):
+    from headscope.precompute.motif_space import similar_across
+
+    run_a, sep, head = args.head.rpartition(":")
+    if not sep:
+        raise InputError(f"{args.head!r}: write RUN_A:HEAD, e.g. runs/smollm2:L18H6")
+    r = similar_across(run_a, head, args.run_b, space=args.space, top=args.top)
+    lines = [
+        f"heads of {r.run_b} nearest to {r.head} of {r.run_a} (energy distance in one motif space):"
+    ]
+    lines += [f"  {n.head:>8}  {n.distance:.4f}" for n in r.nearest]
+    _emit(args, r, "\n".join(lines))
+
+
 def _corpus_build(args):
     from headscope.data.corpus import build_corpus, default_corpus_path, format_stats
 
@@ -352,6 +386,7 @@ def _groups(sub, word: str):
             "export": "export a run",
             "import": "import a run",
             "corpus": "the default corpus",
+            "motifs": "heads of several runs (models) in one pattern-motif space",
         }[word]
         _GROUPS[key] = sub.add_parser(word, help=help_).add_subparsers(
             dest=f"{word}_cmd", required=True, metavar="COMMAND"
@@ -451,6 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run folder")
     sp.add_argument("summary", help="summary JSON: a config and per-metric [layer][head] grids")
     sp.add_argument("--top", type=int, default=5, help="most-disagreeing heads to list per metric")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = _command(sub, "motifs fit", _motifs_fit, "fit one motif space on the patterns of runs")
+    sp.add_argument("runs", nargs="+", help="run folders (any models)")
+    sp.add_argument("--out", required=True, help="the space's file (.safetensors)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp = _command(sub, "motifs map", _motifs_map, "every head of several runs on one 2-D map")
+    sp.add_argument("runs", nargs="+", help="run folders (any models)")
+    sp.add_argument("--space", help="a fitted motif space (default: fitted on these runs)")
+    sp.add_argument("--method", choices=["isomap", "tsne", "umap"], default="isomap")
+    sp.add_argument("--neighbors", type=int, default=16, help="neighbourhood size / perplexity")
+    sp.add_argument("--out", help="write the map as JSON here")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp = _command(sub, "similar", _similar, "the heads of one run nearest to a head of another")
+    sp.add_argument("head", metavar="RUN_A:HEAD", help="e.g. runs/smollm2:L18H6")
+    sp.add_argument("run_b", metavar="RUN_B", help="the run (model) to search")
+    sp.add_argument("--space", help="a fitted motif space (default: fitted on the two runs)")
+    sp.add_argument("--top", type=int, default=10, help="heads to list")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = _command(
