@@ -173,8 +173,10 @@ SMALL_RUN = dict(
 )
 
 
-def build_tiny_run(root, arch: str = "llama", *, model=None, data=None, **overrides):
-    """Precompute a small run of a tiny model into ``root/run``; returns the run folder.
+def build_tiny_run(
+    root, arch: str = "llama", *, model=None, data=None, name: str = "run", **overrides
+):
+    """Precompute a small run of a tiny model into ``root/name``; returns the run folder.
 
     ``model``/``data``: an existing model folder / dataset (default: a tiny ``arch`` model and
     :func:`write_texts`); ``overrides``: any :class:`PrecomputeConfig` field.
@@ -188,4 +190,4 @@ def build_tiny_run(root, arch: str = "llama", *, model=None, data=None, **overri
     model = model if model is not None else save_tiny(arch, root / "model")
     data = data if data is not None else write_texts(root / "data.jsonl")
     cfg = PrecomputeConfig(model=str(model), data=str(data), **{**SMALL_RUN, **overrides})
-    return run_precompute(cfg, root / "run", progress=False)
+    return run_precompute(cfg, root / name, progress=False)

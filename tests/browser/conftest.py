@@ -28,7 +28,7 @@ from headscope.store.headvis import export_headvis, import_headvis
 from headscope.store.static import export_static
 from tests.browser.static_server import StaticServer
 from tests.browser.synthetic_run import write_synthetic_run
-from tests.tiny_models import build, save_tiny, write_texts
+from tests.tiny_models import build, build_tiny_run, save_tiny, write_texts
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
@@ -123,30 +123,29 @@ def write_corpus(path: Path) -> Path:
     return path
 
 
+# the browser's tiny runs: longer sequences and more PCA pairs than a unit test's
+BROWSER_RUN = dict(
+    sequences=16, seq_len=64, motif_sequences=8, pca_pairs=64, probe_sequences=4, probe_length=16
+)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyRun:
     """A real precompute of a tiny random llama (3 layers x 4 heads, byte-level tokenizer)."""
     root = tmp_path_factory.mktemp("tiny")
     model_dir = save_tiny("llama", root / "model")
-    data = write_corpus(root / "data.jsonl")
-    cfg = PrecomputeConfig(
-        model=str(model_dir),
-        data=str(data),
-        sequences=16,
-        seq_len=64,
-        batch_size=4,
+    run_dir = build_tiny_run(
+        root,
+        model=model_dir,
+        data=write_corpus(root / "data.jsonl"),
         # more examples than the default (6 + 2 per bucket) so every token kind the tests
         # look for (newlines, tabs, spaces) is among the shown examples
         top_k=10,
         per_bucket=3,
         sparse_top_k=3,
         sparse_threshold=0.05,
-        motif_sequences=8,
-        pca_pairs=64,
-        probe_sequences=4,
-        probe_length=16,
+        **BROWSER_RUN,
     )
-    run_dir = run_precompute(cfg, root / "run", progress=False)
     precompute_attributions(run_dir, Session(ModelAdapter.load(str(model_dir))), ATTRIBUTED)
     return TinyRun(model_dir=Path(model_dir), run_dir=run_dir)
 
@@ -263,18 +262,10 @@ def code_run(tmp_path_factory) -> TinyRun:
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    cfg = PrecomputeConfig(
-        model=str(model_dir),
-        data=str(write_code_corpus(root / "code.jsonl")),
-        sequences=8,
-        seq_len=64,
-        batch_size=4,
-        motif_sequences=8,
-        pca_pairs=64,
-        probe_sequences=4,
-        probe_length=16,
+    data = write_code_corpus(root / "code.jsonl")
+    run_dir = build_tiny_run(
+        root, model=model_dir, data=data, name="tiny-code", **{**BROWSER_RUN, "sequences": 8}
     )
-    run_dir = run_precompute(cfg, root / "tiny-code", progress=False)
     for layer in DICTIONARY_LAYERS:
         sae = residual_sae(model.config.hidden_size, layer, seed=layer)
         save_sae(sae, run_dir / "dictionaries" / f"resid_L{layer}")
