@@ -373,6 +373,25 @@ def _describe(args):
     _emit(args, result, describe_text(result))
 
 
+def _decompose(args):
+    from headscope.data.corpus import ensure_default_corpus
+    from headscope.decompose.commands import run_command
+    from headscope.precompute.sequences import iter_sequences
+
+    ad = _adapter(args)
+    data = Path(args.data) if args.data else ensure_default_corpus()
+    seqs = iter_sequences(
+        ad.tokens, data, args.seq_len, text_field=args.text_field, limit=args.contexts
+    )
+    skip = {"cmd", "decompose_cmd", "handler", "model", "data", "text_field", "contexts", "json"}
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    options["out"] = Path(args.out)
+    if "variants" in options:
+        options["variants"] = tuple(options["variants"])
+    result, text = run_command(ad, (s.ids for s in seqs), args.decompose_cmd, **options)
+    _emit(args, result, text)
+
+
 # ----- the parser ---------------------------------------------------------------------------------
 _GROUPS: dict[str, Any] = {}
 
@@ -573,6 +592,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     sp.add_argument("--json", action="store_true", help="print JSON")
+
+    dec = sub.add_parser(
+        "decompose", help="train decompositions of one attention layer (MTC, QK, head split)"
+    ).add_subparsers(dest="decompose_cmd", required=True, metavar="COMMAND")
+    for name, help_ in (
+        ("mtc", "multi-token transcoders of a layer, with the single-head and SAE+MTC baselines"),
+        ("qk", "QK diagonalisation of one head: sparse query/key features that form its pattern"),
+        ("split", "split one head into k heads whose summed output reproduces it"),
+    ):
+        sp = dec.add_parser(name, help=help_, description=help_, formatter_class=_Help)
+        sp.set_defaults(handler=_decompose)
+        _model_args(sp, dtype=False)
+        _data_args(sp)
+        sp.add_argument("--layer", type=int, required=True)
+        sp.add_argument("--out", required=True, help="output folder (see docs/decompose.md)")
+        sp.add_argument("--contexts", type=int, default=96, help="packed contexts to read")
+        sp.add_argument("--seq-len", type=int, default=128, help="tokens per context")
+        sp.add_argument("--eval", dest="n_eval", type=int, default=16, help="held-out contexts")
+        sp.add_argument("--epochs", type=int, default=8, help="passes over the training contexts")
+        sp.add_argument("--lr", type=float, help="Adam learning rate (default: the method's)")
+        sp.add_argument("--seed", type=int, default=0)
+        if name == "mtc":
+            sp.add_argument(
+                "--variants",
+                nargs="+",
+                choices=["mtc", "single_head", "sae_mtc"],
+                default=["mtc", "single_head", "sae_mtc"],
+            )
+            sp.add_argument("--target", choices=["attn_out", "resid_post"], default="attn_out")
+            sp.add_argument("--n-features", type=int, default=512)
+            sp.add_argument("--k-moved", type=int, default=128, help="features moved per context")
+            sp.add_argument("--l1", type=float, default=2e-3)
+        else:
+            sp.add_argument("--head", type=int, required=True, help="query head in the layer")
+        if name == "qk":
+            sp.add_argument("--n-features", type=int, default=64)
+            sp.add_argument("--rank", type=int, default=1, help="1: scalar features; r: r-dim")
+            sp.add_argument("--variant", choices=["softmax", "linear"], default="softmax")
+            sp.add_argument("--l1", type=float, default=1e-3)
+        if name == "split":
+            sp.add_argument("--k", dest="k", type=int, default=2, help="sub-heads")
+            sp.add_argument("--d-head", type=int, help="sub-head dim (default: the head's)")
     return p
 
 

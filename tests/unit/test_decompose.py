@@ -215,3 +215,54 @@ def test_loading_the_wrong_folder_says_why(moved, tmp_path, one_thread):
         load_mtc(tmp_path / "mtc")
     with pytest.raises(DecomposeFormatError, match="has no cfg.json"):
         load_split(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2", "gpt_neox"])
+def test_one_noiseless_sub_head_is_the_head(arch, one_thread):
+    """k = 1 with no noise reproduces the head exactly: the split's own attention (norm, RoPE,
+    biases, scale, soft-cap, window) is the model's."""
+    from headscope.decompose import evaluate_split, head_target, init_split
+    from tests.tiny_models import random_tokens, tiny_adapter
+
+    adapter = tiny_adapter(arch)
+    data = capture_layer(adapter, random_tokens(12, batch=3), 1)
+    for head in (0, 3):
+        split = init_split(adapter, 1, [head], 1, noise=0.0)
+        stats = evaluate_split(split, data, head_target(adapter, data, [head]))
+        assert stats.fve > 1 - 1e-5, (arch, head, stats.fve)
+
+
+def test_qk_norm_models_cannot_be_split_yet(one_thread):
+    from headscope.decompose import init_split
+    from headscope.errors import InputError
+    from tests.tiny_models import tiny_adapter
+
+    with pytest.raises(InputError, match="QK-norm"):
+        init_split(tiny_adapter("qwen3"), 1, [0], 2)
+
+
+def test_cli_decompose_commands(tmp_path, capsys, one_thread):
+    from headscope.cli import main
+    from tests.tiny_models import save_tiny, write_texts
+
+    model = save_tiny("llama", tmp_path / "model")
+    data = write_texts(tmp_path / "data.jsonl")
+    common = ["--model", str(model), "--data", str(data), "--layer", "1", "--contexts", "8"]
+    common += ["--seq-len", "16", "--eval", "2", "--epochs", "1", "--json"]
+    runs = {
+        "mtc": ["--n-features", "16", "--k-moved", "8", "--variants", "mtc", "single_head"],
+        "qk": ["--head", "1", "--n-features", "4", "--rank", "2"],
+        "split": ["--head", "2", "--k", "2", "--d-head", "4"],
+    }
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["decompose", name, *common, "--out", str(out), *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        if name == "mtc":
+            assert [r["variant"] for r in result["rows"]] == ["mtc", "single_head"]
+            assert load_mtc(out / "single_head").cfg.variant == "single_head"
+        elif name == "qk":
+            assert result["head"] == "L1H1" and load_qk(out).cfg.rank == 2
+        else:
+            assert result["rows"][0]["k"] == 2 and load_split(out).cfg.d_head == 4
+            assert (out / "report.json").is_file()
