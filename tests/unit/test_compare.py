@@ -10,8 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headscope.precompute.config import PrecomputeConfig
-from headscope.precompute.runner import run_precompute
 from headscope.store import open_run
 from headscope.store.compare import (
     REFERENCE_METRICS,
@@ -22,7 +20,6 @@ from headscope.store.compare import (
     load_summary,
     reference_columns,
 )
-from tests.tiny_models import save_tiny, write_texts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "head_metrics"
 GEMMA = FIXTURES / "google-gemma-3-270m-monology-pile-uncopyrighted.json"
@@ -30,22 +27,8 @@ L, H = 3, 4  # the tiny llama
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("compare")
-    model = save_tiny("llama", root / "model")
-    data = write_texts(root / "data.jsonl")
-    cfg = PrecomputeConfig(
-        model=str(model),
-        data=str(data),
-        sequences=8,
-        seq_len=48,
-        batch_size=4,
-        motif_sequences=4,
-        pca_pairs=16,
-        probe_sequences=2,
-        probe_length=12,
-    )
-    return run_precompute(cfg, root / "run", progress=False)
+def run(tiny_run) -> Path:
+    return tiny_run()
 
 
 def grid_of(run: Path, metric: str) -> list[list[float]]:
