@@ -282,7 +282,13 @@ def _compare(args):
     from headscope.store.compare import compare_run, format_text
 
     result = compare_run(args.run, args.summary, top=args.top)
-    _emit(args, result, format_text(result))
+    text = format_text(result)
+    if args.add_columns:
+        from headscope.store.compare import add_reference_columns
+
+        cols = add_reference_columns(args.run, args.summary)
+        text += f"\nadded {', '.join(cols)} to the run's metrics (the app's scatter can plot them)"
+    _emit(args, result, text)
 
 
 def _motifs_fit(args):
@@ -505,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run folder")
     sp.add_argument("summary", help="summary JSON: a config and per-metric [layer][head] grids")
     sp.add_argument("--top", type=int, default=5, help="most-disagreeing heads to list per metric")
+    sp.add_argument(
+        "--add-columns",
+        action="store_true",
+        help="also add the summary's metrics to the run's table as ref:<metric> columns",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = _command(sub, "motifs fit", _motifs_fit, "fit one motif space on the patterns of runs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,8 +144,16 @@ def test_compare_prints_rank_correlations(tiny_run, tmp_path, capsys):
     assert rho["prev_token_score"] == pytest.approx(1.0) and rho[
         "pattern_entropy"
     ] == pytest.approx(-1.0)
-    assert main(["compare", str(run.path), str(tmp_path / "s.json")]) == 0
-    assert "prev_token_score" in capsys.readouterr().out
+    copy = shutil.copytree(run.path, tmp_path / "run")
+    assert main(["compare", str(copy), str(tmp_path / "s.json"), "--add-columns"]) == 0
+    assert "ref:prev_token_score" in capsys.readouterr().out
+    table = json.loads((copy / "metrics.json").read_text())
+    col = table["columns"].index("ref:prev_token_score")
+    own = table["columns"].index("prev_token_score")
+    assert all(r[col] == pytest.approx(r[own], abs=1e-6) for r in table["rows"])
+    assert "ref:prev_token_score" in open_run(copy).metrics.columns
+    assert main(["compare", str(copy), str(tmp_path / "s.json"), "--add-columns"]) == 0  # again
+    assert json.loads((copy / "metrics.json").read_text())["columns"] == table["columns"]
     (tmp_path / "bad.json").write_text("{")
     assert main(["compare", str(run.path), str(tmp_path / "bad.json")]) == 2
     assert "Traceback" not in capsys.readouterr().err

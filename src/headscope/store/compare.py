@@ -181,6 +181,40 @@ def reference_columns(run: Run, summary: ReferenceSummary) -> pd.DataFrame:
     )
 
 
+def add_reference_columns(run_dir: str | Path, summary_path: str | Path) -> list[str]:
+    """Add the summary's metrics to the run's metrics table (``metrics.parquet`` and
+    ``metrics.json``) as ``ref:<metric>`` columns, replacing earlier ones, so the app's scatter
+    can plot a run's metric against the reference's. Returns the column names."""
+    from headscope.files import read_json, write_json, write_with
+
+    run = open_run(run_dir)
+    summary = load_summary(summary_path)
+    cols = reference_columns(run, summary)
+    m = run.metrics
+    keep = [c for c in m.columns if not str(c).startswith(REFERENCE_PREFIX)]
+    table = pd.concat([m[keep], cols], axis=1)
+    write_with(run.path / "metrics.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    js = read_json(run.path / "metrics.json")
+    idx = [i for i, c in enumerate(js["columns"]) if not str(c).startswith(REFERENCE_PREFIX)]
+    heads = zip(m["layer"].astype(int), m["head"].astype(int), strict=True)
+    by_head = dict(zip(heads, cols.to_numpy(dtype=np.float64), strict=True))
+    names = [str(c) for c in cols.columns]
+    rows = []
+    for row in js["rows"]:
+        values = by_head[(int(row[0]), int(row[1]))]
+        rows.append(
+            [row[i] for i in idx] + [float(v) if math.isfinite(v) else None for v in values]
+        )
+    source = summary.model or Path(summary_path).name
+    docs = {k: v for k, v in js["docs"].items() if not k.startswith(REFERENCE_PREFIX)}
+    docs.update({n: f"{n[len(REFERENCE_PREFIX) :]} as published for {source}" for n in names})
+    write_json(
+        run.path / "metrics.json",
+        {"columns": [js["columns"][i] for i in idx] + names, "rows": rows, "docs": docs},
+    )
+    return names
+
+
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Descending ranks, 1 = highest; ties get their mean rank."""
     return pd.Series(values).rank(method="average", ascending=False).to_numpy()
