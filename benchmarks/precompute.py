@@ -22,8 +22,8 @@ import torch
 from headscope.data.corpus import ensure_default_corpus
 from headscope.model import ModelAdapter
 from headscope.precompute.config import PrecomputeConfig
-from headscope.precompute.runner import _batches, _process_batch
-from headscope.precompute.sequences import iter_sequences
+from headscope.precompute.runner import process_batch
+from headscope.precompute.sequences import batched, iter_sequences
 from headscope.precompute.state import StreamState
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     seqs = list(
         iter_sequences(ad.tokens, ensure_default_corpus(), args.seq_len, limit=args.sequences)
     )
-    batches = list(_batches(iter(seqs), args.batch_size))
+    batches = list(batched(iter(seqs), args.batch_size))
     cfg = PrecomputeConfig(
         model=args.model, dtype=args.dtype, seq_len=args.seq_len, batch_size=args.batch_size
     )
@@ -67,12 +67,12 @@ def main() -> None:
     state = StreamState(ad.spec, cfg)
 
     def pre(b):
-        _process_batch(ad, state, layers, b)
+        process_batch(ad, state, layers, b)
 
     with torch.no_grad():  # warm-up on the first batch, not counted (a throwaway state)
         full(batches[0])
         base(batches[0])
-        _process_batch(ad, StreamState(ad.spec, cfg), layers, batches[0])
+        process_batch(ad, StreamState(ad.spec, cfg), layers, batches[0])
     rows = []  # (tokens, plain s, base s, precompute s) per batch
     with torch.no_grad():
         for b in batches:

@@ -134,13 +134,38 @@ def test_token_display_keeps_spaces_newlines_and_partial_bytes():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_head_out_norm_is_the_norm_of_each_heads_output(arch):
-    from headscope.precompute.probes import head_out_norm
+    from headscope.precompute.runner import head_out_norm
 
     ad = tiny_adapter(arch)
     cap = ad.run(random_tokens(9, seed=4, batch=2))
     for layer, t in cap.layers.items():
         expected = ad.head_outputs(t.z, layer).norm(dim=-1).transpose(1, 2)  # [B, H, T]
         assert torch.allclose(head_out_norm(ad, t.z, layer), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stop_after_computes_nothing_after_that_layer(arch):
+    ad = tiny_adapter(arch)
+    ids = random_tokens(9, seed=5, batch=2)
+    full = ad.run(ids, residuals=True, patterns=False)
+    ran: list[int] = []
+    hooks = [ad.layer(i).register_forward_hook(lambda *_, i=i: ran.append(i)) for i in range(3)]
+    try:
+        cap = ad.run(ids, patterns=False, logits=False, resid_layers=[1, 2], stop_after=1)
+        assert ran == [0, 1] and sorted(cap.layers) == [0, 1]
+        # the residual entering the next layer is still captured
+        assert torch.equal(cap.resid_pre[2], full.resid_pre[2])
+        assert torch.equal(cap.resid_pre[1], full.resid_pre[1]) and cap.logits is None
+        ran.clear()
+        cap = ad.run(ids, patterns=False, logits=False, resid_layers=[0], stop_after=-1)
+        assert ran == [] and torch.equal(cap.resid_pre[0], full.resid_pre[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="logits"):
+        ad.run(ids, stop_after=1)
+    with pytest.raises(ValueError, match="stop_after"):
+        ad.run(ids, logits=False, stop_after=3)
 
 
 @pytest.mark.parametrize("scaling", [0.125, 0.3535533905932738])  # power of two, and not

@@ -23,8 +23,7 @@ from headscope.dictionaries.pipeline import (
 )
 from headscope.dictionaries.reports import value_cluster_report, z_head_report
 from headscope.dictionaries.sae import SAE, SAEConfig
-from headscope.precompute.runner import _batches, _stack
-from headscope.precompute.sequences import iter_sequences
+from headscope.precompute.sequences import batched, iter_sequences, stack
 from tests.tiny_models import tiny_adapter, write_texts
 
 SITES = [("resid", (0,)), ("resid", (2,)), ("z", (1,)), ("v", (0, 1))]
@@ -125,8 +124,9 @@ def _stream_acts(adapter, data, sae, key, skip: int, n_tokens: int):
     for _ in range(skip):
         next(seqs)
     rows, windows, seen = [], [], 0
-    for batch in _batches(seqs, 8):
-        _, ids, _, valid = _stack(batch, adapter.tokens.bos_id)
+    for batch in batched(seqs, 8):
+        packed = stack(batch, adapter.tokens.bos_id)
+        ids, valid = packed.ids, packed.valid
         x = capture_sites(adapter, ids, [(sae.cfg.site, sae.cfg.layers)])[key]
         with torch.no_grad():
             a = sae.encode(x)  # [B, T, F]

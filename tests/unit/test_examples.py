@@ -9,13 +9,13 @@ from safetensors.torch import load_file, save_file
 from headscope.metrics import LayerBatch
 from headscope.precompute.examples import (
     BUCKET_EDGES,
+    ExamplePayloads,
     ExampleSelector,
     bucket_of,
     causal_topk,
     received_maxima_,
     sequence_max_attention,
 )
-from headscope.precompute.state import ExamplePayloads
 from headscope.precompute.toptokens import TopTokens
 from tests.unit.test_metrics import make_batch
 
@@ -36,7 +36,7 @@ def feed(sel: ExampleSelector, s: torch.Tensor, order: torch.Tensor, batch: int)
     for layer in range(L):
         for start in range(0, len(order), batch):
             idx = order[start : start + batch]
-            sel.update(layer, idx, s[layer, idx])
+            sel.offer(layer, idx, s[layer, idx])
 
 
 def test_order_and_batch_size_do_not_matter():
@@ -227,7 +227,7 @@ def test_toptokens_by_hand():
         ]
     )[None, None]
     tt = TopTokens(1, 1)
-    tt.update(0, a, tokens, torch.ones(1, 4, dtype=torch.bool))
+    tt.update(make_batch(a, tokens))
     top = tt.top_tokens(min_count=1, k=5)[(0, 0)]
     # query mass 1 - A[q, 0]: token 5 at q=1 (0.5) and q=3 (0.9); token 7 at q=2 (0.8)
     assert top["query"] == [(7, pytest.approx(0.8), 1), (5, pytest.approx(0.7), 2)]
@@ -245,7 +245,7 @@ def test_toptokens_matches_loop_reference_with_padding():
     valid[1, 8:] = False
     pattern[1, :, 8:] = 0.25  # padding rows hold junk
     tt = TopTokens(2, H)
-    tt.update(1, pattern, tokens, valid)
+    tt.update(make_batch(pattern, tokens, valid, layer=1))
     ref = toptokens_reference(pattern, tokens, valid)
     top = tt.top_tokens(min_count=1, k=100)
     for h in range(H):
@@ -267,7 +267,7 @@ def test_toptokens_ranking_ties_break_by_token_id():
     a[0, 0, 0, 0] = 1.0
     tokens = torch.tensor([[0, 40, 30, 20, 10, 50]])
     tt = TopTokens(1, 1)
-    tt.update(0, a, tokens, torch.ones(1, T, dtype=torch.bool))
+    tt.update(make_batch(a, tokens))
     assert [t for t, _, _ in tt.top_tokens(min_count=1, k=3)[(0, 0)]["query"]] == [10, 20, 30]
 
 
@@ -275,13 +275,13 @@ def test_toptokens_merge_equals_sequential_and_state_round_trip(tmp_path):
     B, H, T = 4, 3, 10
     pattern = random_causal_tt(B, H, T, seed=3)
     tokens = torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(4))
-    valid = torch.ones(B, T, dtype=torch.bool)
     seq = TopTokens(1, H)
-    seq.update(0, pattern[:2], tokens[:2], valid[:2])
-    seq.update(0, pattern[2:], tokens[2:], valid[2:])
+    first, second = make_batch(pattern[:2], tokens[:2]), make_batch(pattern[2:], tokens[2:])
+    seq.update(first)
+    seq.update(second)
     a, b = TopTokens(1, H), TopTokens(1, H)
-    a.update(0, pattern[2:], tokens[2:], valid[2:])  # other order: different column layout
-    b.update(0, pattern[:2], tokens[:2], valid[:2])
+    a.update(second)  # other order: different column layout
+    b.update(first)
     a.merge(b)
     sa, ss = a.state_dict(), seq.state_dict()
     assert torch.equal(sa["tokens"], ss["tokens"])
@@ -297,14 +297,14 @@ def test_toptokens_merge_equals_sequential_and_state_round_trip(tmp_path):
     back = TopTokens(1, H)
     back.load_state_dict(load_file(tmp_path / "tt.safetensors"))
     assert back.top_tokens(min_count=1) == a.top_tokens(min_count=1)
-    back.update(0, pattern, tokens, valid)  # keeps working after a load
+    back.update(make_batch(pattern, tokens))  # keeps working after a load
     assert back.state_dict()["query_count"].sum() == 2 * a.state_dict()["query_count"].sum()
 
 
 def test_toptokens_tables_hold_only_seen_tokens():
     tt = TopTokens(2, 2)
     tokens = torch.tensor([[100_000, 7, 262_000, 7]])
-    tt.update(0, random_causal_tt(1, 2, 4, 0), tokens, torch.ones(1, 4, dtype=torch.bool))
+    tt.update(make_batch(random_causal_tt(1, 2, 4, 0), tokens))
     assert tt.state_dict()["tokens"].tolist() == [7, 262_000]  # position 0 is never counted
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from headscope.metrics import LayerBatch
 from headscope.precompute.pca import PairCollector, _pca, orient_components
 
 
@@ -26,11 +27,29 @@ def random_inputs(S: int, H: int, T: int, D: int, d_out: int, seed: int):
     return pattern, q, k, v_o, tokens, valid
 
 
-def feed(pc: PairCollector, inputs, order, batch: int, layer: int = 0) -> None:
+def layer_batch(inputs, i: torch.Tensor, layer: int = 0) -> LayerBatch:
+    """The sequences ``i`` of ``inputs`` as one layer batch."""
     pattern, q, k, v_o, tokens, valid = inputs
+    B, H, T, _ = pattern[i].shape
+    doc_start = torch.zeros(B, T, dtype=torch.bool)
+    doc_start[:, 0] = True
+    return LayerBatch(
+        layer,
+        pattern[i],
+        tokens[i],
+        doc_start,
+        torch.ones(B, H, T),
+        valid[i],
+        seq_idx=i,
+        q=q[i],
+        k=k[i],
+        v_o=v_o[i],
+    )
+
+
+def feed(pc: PairCollector, inputs, order, batch: int, layer: int = 0) -> None:
     for start in range(0, len(order), batch):
-        i = order[start : start + batch]
-        pc.update(layer, i, pattern[i], q[i], k[i], v_o[i], tokens[i], valid[i])
+        pc.update(layer_batch(inputs, order[start : start + batch], layer))
 
 
 def brute_force(inputs, N: int):

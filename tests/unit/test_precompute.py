@@ -182,3 +182,47 @@ def test_peak_memory_does_not_grow_with_tokens(assets):
         rss[n] = _peak_rss_mb(cmd)
     print(f"peak RSS: 64 sequences {rss[64]:.0f} MB, 256 sequences {rss[256]:.0f} MB")
     assert abs(rss[256] - rss[64]) / rss[64] < 0.15
+
+
+def test_a_registered_metric_reaches_the_run(tmp_path):
+    """docs/architecture.md, "How to add a metric": registering is all the wiring there is."""
+    import pandas as pd
+    import torch
+
+    from headscope.metrics import METRICS, MetricPartial, register_metric
+    from headscope.precompute import probes  # noqa: F401  (the built-in probes register first)
+    from tests.tiny_models import build_tiny_run
+
+    @register_metric("_test_mean_sink")
+    def mean_sink(batch):
+        """Mean attention to position 0 (a test metric)."""
+        mask = batch.query_mask  # [B, T]
+        total = (batch.pattern[..., 0] * mask[:, None]).sum((0, 2), dtype=torch.float64)
+        count = mask.sum(dtype=torch.float64).expand(batch.n_heads).clone()
+        return MetricPartial(total, count)
+
+    @register_metric("_test_layer_index", kind="probe")
+    def layer_index(probe):
+        """The head's layer (a test probe)."""
+        s = probe.adapter.spec
+        return torch.arange(s.n_layers, dtype=torch.float32)[:, None].expand(-1, s.n_heads)
+
+    try:
+        run = build_tiny_run(tmp_path, sequences=4, motif_sequences=2)
+    finally:
+        del METRICS["_test_mean_sink"], METRICS["_test_layer_index"]
+    table = pd.read_parquet(run / "metrics.parquet")
+    # streaming metrics first, then probe and weight metrics, each in registration order
+    assert list(table.columns[-5:]) == [
+        "_test_mean_sink",
+        "prefix_matching_score",
+        "long_prefix_score",
+        "copying_score",
+        "_test_layer_index",
+    ]
+    assert (table["_test_mean_sink"] > 0).all() and table["_test_mean_sink"].le(1).all()
+    assert table["_test_layer_index"].tolist() == table["layer"].astype(float).tolist()
+    head = json.loads((run / "heads" / "L2H1.json").read_text())
+    assert head["metrics"]["_test_layer_index"] == 2.0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["metrics"]["_test_mean_sink"] == "Mean attention to position 0 (a test metric)."

@@ -15,13 +15,7 @@ from pathlib import Path
 import torch
 
 from headscope.model import ModelAdapter
-from headscope.model.capture import CaptureRequest, capturing
-from headscope.precompute.runner import _batches, _stack
-from headscope.precompute.sequences import iter_sequences
-
-
-class _Stop(Exception):
-    """Raised by a hook to end the forward pass once every needed layer has run."""
+from headscope.precompute.sequences import batched, iter_sequences, stack
 
 
 def site_key(site: str, layers: tuple[int, ...]) -> str:
@@ -40,40 +34,29 @@ def site_dim(adapter: ModelAdapter, site: str, layers: tuple[int, ...]) -> int:
 def capture_sites(
     adapter: ModelAdapter, ids: torch.Tensor, sites: list[tuple[str, tuple[int, ...]]]
 ) -> dict[str, torch.Tensor]:
-    """One forward pass of ``ids [B, T]`` -> ``{site key: [B, T, dim]}`` for every site."""
+    """One forward pass of ``ids [B, T]`` -> ``{site key: [B, T, dim]}`` for every site.
+
+    The pass stops once the deepest layer a site reads has run (a ``resid`` site at layer L
+    needs only the layers before L)."""
     s = adapter.spec
     resid_layers = {layer for site, layers in sites if site == "resid" for layer in layers}
     attn_layers = {layer for site, layers in sites if site != "resid" for layer in layers}
-    deepest = max(resid_layers | attn_layers)
-    got: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    for layer in sorted(resid_layers):
-
-        def pre(_m, args, kwargs, layer=layer):
-            got[("resid", layer)] = (args[0] if args else kwargs["hidden_states"]).detach()
-            if layer == deepest and layer not in attn_layers:
-                raise _Stop
-
-        handles.append(adapter.layer(layer).register_forward_pre_hook(pre, with_kwargs=True))
-
-    def on_layer(t) -> None:
-        B, T = t.z.shape[:2]
-        got[("z", t.layer)] = t.z.reshape(B, T, s.n_heads * s.d_head).detach()
-        got[("v", t.layer)] = t.v.transpose(1, 2).reshape(B, T, s.n_kv_heads * s.d_head).detach()
-        if t.layer == deepest:
-            raise _Stop
-
-    request = CaptureRequest(
-        layers=frozenset(attn_layers), patterns=False, on_layer=on_layer, store=False
+    deepest = max([layer - 1 for layer in resid_layers] + list(attn_layers))
+    cap = adapter.run(
+        ids,
+        layers=sorted(attn_layers),
+        patterns=False,
+        logits=False,
+        resid_layers=resid_layers,
+        stop_after=deepest,
     )
-    try:
-        with torch.no_grad(), capturing(request):
-            adapter.model.base_model(input_ids=ids.to(adapter.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    got: dict[tuple[str, int], torch.Tensor] = {
+        ("resid", layer): cap.resid_pre[layer] for layer in resid_layers
+    }
+    for layer, t in cap.layers.items():
+        B, T = t.z.shape[:2]
+        got[("z", layer)] = t.z.reshape(B, T, s.n_heads * s.d_head)
+        got[("v", layer)] = t.v.transpose(1, 2).reshape(B, T, s.n_kv_heads * s.d_head)
     out = {}
     for site, layers in sites:
         out[site_key(site, layers)] = torch.cat([got[(site, layer)] for layer in layers], dim=-1)
@@ -96,11 +79,11 @@ def iter_activations(
     seqs = iter_sequences(adapter.tokens, data, seq_len, text_field=text_field)
     for _ in range(skip_sequences):
         next(seqs, None)
-    for batch in _batches(seqs, batch_size):
-        _, ids, _, valid = _stack(batch, adapter.tokens.bos_id)
-        keep = valid.clone()
+    for batch in batched(seqs, batch_size):
+        packed = stack(batch, adapter.tokens.bos_id)
+        keep = packed.valid.clone()
         keep[:, 0] = False
-        acts = capture_sites(adapter, ids, sites)
+        acts = capture_sites(adapter, packed.ids, sites)
         rows = {k: v[keep].float() for k, v in acts.items()}
         n = next(iter(rows.values())).shape[0]
         if given + n > n_tokens:

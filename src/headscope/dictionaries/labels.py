@@ -40,8 +40,7 @@ from headscope.dictionaries.activations import capture_sites, site_key
 from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae
 from headscope.files import write_json
 from headscope.model import ModelAdapter
-from headscope.precompute.runner import _batches, _stack
-from headscope.precompute.sequences import iter_sequences
+from headscope.precompute.sequences import batched, iter_sequences, stack
 
 FEATURES_FILENAME = "features.json"
 FEATURES_META_FILENAME = "features_meta.json"
@@ -251,8 +250,9 @@ def label_features(
             )
     id_rows: list[torch.Tensor] = []  # [B, seq_len] per batch, -1 = padding
     seen = 0
-    for batch in _batches(seqs, batch_size):
-        _, ids, _, valid = _stack(batch, adapter.tokens.bos_id)  # [B, T] each
+    for batch in batched(seqs, batch_size):
+        packed = stack(batch, adapter.tokens.bos_id)
+        ids, valid = packed.ids, packed.valid  # [B, T] each
         B, T = ids.shape
         keep = valid.clone()
         keep[:, 0] = False  # the BOS sink: an outlier every feature would otherwise "fire" on

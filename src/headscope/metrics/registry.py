@@ -3,9 +3,17 @@
 A metric is one small function registered with :func:`register_metric`. The first paragraph of
 its docstring is what the UI shows next to the metric, so write it for a user, not a developer.
 
-Streaming metrics (``kind="stream"``) see one :class:`LayerBatch` at a time and return a
-:class:`MetricPartial` (a per-head total and count). The value of the metric over a dataset is
-``sum(total) / sum(count)`` over all batches, so shards can be merged exactly by adding.
+Two signatures, one per kind:
+
+* ``kind="stream"``: ``fn(batch: LayerBatch) -> MetricPartial``. The metric sees one layer of one
+  batch at a time and returns a per-head total and count; its value over a dataset is
+  ``sum(total) / sum(count)`` over all batches (float64), so shards merge exactly by adding.
+  :class:`MetricAccumulator` (an :class:`~headscope.metrics.accumulator.Accumulator`) runs them.
+* ``kind="probe"`` and ``kind="weights"``: ``fn(probe) -> Tensor [L, H]``, where ``probe`` is the
+  model-side context of ``headscope.precompute.probes.Probe`` (the model, the layers, the probe
+  sizes and seed). Probes run the model on synthetic sequences, weight metrics read its weights;
+  neither depends on the dataset. They are registered where the model is available
+  (``precompute/probes.py``), since this package never imports the model.
 """
 
 from __future__ import annotations
@@ -82,6 +90,12 @@ def stream_metric_names() -> list[str]:
     return [name for name, spec in METRICS.items() if spec.kind == "stream"]
 
 
+def model_metric_names() -> list[str]:
+    """Names of all registered probe and weight metrics (``fn(probe) -> [L, H]``), in
+    registration order."""
+    return [name for name, spec in METRICS.items() if spec.kind != "stream"]
+
+
 @dataclass(frozen=True, eq=False)
 class TokenMatches:
     """Earlier occurrences of each query's token in a batch, as flat (batch, query, key) lists.
@@ -125,11 +139,14 @@ class TokenMatches:
 
 @dataclass(frozen=True, eq=False)
 class LayerBatch:
-    """Everything a streaming metric sees for one layer of one batch.
+    """Everything an accumulator sees for one layer of one batch.
 
-    ``matches`` may be passed in to share the token matching between layers; otherwise it is
-    computed on first use. Derived quantities (``query_mask``, ``row_max``, anything stored
-    with :meth:`memo`) are cached on the object, so metrics that share them compute them once.
+    The optional fields are filled by the precompute (which has the model) so that no
+    accumulator has to reach back into the model; an accumulator that needs one reads it with
+    :meth:`need`. ``matches`` may be passed in to share the token matching between layers;
+    otherwise it is computed on first use. Derived quantities (``query_mask``, ``row_max``,
+    ``rows``, anything stored with :meth:`memo`) are cached on the object, so accumulators that
+    share them compute them once.
     """
 
     layer: int
@@ -139,25 +156,45 @@ class LayerBatch:
     head_out_norm: Tensor  # [B, H, T] float32, ||z_h @ W_O[h]|| at each query position
     valid: Tensor  # [B, T] bool, False for padding at the end
     matches: TokenMatches | None = field(default=None)
+    seq_idx: Tensor | None = None  # [B] int64, dataset index of each sequence
+    q: Tensor | None = None  # [B, H, T, D] float32 queries, post-RoPE and post-QK-norm
+    k: Tensor | None = None  # [B, H, T, D] float32 keys, one per query head (GQA expanded)
+    # [B, H, T, D_o] float32: each key's value through the head's W_O (its output per unit of
+    # attention), in any orthonormal basis of W_O[h]'s row space (the precompute: D_o = D)
+    v_o: Tensor | None = None
     _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         B, H, T, T2 = self.pattern.shape
         if T != T2:
             raise ValueError(f"pattern must be [B, H, T, T], got {tuple(self.pattern.shape)}")
-        for name, shape in (
-            ("tokens", (B, T)),
-            ("doc_start", (B, T)),
-            ("valid", (B, T)),
-            ("head_out_norm", (B, H, T)),
+        # q, k and v_o: [B, H, T, any width]
+        for name, shape, dims in (
+            ("tokens", (B, T), 2),
+            ("doc_start", (B, T), 2),
+            ("valid", (B, T), 2),
+            ("head_out_norm", (B, H, T), 3),
+            ("seq_idx", (B,), 1),
+            ("q", (B, H, T), 4),
+            ("k", (B, H, T), 4),
+            ("v_o", (B, H, T), 4),
         ):
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {got}")
+            value = getattr(self, name)
+            if value is not None and (value.dim() != dims or tuple(value.shape[:3]) != shape):
+                want = f"{shape}" + (" + (D,)" if dims == 4 else "")
+                raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
 
     @property
     def n_heads(self) -> int:
         return self.pattern.shape[1]
+
+    def need(self, name: str) -> Tensor:
+        """The optional field ``name`` (``seq_idx``, ``q``, ``k``, ``v_o``); raises a clear error
+        when the batch was built without it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"this accumulator needs LayerBatch.{name}, which was not given")
+        return value
 
     def memo(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()`` once per batch under ``key``, for intermediates several metrics share."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,10 @@ from headscope.model import capture as cap
 from headscope.model.loading import ResolvedModel, load_hf, resolve
 from headscope.model.spec import ArchSpec, arch_spec, get_module, head_name, norm_factor
 from headscope.model.tokens import Tokens
+
+
+class _Stop(Exception):
+    """Ends a forward pass early (``ModelAdapter.run(stop_after=...)``); never escapes ``run``."""
 
 
 @dataclass(frozen=True)
@@ -271,15 +275,28 @@ class ModelAdapter:
         logits: bool = True,
         store: bool = True,
         on_layer: Callable[[cap.LayerTensors], None] | None = None,
+        resid_layers: Collection[int] = (),
+        stop_after: int | None = None,
     ) -> Capture:
         """One forward pass capturing attention internals of ``layers`` (all when None).
 
         ``patterns``: compute scores and patterns for those layers (else fused SDPA).
         ``residuals``: also capture embeddings, every layer's residual input, attention and MLP
         contributions, and RoPE cos/sin (what attribution needs).
+        ``resid_layers``: capture only the residual stream entering these layers
+        (``Capture.resid_pre``), nothing else of the residual stream.
         ``logits=False`` skips the unembedding (the precompute does not need it).
         ``store=False`` keeps nothing in memory: use ``on_layer`` to reduce each layer as it runs.
+        ``stop_after``: end the pass once layer ``stop_after`` has run (-1: right after the
+        embeddings); nothing after it is computed, but the residual entering the next layer is
+        still captured when asked for. Needs ``logits=False``.
         """
+        n_layers = self.spec.n_layers
+        if stop_after is not None:
+            if not -1 <= stop_after < n_layers:
+                raise ValueError(f"stop_after must be in -1..{n_layers - 1}, got {stop_after}")
+            if logits:
+                raise ValueError("a pass that stops early computes no logits: pass logits=False")
         tokens = tokens.to(self.device)
         req = cap.CaptureRequest(
             layers=None if layers is None else frozenset(layers),
@@ -288,7 +305,12 @@ class ModelAdapter:
             store=store,
         )
         out = Capture(tokens=tokens)
-        handles = self._residual_hooks(out) if residuals else []
+        if residuals:
+            handles = self._residual_hooks(out)
+        else:
+            handles = [self._keep_resid_pre(out, layer) for layer in sorted(set(resid_layers))]
+        if stop_after is not None:  # registered last: the capture hooks of the next module run
+            handles.append(self._stop_hook(stop_after))
         try:
             with cap.capturing(req):
                 if logits:
@@ -296,11 +318,34 @@ class ModelAdapter:
                     out.logits = result.logits
                 else:
                     self.model.base_model(input_ids=tokens, use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in handles:
                 h.remove()
         out.layers = req.results
         return out
+
+    def _keep_resid_pre(self, out: Capture, layer: int) -> Any:
+        def pre(_mod, args, kwargs):
+            out.resid_pre[layer] = args[0] if args else kwargs["hidden_states"]
+
+        return self._layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+
+    def _stop_hook(self, stop_after: int) -> Any:
+        """A pre-hook on what runs after layer ``stop_after`` (the next layer or the final norm)
+        that ends the pass."""
+        nxt = stop_after + 1
+        module = (
+            self._layers[nxt]
+            if nxt < self.spec.n_layers
+            else get_module(self.model, self.spec.layout.final_norm)
+        )
+
+        def stop(_mod, _args):
+            raise _Stop
+
+        return module.register_forward_pre_hook(stop)
 
     def _residual_hooks(self, out: Capture) -> list:
         s, lay = self.spec, self.spec.layout

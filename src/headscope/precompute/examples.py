@@ -13,7 +13,8 @@ diagonal is kept). Scores fall into ten fixed buckets ``[0, 0.1), [0.1, 0.2), ..
 
 The selector stores only sequence indices and scores (a few kB per head); what an example
 shows (its sparse pattern, each position's maximum as query and as key) is captured while the
-sequence streams past, by :class:`~headscope.precompute.state.ExamplePayloads`.
+sequence streams past, by :class:`ExamplePayloads`. :class:`Examples` runs both as one
+:class:`~headscope.metrics.accumulator.Accumulator`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ class ExampleSelector:
         over = torch.arange(self.slots) >= self.capacity[:, None]  # [NB, S]
         return seq.masked_fill(over, _EMPTY_SEQ), score.masked_fill(over, 0.0)
 
-    def update(self, layer: int, seq_indices: Tensor, max_attn: Tensor) -> None:
+    def update(self, batch: LayerBatch) -> None:
+        """Offer the batch's sequences (``batch.seq_idx``) for every head of ``batch.layer``."""
+        self.offer(batch.layer, batch.need("seq_idx"), sequence_max_attention(batch))
+
+    def offer(self, layer: int, seq_indices: Tensor, max_attn: Tensor) -> None:
         """Offer a batch of sequences for every head of one layer.
 
         seq_indices: [B] int64, dataset index of each sequence (each sequence offered once per
@@ -191,8 +196,16 @@ class ExampleSelector:
         """[L, H, 20] int64 counts of per-sequence max attention in bins of width 0.05 on [0, 1]."""
         return self.hist.clone()
 
+    def kept(self, layer: int) -> set[tuple[int, int]]:
+        """(head, sequence) of every example ``layer`` currently keeps."""
+        seq = self.seq[layer]  # [H, NB, S]
+        idx = (seq >= 0).nonzero()  # [N, 3]: head, bucket, slot
+        seqs = seq[idx[:, 0], idx[:, 1], idx[:, 2]]
+        return set(zip(idx[:, 0].tolist(), seqs.tolist(), strict=True))
+
 
 _TOPK_ROWS = 128  # rows per block in causal_topk
+_PAYLOAD_CHUNK = 8  # patterns per gathered copy in ExamplePayloads.add (8 x 1 MB at T = 512)
 
 
 def causal_topk(patterns: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -222,3 +235,208 @@ def received_maxima_(patterns: Tensor, valid: Tensor) -> Tensor:
     if not bool(valid.all()):  # only sequences that end in padding pay for the mask
         patterns.masked_fill_(~valid[:, :, None], 0.0)
     return patterns.amax(-2)
+
+
+# One example's display data: top keys [T, K] int16, their weights [T, K] float16, each
+# position's max as query [T] float16 and as key [T] float16.
+Payload = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class ExamplePayloads:
+    """The display data (sparse pattern, max-as-query, max-as-key) of every kept example.
+
+    Captured while the sequence streams past, so no second pass over the data is needed; entries
+    a head no longer keeps are dropped by :meth:`prune`, and a sequence's tokens are dropped
+    with its last entry."""
+
+    def __init__(self, top_k: int, threshold: float):
+        self.top_k, self.threshold = top_k, threshold
+        self.items: dict[int, dict[tuple[int, int], Payload]] = {}  # layer -> (head, seq) -> ..
+        # token ids [T] int32 and document starts [T] bool of every sequence an entry refers to
+        self.sequences: dict[int, tuple[Tensor, Tensor]] = {}
+        self._refs: dict[int, int] = {}  # sequence -> entries referring to it
+
+    def __contains__(self, key: tuple[int, int, int]) -> bool:
+        layer, head, seq = key
+        return (head, seq) in self.items.get(layer, {})
+
+    def add(
+        self,
+        layer: int,
+        batch: LayerBatch,
+        b: Tensor,  # [N] sequences in the batch
+        heads: Tensor,  # [N]
+        seq_ids: Tensor,  # [N] their sequence indices
+    ) -> None:
+        """Store the payloads of (layer, heads[i]) on sequence b[i] of ``batch``."""
+        lengths = batch.valid.sum(-1)  # [B]
+        items = self.items.setdefault(layer, {})
+        # a few patterns at a time: the gathered copy stays small enough to reuse freed memory
+        for c in range(0, b.numel(), _PAYLOAD_CHUNK):
+            bc, hc = b[c : c + _PAYLOAD_CHUNK], heads[c : c + _PAYLOAD_CHUNK]
+            rows = batch.pattern[bc, hc]  # [n, T, T] a copy
+            w, k = causal_topk(rows, self.top_k)  # [n, T, K]
+            mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
+            mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
+            for i, (bb, h, s, n) in enumerate(
+                zip(
+                    bc.tolist(),
+                    hc.tolist(),
+                    seq_ids[c : c + _PAYLOAD_CHUNK].tolist(),
+                    lengths[bc].tolist(),
+                    strict=True,
+                )
+            ):
+                if s not in self.sequences:
+                    self.sequences[s] = (
+                        batch.tokens[bb, :n].int().clone(),
+                        batch.doc_start[bb, :n].clone(),
+                    )
+                if (h, s) not in items:
+                    self._refs[s] = self._refs.get(s, 0) + 1
+                items[(h, s)] = (k[i, :n].short(), w[i, :n].half(), mq[i, :n], mk[i, :n])
+
+    def prune(self, layer: int, keep: set[tuple[int, int]]) -> None:
+        """Drop the entries of ``layer`` whose (head, sequence) is not in ``keep``."""
+        items = self.items.get(layer, {})
+        for key in [key for key in items if key not in keep]:
+            del items[key]
+            s = key[1]
+            self._refs[s] -= 1
+            if not self._refs[s]:
+                del self._refs[s], self.sequences[s]
+
+    def example(self, layer: int, head: int, seq: int) -> dict:
+        k, w, mq, mk = self.items[layer][(head, seq)]
+        T = k.shape[0]
+        keep = w.float() >= self.threshold
+        q = torch.arange(T)[:, None].expand_as(k)[keep]
+        wr = (w.float()[keep].double() * 1000).round() / 1000
+        sparse = [
+            [a, b, c] for a, b, c in zip(q.tolist(), k[keep].tolist(), wr.tolist(), strict=True)
+        ]
+        return {
+            "max_as_query": [round(x, 2) for x in mq.float().tolist()],
+            "max_as_key": [round(x, 2) for x in mk.float().tolist()],
+            "sparse": sparse,
+        }
+
+    def _all(self) -> dict[tuple[int, int, int], Payload]:
+        return {(lay, h, s): v for lay, items in self.items.items() for (h, s), v in items.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``keys`` [N, 3] (layer, head, sequence), their ``lengths`` and concatenated ``k``,
+        ``w``, ``mq``, ``mk``; ``seq_ids``, ``seq_lengths``, ``seq_tokens``, ``seq_starts``."""
+        items = self._all()
+        keys = sorted(items)
+        seqs = sorted(self.sequences)
+        out: dict[str, Tensor] = {"seq_ids": torch.tensor(seqs, dtype=torch.int64)}
+        if seqs:
+            out["seq_lengths"] = torch.tensor([self.sequences[s][0].shape[0] for s in seqs])
+            out["seq_tokens"] = torch.cat([self.sequences[s][0] for s in seqs])
+            out["seq_starts"] = torch.cat([self.sequences[s][1] for s in seqs])
+        if not keys:
+            return {**out, "keys": torch.zeros(0, 3, dtype=torch.int64)}
+        return {
+            **out,
+            "keys": torch.tensor(keys, dtype=torch.int64),
+            "lengths": torch.tensor([items[key][0].shape[0] for key in keys]),
+            **{
+                name: torch.cat([items[key][i] for key in keys])
+                for i, name in enumerate(("k", "w", "mq", "mk"))
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.items, self.sequences = {}, {}
+        seqs = state["seq_ids"].tolist()
+        if seqs:
+            sizes = state["seq_lengths"].tolist()
+            toks = state["seq_tokens"].split(sizes)
+            starts = state["seq_starts"].split(sizes)
+            self.sequences = {s: (toks[i].clone(), starts[i].clone()) for i, s in enumerate(seqs)}
+        keys = state["keys"].tolist()
+        if keys:
+            sizes = state["lengths"].tolist()
+            parts = [state[name].split(sizes) for name in ("k", "w", "mq", "mk")]
+            for i, (layer, head, seq) in enumerate(keys):
+                k, w, mq, mk = (p[i].clone() for p in parts)
+                self.items.setdefault(layer, {})[(head, seq)] = (k, w, mq, mk)
+        self._count_refs()
+
+    def merge(self, other: ExamplePayloads) -> None:
+        """Add another shard's entries (disjoint sequences); prune afterwards."""
+        for layer, items in other.items.items():
+            self.items.setdefault(layer, {}).update(items)
+        self.sequences.update(other.sequences)
+        self._count_refs()
+
+    def _count_refs(self) -> None:
+        self._refs = {}
+        for items in self.items.values():
+            for _, s in items:
+                self._refs[s] = self._refs.get(s, 0) + 1
+
+
+class Examples:
+    """Example sequences of every head and what each one shows, as one accumulator.
+
+    :class:`ExampleSelector` chooses the sequences; :class:`ExamplePayloads` keeps the display
+    data of the (layer, head, sequence) triples the selection holds, captured from the batch the
+    sequence arrives in. Exact under any split: the selection is order-independent and a
+    payload depends only on its own sequence.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        top_k: int = 10,
+        per_bucket: int = 3,
+        seed: int = 0,
+        *,
+        sparse_top_k: int = 2,
+        sparse_threshold: float = 0.15,
+    ):
+        self.selector = ExampleSelector(n_layers, n_heads, top_k, per_bucket, seed)
+        self.payloads = ExamplePayloads(sparse_top_k, sparse_threshold)
+
+    def update(self, batch: LayerBatch) -> None:
+        """Offer the batch (needs ``seq_idx``); capture payloads of newly kept examples."""
+        layer, seq_idx = batch.layer, batch.need("seq_idx")
+        self.selector.update(batch)
+        kept = (
+            (self.selector.seq[layer][None] == seq_idx[:, None, None, None]).flatten(2).any(-1)
+        )  # [B, H]
+        bi, hi = kept.nonzero(as_tuple=True)
+        fresh = torch.tensor(
+            [
+                (layer, h, s) not in self.payloads
+                for h, s in zip(hi.tolist(), seq_idx[bi].tolist(), strict=True)
+            ],
+            dtype=torch.bool,
+        )
+        bi, hi = bi[fresh], hi[fresh]
+        self.payloads.add(layer, batch, bi, hi, seq_idx[bi])
+        self.payloads.prune(layer, self.selector.kept(layer))
+
+    def merge(self, other: Examples) -> None:
+        self.selector.merge(other.selector)
+        self.payloads.merge(other.payloads)
+        for layer in list(self.payloads.items):
+            self.payloads.prune(layer, self.selector.kept(layer))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The selector's ``seq``, ``score``, ``hist`` and the payloads' tensors as
+        ``payload.<name>``."""
+        return {
+            **self.selector.state_dict(),
+            **{f"payload.{k}": v for k, v in self.payloads.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.selector.load_state_dict({k: state[k] for k in ("seq", "score", "hist")})
+        prefix = "payload."
+        self.payloads.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )

@@ -24,35 +24,28 @@ N_SIMILAR = 10
 
 def _metric_table(
     adapter: ModelAdapter, cfg: PrecomputeConfig, state: StreamState, layers: list[int]
-):
-    """All per-head metrics [L, H] by name, plus the long-prefix curves [L, H, 4]."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """All per-head metrics [L, H] by name (streaming, then probe and weight metrics, each in
+    registration order), plus the long-prefix curves [L, H, 4]."""
     table = {name: value.float() for name, value in state.metrics.result().items()}
-    table["prefix_matching_score"] = probes.prefix_matching_score(
-        adapter, layers, cfg.probe_sequences, cfg.probe_length, cfg.seed
-    )
-    curve = probes.long_prefix_curve(
-        adapter, layers, cfg.probe_sequences, 2 * cfg.probe_length, cfg.seed
-    )
-    table["long_prefix_score"] = probes.long_prefix_score(curve)
-    table["copying_score"] = probes.copying_score(adapter)
-    return table, curve
+    probe = probes.Probe(adapter, layers, cfg.probe_sequences, cfg.probe_length, cfg.seed)
+    table.update(probes.run_probes(probe))
+    return table, probes.long_prefix_curve(probe)
 
 
 def _similar(
     state: StreamState, layers: list[int], n_heads: int, out: Path
 ) -> dict[str, list[dict]]:
     """Motif embedding, head distances, 2-D maps and nearest heads; writes motifs/."""
-    if state.motifs is None or not state.motif_filled.any():
+    feats = state.motifs.seen(layers)  # [L', H, M, F]
+    if feats is None:
         return {}
-    feats = state.motifs[layers][:, :, state.motif_filled]  # [L', H, M, F]
     Lp, H, M, F = feats.shape
     embedder = MotifEmbedder.fit(feats.reshape(-1, F))
     emb = embedder.embed(feats.reshape(-1, F)).reshape(Lp * H, M, -1)  # [N, M, 16]
     (out / "motifs").mkdir(exist_ok=True)
     embedder.save(out / "motifs" / "pca.safetensors")
     write_npy(out / "motifs" / "embedding.npy", emb.numpy().astype("float32"))
-    # the raw features too: another run's (or model's) motif space can embed them
-    write_npy(out / "motifs" / "features.npy", feats.reshape(Lp * H, M, F).numpy().astype("float32"))
     dist = head_distances(emb)  # [N, N]
     names = [head_name(layer, h) for layer in layers for h in range(n_heads)]
     maps = head_map(dist)
@@ -122,8 +115,8 @@ def finalize(
     similar = _similar(state, layers, s.n_heads, out)
     pca = state.pairs.fit(n_components=3)
     top = state.top_tokens.top_tokens(min_count=3, k=20)
-    selected = state.examples.selected()
-    hist = state.examples.histograms()
+    selected = state.examples.selector.selected()
+    hist = state.examples.selector.histograms()
     edges = [round(i / hist.shape[-1], 4) for i in range(hist.shape[-1] + 1)]
     vocab_ids: set[int] = set()
     for layer in layers:
@@ -133,7 +126,7 @@ def finalize(
             for lo, hi, items in selected[(layer, h)]:
                 idx = []
                 for seq, score in items:
-                    ids, starts = state.payloads.sequences[seq]
+                    ids, starts = state.examples.payloads.sequences[seq]
                     vocab_ids.update(ids.tolist())
                     idx.append(len(examples))
                     examples.append(
@@ -143,7 +136,7 @@ def finalize(
                             "tokens": ids.tolist(),
                             # first tokens of documents (position 0 is the BOS sink, not a document)
                             "doc_starts": (starts[1:].nonzero().flatten() + 1).tolist(),
-                            **state.payloads.example(layer, h, seq),
+                            **state.examples.payloads.example(layer, h, seq),
                         }
                     )
                 buckets.append({"lo": lo, "hi": hi, "examples": idx})

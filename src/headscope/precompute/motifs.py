@@ -52,6 +52,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from headscope.files import write_tensors
+from headscope.metrics.registry import LayerBatch
 from headscope.precompute.pca import orient_components, single_threaded
 
 MOTIF_BLOCK = 128
@@ -225,6 +226,58 @@ def motif_features(pattern: Tensor, valid: Tensor) -> Tensor:
 
     out = torch.cat([stats.flatten(2), row_means[..., :1], prof, row_means[..., 1:], grams], -1)
     return torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class MotifFeatures:
+    """The motif features of every head on the first ``n_sequences`` sequences of the dataset.
+
+    An :class:`~headscope.metrics.accumulator.Accumulator`: each sequence's features depend on
+    that sequence alone, so shards merge by copying the rows each one filled.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, n_sequences: int):
+        self.n_layers, self.n_heads, self.n_sequences = n_layers, n_heads, n_sequences
+        F = len(MOTIF_FEATURE_NAMES)
+        self.features = torch.zeros(n_layers, n_heads, n_sequences, F)  # [L, H, M, F] float32
+        self.filled = torch.zeros(n_sequences, dtype=torch.bool)  # [M] sequences seen
+
+    def update(self, batch: LayerBatch) -> None:
+        """Features of the batch's sequences with index < ``n_sequences`` (needs ``seq_idx``)."""
+        seq_idx = batch.need("seq_idx")
+        mine = seq_idx < self.n_sequences
+        if not mine.any():
+            return
+        # the whole batch is the common case: no copy of the pattern then
+        whole = bool(mine.all())
+        pattern, valid = batch.pattern, batch.valid
+        feats = motif_features(
+            pattern if whole else pattern[mine], valid if whole else valid[mine]
+        )  # [B', H, F]
+        self.features[batch.layer][:, seq_idx[mine]] = feats.transpose(0, 1).float()
+        self.filled[seq_idx[mine]] = True
+
+    def merge(self, other: MotifFeatures) -> None:
+        if self.features.shape != other.features.shape:
+            raise ValueError("can only merge motif features of the same shape")
+        fill = other.filled
+        self.features[:, :, fill] = other.features[:, :, fill]
+        self.filled |= fill
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``features`` [L, H, M, F] float32 (zero where not filled), ``filled`` [M] bool."""
+        return {"features": self.features.clone(), "filled": self.filled.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state["features"].shape != self.features.shape:
+            raise ValueError(f"features has shape {tuple(state['features'].shape)}")
+        self.features = state["features"].float().clone()
+        self.filled = state["filled"].bool().clone()
+
+    def seen(self, layers: list[int]) -> Tensor | None:
+        """[L', H, M', F] features of ``layers`` on the sequences seen; None if there are none."""
+        if not self.filled.any():
+            return None
+        return self.features[layers][:, :, self.filled]
 
 
 class MotifEmbedder:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from headscope.metrics.registry import LayerBatch
 from headscope.metrics.rows import KEY_GROUP
 
 _META = ("sequence", "q_pos", "k_pos", "query_token", "key_token")
@@ -213,25 +214,18 @@ class PairCollector:
             idx = order[..., None].expand(*order.shape, v.shape[-1])
             getattr(self, name)[layers] = v.gather(-2, idx)
 
-    def update(
-        self,
-        layer: int,
-        seq_indices: Tensor,
-        pattern: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v_o: Tensor,
-        tokens: Tensor,
-        valid: Tensor,
-        group_max: Tensor | None = None,
-    ) -> None:
+    def update(self, batch: LayerBatch) -> None:
         """Offer every (query, key) pair of one layer batch.
 
-        seq_indices: [B] int64; pattern: [B, H, T, T]; q, k: [B, H, T, D] (per query head,
-        after any position encoding, i.e. what the dot product sees); v_o: [B, H, T, d_out]
-        (each key's value vector through W_O[h]); tokens: [B, T] int64; valid: [B, T] bool;
-        group_max: :attr:`RowReductions.group_max` of the pattern, if already computed.
+        Reads the batch's pattern, tokens, valid positions, key-group row maxima
+        (``batch.rows.group_max``) and its optional ``seq_idx``, ``q``, ``k`` (per query head,
+        after any position encoding, i.e. what the dot product sees) and ``v_o`` (each key's
+        value vector through W_O[h], ``d_out`` wide).
         """
+        layer, pattern, tokens, valid = batch.layer, batch.pattern, batch.tokens, batch.valid
+        seq_indices, q, k = batch.need("seq_idx"), batch.need("q"), batch.need("k")
+        v_o = batch.need("v_o")
+        group_max = batch.rows.group_max
         H = pattern.shape[1]
         dev = pattern.device
         v_norm = v_o.float().norm(dim=-1)  # [B, H, T]

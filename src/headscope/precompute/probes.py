@@ -1,16 +1,51 @@
 """Per-head scores that need the model rather than the dataset: synthetic probes on repeated
-random tokens, and a weight-based copying score. Registered with the metric registry so their
-docstrings reach the UI like every other metric."""
+random tokens, and a weight-based copying score.
+
+They are metrics of the registry (``kind="probe"`` or ``"weights"``), so their docstrings reach
+the UI like every other metric, and they share one signature: ``fn(probe: Probe) -> [L, H]``.
+The precompute calls every one of them (:func:`run_probes`); heads of layers that were not
+probed are 0.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from headscope.metrics.registry import register_metric
+from headscope.metrics.registry import METRICS, model_metric_names, register_metric
 from headscope.model import ModelAdapter
 
 PREFIX_LENGTHS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """What a probe or weight metric reads: the model, the layers to probe and the probe sizes.
+
+    Intermediates that several metrics (or the run writer) share are computed once with
+    :meth:`memo`, as on :class:`~headscope.metrics.registry.LayerBatch`.
+    """
+
+    adapter: ModelAdapter
+    layers: list[int]
+    n: int  # synthetic sequences per probe
+    length: int  # random tokens per sequence (the long-prefix probe uses twice as many)
+    seed: int
+    _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def memo(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once under ``key``."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+def run_probes(probe: Probe) -> dict[str, Tensor]:
+    """Every registered probe and weight metric -> ``[L, H]`` float32, in registration order."""
+    return {name: METRICS[name].fn(probe).float() for name in model_metric_names()}
 
 
 def _random_tokens(adapter: ModelAdapter, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
@@ -26,7 +61,9 @@ def _edge_attention(
     adapter: ModelAdapter, ids: Tensor, q: Tensor, k: Tensor, layers: list[int]
 ) -> Tensor:
     """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H]."""
-    cap = adapter.run(ids, layers=layers, patterns=True, logits=False)
+    cap = adapter.run(
+        ids, layers=layers, patterns=True, logits=False, stop_after=max(layers, default=None)
+    )
     rows = torch.arange(ids.shape[0])[:, None].expand_as(q)
     out = torch.zeros(adapter.spec.n_layers, adapter.spec.n_heads)
     for layer in layers:
@@ -36,9 +73,7 @@ def _edge_attention(
 
 
 @register_metric("prefix_matching_score", kind="probe")
-def prefix_matching_score(
-    adapter: ModelAdapter, layers: list[int], n: int, length: int, seed: int
-) -> Tensor:
+def prefix_matching_score(probe: Probe) -> Tensor:
     """Mean attention from a repeated random token to the token after its first occurrence.
 
     Probe on ``n`` synthetic sequences ``BOS + R + R`` of ``length`` random ordinary tokens ``R``
@@ -47,25 +82,30 @@ def prefix_matching_score(
     ``R[j]``), ``k = 2 + j`` (``R[j + 1]`` in the first copy), ``j = 0 .. length - 2``: one pair
     per query, every pair counts once. Chance repeats inside ``R`` add no pairs. One document
     per sequence, no padding."""
-    gen = torch.Generator().manual_seed(seed)
+    adapter, n, length = probe.adapter, probe.n, probe.length
+    gen = torch.Generator().manual_seed(probe.seed)
     r = _random_tokens(adapter, (n, length), gen)
     ids = torch.cat([torch.full((n, 1), adapter.tokens.bos_id), r, r], 1)  # [n, 2L+1]
     j = torch.arange(length - 1)
     q = (1 + length + j)[None].expand(n, -1)  # second occurrence of R[j]
     k = (2 + j)[None].expand(n, -1)  # the token after R[j]'s first occurrence
-    return _edge_attention(adapter, ids, q, k, layers)
+    return _edge_attention(adapter, ids, q, k, probe.layers)
 
 
-def long_prefix_curve(
-    adapter: ModelAdapter, layers: list[int], n: int, length: int, seed: int
-) -> Tensor:
+def long_prefix_curve(probe: Probe) -> Tensor:
     """Induction attention as a function of matched prefix length m = 1..4 -> [L, H, 4].
 
-    The long-prefix test of "We Inspected Every Head in GPT-2 Small Using SAEs": ``n`` sequences
-    of ``length`` random tokens (BOS first) ``... X s_1..s_m t ... Y s_1..s_m`` with ``X != Y``,
-    so the match is exactly ``m`` tokens long. ``curve[..., m - 1]`` is the mean over the ``n``
-    sequences of the attention from the second ``s_m`` to ``t`` (one pair per sequence)."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    The long-prefix test of "We Inspected Every Head in GPT-2 Small Using SAEs": ``probe.n``
+    sequences of ``2 * probe.length`` random tokens (BOS first) ``... X s_1..s_m t ... Y
+    s_1..s_m`` with ``X != Y``, so the match is exactly ``m`` tokens long.
+    ``curve[..., m - 1]`` is the mean over the sequences of the attention from the second
+    ``s_m`` to ``t`` (one pair per sequence). Computed once per probe."""
+    return probe.memo("long_prefix_curve", lambda: _long_prefix_curve(probe))
+
+
+def _long_prefix_curve(probe: Probe) -> Tensor:
+    adapter, n, length = probe.adapter, probe.n, 2 * probe.length
+    gen = torch.Generator().manual_seed(probe.seed + 1)
     curves = []
     for m in PREFIX_LENGTHS:
         ids = _random_tokens(adapter, (n, length), gen)
@@ -76,22 +116,23 @@ def long_prefix_curve(
         ids[:, b - 1] = torch.where(same, ids[:, b - 1] + 1, ids[:, b - 1])
         q = torch.full((n, 1), b + m - 1)
         k = torch.full((n, 1), a + m)
-        curves.append(_edge_attention(adapter, ids, q, k, layers))
+        curves.append(_edge_attention(adapter, ids, q, k, probe.layers))
     return torch.stack(curves, -1)
 
 
 @register_metric("long_prefix_score", kind="probe")
-def long_prefix_score(curve: Tensor) -> Tensor:
+def long_prefix_score(probe: Probe) -> Tensor:
     """How much more the head does induction when 2-4 tokens of prefix match than when one does.
 
     ``mean(curve[m = 2, 3, 4]) - curve[m = 1]`` of :func:`long_prefix_curve` (synthetic random
     sequences, one document each, no padding): high for "long prefix" induction heads, near 0
     for standard induction heads."""
+    curve = long_prefix_curve(probe)  # [L, H, 4]
     return curve[..., 1:].mean(-1) - curve[..., 0]
 
 
 @register_metric("copying_score", kind="weights")
-def copying_score(adapter: ModelAdapter) -> Tensor:
+def copying_score(probe: Probe) -> Tensor:
     """How much the head's OV circuit raises the logit of the token it attends to.
 
     Weight-based, no data: ``sum(eigenvalues) / sum(|eigenvalues|)`` of the full OV circuit
@@ -99,6 +140,7 @@ def copying_score(adapter: ModelAdapter) -> Tensor:
     included, their normalisation not), computed on the small ``D x D`` matrix
     ``W_O diag(w_final) W_U W_E diag(w_attn) W_V`` that has the same nonzero eigenvalues. 1 for
     a pure copier, -1 for a pure anti-copier."""
+    adapter = probe.adapter
     s = adapter.spec
     W_E = adapter.embed_matrix().float()  # [V, d]
     W_U = adapter.unembed()[0].float()  # [d, V]
@@ -114,10 +156,3 @@ def copying_score(adapter: ModelAdapter) -> Tensor:
         eig = torch.linalg.eigvals(M)  # [H, D] complex
         out[layer] = eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-12)
     return out
-
-
-def head_out_norm(adapter: ModelAdapter, z: Tensor, layer: int) -> Tensor:
-    """||z_h @ W_O[h]|| for ``z [B, T, H, D]`` -> ``[B, H, T]``, in each head's D-dim output
-    basis (:meth:`ModelAdapter.output_basis`: the same norms at D/d_model of the cost)."""
-    basis = adapter.output_basis(layer)  # [H, D, D]
-    return torch.linalg.vector_norm(torch.matmul(z.transpose(1, 2).float(), basis), dim=-1)

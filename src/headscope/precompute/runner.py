@@ -15,17 +15,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from headscope.files import read_json, read_tensors, write_json, write_tensors
-from headscope.metrics.registry import TokenMatches
+from headscope.metrics.registry import LayerBatch, TokenMatches
 from headscope.model import ModelAdapter
+from headscope.model.capture import LayerTensors
 from headscope.precompute.config import PrecomputeConfig
-from headscope.precompute.probes import head_out_norm
-from headscope.precompute.sequences import Sequence, iter_sequences
+from headscope.precompute.sequences import Sequence, batched, iter_sequences, stack
 from headscope.precompute.state import StreamState
 from headscope.store.run_format import SCHEMA_VERSION
 
@@ -65,53 +64,42 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _batches(seqs: Iterator[Sequence], size: int) -> Iterator[list[Sequence]]:
-    batch: list[Sequence] = []
-    for s in seqs:
-        batch.append(s)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def head_out_norm(adapter: ModelAdapter, z: torch.Tensor, layer: int) -> torch.Tensor:
+    """||z_h @ W_O[h]|| for ``z [B, T, H, D]`` -> ``[B, H, T]``, in each head's D-dim output
+    basis (:meth:`ModelAdapter.output_basis`: the same norms at D/d_model of the cost)."""
+    basis = adapter.output_basis(layer)  # [H, D, D]
+    return torch.linalg.vector_norm(torch.matmul(z.transpose(1, 2).float(), basis), dim=-1)
 
 
-def _stack(batch: list[Sequence], pad: int) -> tuple[torch.Tensor, ...]:
-    T = max(s.ids.shape[0] for s in batch)
-    ids = torch.full((len(batch), T), pad, dtype=torch.long)
-    starts = torch.zeros(len(batch), T, dtype=torch.bool)
-    valid = torch.zeros(len(batch), T, dtype=torch.bool)
-    for i, s in enumerate(batch):
-        n = s.ids.shape[0]
-        ids[i, :n], starts[i, :n], valid[i, :n] = s.ids, s.doc_starts, True
-    starts[:, 0] = True
-    return torch.tensor([s.index for s in batch]), ids, starts, valid
-
-
-def _process_batch(
+def process_batch(
     adapter: ModelAdapter, state: StreamState, layers: list[int], batch: list[Sequence]
 ) -> None:
-    seq_idx, ids, starts, valid = _stack(batch, adapter.tokens.bos_id)
+    """One forward pass over ``batch``; every captured layer becomes a :class:`LayerBatch`
+    that each accumulator of ``state`` reduces before the next layer runs."""
+    packed = stack(batch, adapter.tokens.bos_id)
+    ids, valid = packed.ids, packed.valid
     matches = TokenMatches.from_tokens(ids, valid)
     s = adapter.spec
     rep = s.n_heads // s.n_kv_heads
 
-    def on_layer(t) -> None:
+    def on_layer(t: LayerTensors) -> None:
         k = t.k.repeat_interleave(rep, 1).float()  # [B, H, T, D]
         v = t.v.repeat_interleave(rep, 1).float()
         v_o = torch.einsum("bhtd,hde->bhte", v, adapter.output_basis(t.layer))  # [B, H, T, D]
-        state.update_layer(
-            t.layer,
-            seq_idx,
-            ids,
-            starts,
-            valid,
-            t.pattern.float(),
-            t.q.float(),
-            k,
-            v_o,
-            head_out_norm(adapter, t.z, t.layer),
-            matches,
+        state.update(
+            LayerBatch(
+                t.layer,
+                t.weights().float(),
+                ids,
+                packed.doc_start,
+                head_out_norm(adapter, t.z, t.layer),
+                valid,
+                matches=matches,
+                seq_idx=packed.index,
+                q=t.q.float(),
+                k=k,
+                v_o=v_o,
+            )
         )
 
     adapter.run(
@@ -121,6 +109,7 @@ def _process_batch(
         logits=False,
         store=False,
         on_layer=on_layer,
+        stop_after=max(layers),
     )
     state.finish_batch(len(batch), int(valid.sum()))
 
@@ -204,9 +193,9 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
             file=sys.stderr,
         )
     forward_s = 0.0
-    for n_batch, batch in enumerate(_batches(mine, cfg.batch_size), start=1):
+    for n_batch, batch in enumerate(batched(mine, cfg.batch_size), start=1):
         t0 = time.perf_counter()
-        _process_batch(adapter, state, layers, batch)
+        process_batch(adapter, state, layers, batch)
         forward_s += time.perf_counter() - t0
         if bar is not None:
             bar.update(sum(q.ids.shape[0] for q in batch))

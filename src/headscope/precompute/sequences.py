@@ -8,11 +8,14 @@ by ``seq_len - 1`` tokens of the stream; a sequence whose position 1 is in the m
 document is marked ``continued``. ``doc_starts`` lists the positions where a document's first
 token sits, so an example always shows where its documents start. Sequence ``i`` is the same
 whatever the batch size or number of processes, which makes runs resumable and shardable.
+
+:func:`batched` groups sequences into batches and :func:`stack` pads a batch into tensors: the
+precompute and the dictionary streams (training, feature labels) batch the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +90,38 @@ def _make(tokens: Tokens, index: int, items: list[tuple[int, bool, str]]) -> Seq
     starts = torch.tensor([False, *(s for _, s, _ in items)], dtype=torch.bool)
     sources = tuple(dict.fromkeys(doc for _, _, doc in items))
     return Sequence(index, ids, starts, continued=not items[0][1], sources=sources)
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """A batch of sequences padded to its longest one (padding at the end)."""
+
+    index: torch.Tensor  # [B] int64, dataset index of each sequence
+    ids: torch.Tensor  # [B, T] int64, padded with the pad id
+    doc_start: torch.Tensor  # [B, T] bool, True where a document starts (position 0 always)
+    valid: torch.Tensor  # [B, T] bool, False for padding
+
+
+def batched(seqs: Iterable[Sequence], size: int) -> Iterator[list[Sequence]]:
+    """Consecutive batches of ``size`` sequences (the last one may be shorter)."""
+    batch: list[Sequence] = []
+    for s in seqs:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def stack(batch: list[Sequence], pad: int) -> SequenceBatch:
+    """Pad ``batch`` with token ``pad`` to its longest sequence."""
+    T = max(s.ids.shape[0] for s in batch)
+    ids = torch.full((len(batch), T), pad, dtype=torch.long)
+    starts = torch.zeros(len(batch), T, dtype=torch.bool)
+    valid = torch.zeros(len(batch), T, dtype=torch.bool)
+    for i, s in enumerate(batch):
+        n = s.ids.shape[0]
+        ids[i, :n], starts[i, :n], valid[i, :n] = s.ids, s.doc_starts, True
+    starts[:, 0] = True
+    return SequenceBatch(torch.tensor([s.index for s in batch]), ids, starts, valid)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from headscope.metrics.registry import LayerBatch
+
 _MIN_CAPACITY = 1024
 
 
@@ -76,32 +78,18 @@ class TopTokens:
         pos = torch.searchsorted(self._sorted_tokens, flat)
         return self._sorted_slots[pos].view(tokens.shape)
 
-    def update(
-        self,
-        layer: int,
-        pattern: Tensor,
-        tokens: Tensor,
-        valid: Tensor,
-        received: Tensor | None = None,
-    ) -> None:
-        """Add one layer batch.
-
-        pattern: [B, H, T, T] float32 (padding rows may hold any finite values);
-        tokens: [B, T] int64; valid: [B, T] bool (padding at the end); ``received`` [B, H, T]:
-        the attention each key gets from later valid queries, if already computed
-        (:class:`~headscope.metrics.rows.RowReductions`).
-        """
-        B, H, T, _ = pattern.shape
+    def update(self, batch: LayerBatch) -> None:
+        """Add one layer batch: its pattern (padding rows may hold any finite values), tokens,
+        valid positions and the attention each key receives (``batch.rows.received``)."""
+        layer, pattern, tokens, valid = batch.layer, batch.pattern, batch.tokens, batch.valid
+        T = pattern.shape[-1]
         pos = torch.arange(T, device=valid.device)
         query_ok = valid & (pos >= 1)  # [B, T]
         later = torch.zeros_like(valid)
         later[:, :-1] = valid[:, 1:]  # a later valid query exists (padding is at the end)
         key_ok = later & (pos >= 1)  # [B, T]
 
-        if received is None:
-            weights = valid.to(pattern.dtype)[:, None, None, :]  # [B, 1, 1, T] over queries
-            received = (weights @ pattern).squeeze(-2)  # [B, H, T]: sum over valid q of A[q, k]
-            received -= pattern.diagonal(dim1=-2, dim2=-1)
+        received = batch.rows.received  # [B, H, T]: sum over later valid q of A[q, k]
         query_mass = 1.0 - pattern[:, :, :, 0]  # [B, H, T]
 
         q_slots = self._slots(tokens[query_ok])  # [Nq]
