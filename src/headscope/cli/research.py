@@ -1,0 +1,203 @@
+"""Subcommands that train dictionaries and decompositions, and test head descriptions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from headscope.cli.common import Help, adapter, command, data_args, emit, model_args
+
+
+def _train_sae(args):
+    from headscope.dictionaries.pipeline import format_stats, train_dictionaries
+    from headscope.dictionaries.train import TrainStats
+
+    out = train_dictionaries(
+        adapter(args),
+        Path(args.data) if args.data else None,
+        args.site,
+        args.layers,
+        out=Path(args.out),
+        n_features=args.n_features,
+        k=args.k,
+        n_tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        lr=args.lr,
+        label_tokens=args.label_tokens,
+        text_field=args.text_field,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    lines = [
+        f"{key}: {format_stats(TrainStats.from_dict(sae['stats']))}\n  -> {sae['path']}"
+        for key, sae in out["saes"].items()
+    ]
+    emit(args, out, "\n".join(lines))
+
+
+def _describe(args):
+    from headscope.analysis.describe import describe, describe_examples, head_patterns
+    from headscope.analysis.rules import load_rules
+    from headscope.files import read_json
+    from headscope.operations.text import describe_text
+    from headscope.store import open_run
+
+    rules = load_rules(args.rules)
+    run = open_run(args.run)
+    config = run.manifest["config"]
+    n = {"counterexamples": args.counterexamples}
+    if args.on == "stored":
+        vocab = read_json(run.path / "vocab.json")
+        result = describe_examples(run.head(args.head), rules, lambda i: vocab[str(i)], **n)
+    else:
+        args.model = args.model or config.get("model", "default")
+        model = adapter(args)
+        if args.on == "examples":
+            result = describe_examples(
+                run.head(args.head), rules, model.tokens.display, adapter=model, **n
+            )
+        else:
+            from headscope.precompute.config import PrecomputeConfig
+            from headscope.precompute.sequences import iter_sequences
+
+            cfg = PrecomputeConfig.from_dict(config)
+            if cfg.data is None:
+                from headscope.data.corpus import ensure_default_corpus
+
+                data = ensure_default_corpus()
+            else:
+                data = Path(cfg.data)
+            limit = min(args.sequences or cfg.n_sequences, cfg.n_sequences)
+            seqs = iter_sequences(
+                model.tokens, data, cfg.seq_len, text_field=cfg.text_field, limit=limit
+            )
+            result = describe(
+                head_patterns(model, ((q.index, q.ids) for q in seqs), args.head),
+                args.head,
+                rules,
+                model.tokens.display,
+                source=f"the run's dataset ({limit} sequences of {cfg.seq_len} tokens, re-read)",
+                **n,
+            )
+    emit(args, result, describe_text(result))
+
+
+def _decompose(args):
+    from headscope.data.corpus import ensure_default_corpus
+    from headscope.decompose.commands import run_command
+    from headscope.precompute.sequences import iter_sequences
+
+    ad = adapter(args)
+    data = Path(args.data) if args.data else ensure_default_corpus()
+    seqs = iter_sequences(
+        ad.tokens, data, args.seq_len, text_field=args.text_field, limit=args.contexts
+    )
+    skip = {"cmd", "decompose_cmd", "handler", "model", "data", "text_field", "contexts", "json"}
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    options["out"] = Path(args.out)
+    if "variants" in options:
+        options["variants"] = tuple(options["variants"])
+    result, text = run_command(ad, (s.ids for s in seqs), args.decompose_cmd, **options)
+    emit(args, result, text)
+
+
+def add_research_commands(sub) -> None:
+    sp = command(
+        sub,
+        "train-sae",
+        _train_sae,
+        "train SAEs on resid, z or v activations, label features, report heads",
+    )
+    model_args(sp)
+    data_args(sp)
+    sp.add_argument(
+        "--site",
+        choices=["resid", "z", "v"],
+        required=True,
+        help="resid / z: one SAE per layer; v: one SAE over the values of one or two layers",
+    )
+    sp.add_argument("--layers", type=int, nargs="+", required=True, help="layers to train on")
+    sp.add_argument("--out", required=True, help="output folder: one SAELens folder per SAE")
+    sp.add_argument("--n-features", type=int, default=2048, help="dictionary size")
+    sp.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
+    sp.add_argument("--tokens", type=int, default=200_000, help="training tokens")
+    sp.add_argument(
+        "--label-tokens",
+        type=int,
+        default=100_000,
+        help="tokens after the training stretch for feature cards (0: none)",
+    )
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    sp.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    sp.add_argument(
+        "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
+    )
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = command(
+        sub,
+        "describe",
+        _describe,
+        "test a head's description (named rules over query/key pairs, docs/describe.md) on a "
+        "run: coverage of its attention, events and top examples, and counterexamples",
+    )
+    sp.add_argument("run", help="run folder")
+    sp.add_argument("head", help="a head such as L5H3")
+    sp.add_argument("rules", help="rules file (YAML)")
+    sp.add_argument(
+        "--on",
+        choices=["dataset", "examples", "stored"],
+        default="dataset",
+        help="dataset: the run's sequences re-read and run through the model up to the head's "
+        "layer; examples: the head's stored example sequences, patterns recomputed; stored: "
+        "the stored sparse patterns only (no model)",
+    )
+    sp.add_argument("--sequences", type=int, help="read at most this many (dataset)")
+    sp.add_argument("--counterexamples", type=int, default=10, help="counterexamples to list")
+    sp.add_argument("--model", help="the model to run; none given: the run's model")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    dec = sub.add_parser(
+        "decompose", help="train decompositions of one attention layer (MTC, QK, head split)"
+    ).add_subparsers(dest="decompose_cmd", required=True, metavar="COMMAND")
+    for name, help_ in (
+        ("mtc", "multi-token transcoders of a layer, with the single-head and SAE+MTC baselines"),
+        ("qk", "QK diagonalisation of one head: sparse query/key features that form its pattern"),
+        ("split", "split one head into k heads whose summed output reproduces it"),
+    ):
+        sp = dec.add_parser(name, help=help_, description=help_, formatter_class=Help)
+        sp.set_defaults(handler=_decompose)
+        model_args(sp, dtype=False)
+        data_args(sp)
+        sp.add_argument("--layer", type=int, required=True)
+        sp.add_argument("--out", required=True, help="output folder (see docs/decompose.md)")
+        sp.add_argument("--contexts", type=int, default=96, help="packed contexts to read")
+        sp.add_argument("--seq-len", type=int, default=128, help="tokens per context")
+        sp.add_argument("--eval", dest="n_eval", type=int, default=16, help="held-out contexts")
+        sp.add_argument("--epochs", type=int, default=8, help="passes over the training contexts")
+        sp.add_argument("--lr", type=float, help="Adam learning rate (default: the method's)")
+        sp.add_argument("--seed", type=int, default=0)
+        if name == "mtc":
+            sp.add_argument(
+                "--variants",
+                nargs="+",
+                choices=["mtc", "single_head", "sae_mtc"],
+                default=["mtc", "single_head", "sae_mtc"],
+            )
+            sp.add_argument("--target", choices=["attn_out", "resid_post"], default="attn_out")
+            sp.add_argument("--n-features", type=int, default=512)
+            sp.add_argument("--k-moved", type=int, default=128, help="features moved per context")
+            sp.add_argument("--l1", type=float, default=2e-3)
+        else:
+            sp.add_argument("--head", type=int, required=True, help="query head in the layer")
+        if name == "qk":
+            sp.add_argument("--n-features", type=int, default=64)
+            sp.add_argument("--rank", type=int, default=1, help="1: scalar features; r: r-dim")
+            sp.add_argument("--variant", choices=["softmax", "linear"], default="softmax")
+            sp.add_argument("--l1", type=float, default=1e-3)
+        if name == "split":
+            sp.add_argument("--k", dest="k", type=int, default=2, help="sub-heads")
+            sp.add_argument("--d-head", type=int, help="sub-head dim (default: the head's)")
