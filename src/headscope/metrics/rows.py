@@ -71,8 +71,9 @@ def row_reductions(pattern: Tensor, valid: Tensor) -> RowReductions:
         moments[:, :, start:stop, 1] = scratch.mul_(dist).sum(-1)
         if all_valid:
             received[:, :, :stop] += rows.sum(-2)
-        else:
-            received[:, :, :stop] += torch.einsum("bhqk,bq->bhk", rows, query_weight[:, start:stop])
+        else:  # the same row sum with padding rows zeroed (not a GEMM, for the reason above)
+            torch.mul(rows, query_weight[:, None, start:stop, None], out=scratch)
+            received[:, :, :stop] += scratch.sum(-2)
         if group_max is not None:
             g = stop // KEY_GROUP  # keys >= stop are all zero in these rows
             group_max[:, :, start:stop, :g] = rows.unflatten(-1, (g, KEY_GROUP)).amax(-1)

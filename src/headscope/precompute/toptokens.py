@@ -9,13 +9,15 @@ For every head and token id:
   key at positions ``1 <= k`` that have at least one later valid query. Position 0 is left out:
   it receives the sink attention of nearly every head and would top every list.
 
+Sums are float64, so tables of shards (or of any split of the stream into batches) merge
+exactly, like every other accumulator.
+
 Memory: tables only have columns for token ids that actually occurred, so they scale with
-the number of *distinct* tokens seen (C), not the vocabulary. Sums are float32 ``[L, H, C]``
+the number of *distinct* tokens seen (C), not the vocabulary. Sums are float64 ``[L, H, C]``
 (two tables), counts are int64 ``[L, C]`` (identical for every head of a layer). At
-L*H = 270 heads and even C = 49152 (the whole SmolLM2 vocabulary) that is 106 MB; a dataset of
-a few hundred thousand tokens has C of roughly 10-30k (20-65 MB). Capacity grows by 1.5x, so
-the allocation can be up to 1.5x that. float32 sums carry a relative error of about 1e-6 at
-the counts a precompute sees, far below what the UI shows.
+L*H = 270 heads and even C = 49152 (the whole SmolLM2 vocabulary) that is 212 MB; a dataset of
+a few hundred thousand tokens has C of roughly 10-30k (40-130 MB). Capacity grows by 1.5x, so
+the allocation can be up to 1.5x that.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class TopTokens:
         self.token_of_slot = torch.zeros(0, dtype=torch.int64)  # [cap]
         self._sorted_tokens = torch.zeros(0, dtype=torch.int64)  # [C], for lookups
         self._sorted_slots = torch.zeros(0, dtype=torch.int64)  # [C]
-        self.query_sum = torch.zeros(n_layers, n_heads, 0)  # [L, H, cap] float32
-        self.key_sum = torch.zeros(n_layers, n_heads, 0)  # [L, H, cap] float32
+        self.query_sum = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)  # [L, H, cap]
+        self.key_sum = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)  # [L, H, cap]
         self.query_count = torch.zeros(n_layers, 0, dtype=torch.int64)  # [L, cap]
         self.key_count = torch.zeros(n_layers, 0, dtype=torch.int64)  # [L, cap]
 
@@ -94,8 +96,9 @@ class TopTokens:
 
         q_slots = self._slots(tokens[query_ok])  # [Nq]
         k_slots = self._slots(tokens[key_ok])  # [Nk]
-        self.query_sum[layer].index_add_(1, q_slots, query_mass.transpose(0, 1)[:, query_ok])
-        self.key_sum[layer].index_add_(1, k_slots, received.transpose(0, 1)[:, key_ok])
+        q_mass = query_mass.transpose(0, 1)[:, query_ok].double()  # [H, Nq]
+        self.query_sum[layer].index_add_(1, q_slots, q_mass)
+        self.key_sum[layer].index_add_(1, k_slots, received.transpose(0, 1)[:, key_ok].double())
         self.query_count[layer].index_add_(0, q_slots, torch.ones_like(q_slots))
         self.key_count[layer].index_add_(0, k_slots, torch.ones_like(k_slots))
 
@@ -113,7 +116,7 @@ class TopTokens:
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only, columns sorted by token id.
 
-        ``tokens`` [C] int64, ``query_sum``/``key_sum`` [L, H, C] float32,
+        ``tokens`` [C] int64, ``query_sum``/``key_sum`` [L, H, C] float64,
         ``query_count``/``key_count`` [L, C] int64.
         """
         order = self._sorted_slots
@@ -133,8 +136,8 @@ class TopTokens:
         self.n_tokens = C
         self.token_of_slot = tokens.clone()
         self._sorted_tokens, self._sorted_slots = tokens.sort()
-        self.query_sum = state["query_sum"].float().clone()
-        self.key_sum = state["key_sum"].float().clone()
+        self.query_sum = state["query_sum"].double().clone()
+        self.key_sum = state["key_sum"].double().clone()
         self.query_count = state["query_count"].long().clone()
         self.key_count = state["key_count"].long().clone()
 
@@ -153,7 +156,7 @@ class TopTokens:
             ("query", self.query_sum, self.query_count),
             ("key", self.key_sum, self.key_count),
         ):
-            s = sums[..., order].double()  # [L, H, C]
+            s = sums[..., order]  # [L, H, C]
             c = counts[..., order]  # [L, C]
             mean = s / c.clamp_min(1)[:, None, :]
             mean = mean.masked_fill((c < min_count)[:, None, :], float("-inf"))
