@@ -46,6 +46,10 @@ def _similar(
     (out / "motifs").mkdir(exist_ok=True)
     embedder.save(out / "motifs" / "pca.safetensors")
     write_npy(out / "motifs" / "embedding.npy", emb.numpy().astype("float32"))
+    # the raw features too: another run's (or model's) motif space can embed them
+    write_npy(
+        out / "motifs" / "features.npy", feats.reshape(Lp * H, M, F).numpy().astype("float32")
+    )
     dist = head_distances(emb)  # [N, N]
     names = [head_name(layer, h) for layer in layers for h in range(n_heads)]
     maps = head_map(dist)
