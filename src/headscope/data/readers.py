@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from headscope.errors import DataError, NotFound
+
 USER_DOMAIN = "user"
 # A folder holding both files is a corpus written by `headscope.data.build_corpus`.
 CORPUS_FILE = "corpus.jsonl"
@@ -50,6 +52,8 @@ class ReadReport:
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # The fields of the first row that had no text field, to name the right one in an error.
+    row_fields: list[str] | None = None
 
     def skip(self, reason: str, location: str) -> None:
         """Count one skipped document (or file) and remember where, for the first few."""
@@ -178,6 +182,8 @@ class _Reader:
                 if not isinstance(record, dict):
                     self.report.skip("malformed JSON", location)
                     continue
+                if self.text_field not in record and self.report.row_fields is None:
+                    self.report.row_fields = list(record)
                 meta = {k: record.get(k) for k in _META_FIELDS}
                 yield from self.emit(location, record.get(self.text_field), meta, rel)
 
@@ -193,6 +199,8 @@ class _Reader:
         try:
             table = pq.ParquetFile(path)
             names = table.schema_arrow.names
+            if self.text_field not in names and self.report.row_fields is None:
+                self.report.row_fields = list(names)
             columns = [c for c in (self.text_field, *_META_FIELDS) if c in names]
             yield from table.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
         except (OSError, pa.ArrowException):
@@ -218,6 +226,8 @@ class _Reader:
                 location = f"{name}[{row}]"
                 row += 1
                 if texts is None:
+                    if self.report.row_fields is None:
+                        self.report.row_fields = list(names)
                     self.report.skip("missing field", location)
                     continue
                 text = texts[i]
@@ -340,20 +350,41 @@ def iter_documents(
 
     Bad documents (binary, undecodable, empty, missing or non-string field, malformed JSON,
     unreadable or unsupported files in a folder) are skipped and counted in `report`.
-    Raises FileNotFoundError for a missing path and ValueError for an unsupported file type,
-    at the call, before any reading.
+    Raises NotFound (a FileNotFoundError) for a missing path and DataError (a ValueError) for
+    an unsupported file type, at the call, before any reading.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+        raise NotFound(f"no such file or folder: {path}")
     report = report if report is not None else ReadReport()
     if path.is_dir():
         return _Reader(path, text_field, report).folder(path)
     reader = _Reader(path.parent, text_field, report)
     read = reader.reader_for(path)
     if read is None:
-        raise ValueError(
+        raise DataError(
             f"unsupported file type {path.suffix or '(none)'!r}: {path}; "
             f"supported: {', '.join(SUPPORTED_SUFFIXES)} files, or a folder"
         )
     return read(path)
+
+
+def check_readable(path: Path, *, text_field: str = "text") -> None:
+    """Raise :class:`DataError` unless ``path`` holds at least one readable document.
+
+    Reads up to the first usable document (to the end only when there is none), so a command
+    can refuse unusable data before it loads a model. The message says how many documents were
+    read and skipped, and why (and, when rows lack ``text_field``, which fields they have)."""
+    report = ReadReport()
+    if next(iter_documents(path, text_field=text_field, report=report), None) is not None:
+        return
+    if not report.skipped:
+        raise DataError(f"no documents in {path}: it is empty")
+    hint = ""
+    if set(report.skipped) == {"missing field"} and report.row_fields is not None:
+        fields = ", ".join(report.row_fields) or "none"
+        hint = (
+            f"; the rows have no {text_field!r} field (the first row's fields: {fields}): "
+            "name the text field with --text-field"
+        )
+    raise DataError(f"no readable document in {path}: {report.summary()}{hint}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from headscope.data.readers import ReadReport, check_readable
 from headscope.files import read_json, read_tensors, write_json, write_tensors
 from headscope.metrics.registry import LayerBatch, TokenMatches
 from headscope.model import ModelAdapter
@@ -135,16 +136,18 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
     rank, world = _dist()
     if _check_existing(out, cfg):
         return out
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-    adapter = ModelAdapter.load(cfg.model, device=cfg.device, dtype=dtype)
-    s = adapter.spec
-    cfg.validate(s.n_layers)
     if cfg.data is None:
         from headscope.data.corpus import ensure_default_corpus
 
         data = ensure_default_corpus()
     else:
         data = Path(cfg.data)
+    # Unusable data fails here, before the model loads and before the run folder exists.
+    check_readable(data, text_field=cfg.text_field)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    adapter = ModelAdapter.load(cfg.model, device=cfg.device, dtype=dtype)
+    s = adapter.spec
+    cfg.validate(s.n_layers)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(s.n_layers))
     t_start = time.perf_counter()
     if rank == 0:
@@ -162,8 +165,6 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
         state.load_state_dict(read_tensors(ckpt))
         if progress:
             print(f"[rank {rank}] resuming after {state.sequences_done} sequences", file=sys.stderr)
-    from headscope.data.readers import ReadReport
-
     report = ReadReport()
     mine = (
         q
@@ -193,16 +194,18 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
             file=sys.stderr,
         )
     forward_s = 0.0
-    for n_batch, batch in enumerate(batched(mine, cfg.batch_size), start=1):
-        t0 = time.perf_counter()
-        process_batch(adapter, state, layers, batch)
-        forward_s += time.perf_counter() - t0
+    try:
+        for n_batch, batch in enumerate(batched(mine, cfg.batch_size), start=1):
+            t0 = time.perf_counter()
+            process_batch(adapter, state, layers, batch)
+            forward_s += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(sum(q.ids.shape[0] for q in batch))
+            if n_batch % cfg.checkpoint_every == 0:
+                write_tensors(ckpt, state.state_dict())
+    finally:  # also on Ctrl-C: the bar's line ends before the message that follows it
         if bar is not None:
-            bar.update(sum(q.ids.shape[0] for q in batch))
-        if n_batch % cfg.checkpoint_every == 0:
-            write_tensors(ckpt, state.state_dict())
-    if bar is not None:
-        bar.close()
+            bar.close()
     write_tensors(ckpt, state.state_dict())
     if report.skipped and progress:
         print(f"[rank {rank}] {report.summary()}", file=sys.stderr)
