@@ -4,6 +4,11 @@ A text is run once with every layer's q, k, v, z and the residual decomposition 
 full patterns: they are O(T^2) per head); pattern rows are recomputed on demand from q and k,
 with exactly the arithmetic of the forward pass. Another (query, key) pair on a cached text
 costs no forward pass.
+
+Memory: a cached text costs about ``(2 * H + 2 * KV) * D + 3 * d_model`` floats per token and
+layer (~390 kB per token on SmolLM2-135M: 100 MB for 256 tokens, 800 MB for 2048), so the cache
+is bounded in bytes (:data:`CACHE_BYTES`); texts are evicted before a new one runs, and what a
+forward pass freed goes back to the operating system after it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ import torch
 from headscope.analysis.inputs import encode_text
 from headscope.errors import InputError
 from headscope.limits import MAX_TOKENS
+from headscope.memory import release_freed_memory
 from headscope.model import Capture, ModelAdapter
 from headscope.model.capture import eager_attention
+
+# The text cache's budget: two or three texts of a few hundred tokens on the default model (the
+# one being looked at and the ones before); the latest text is kept whatever its size.
+CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -49,10 +59,16 @@ def _nbytes(cap: Capture) -> int:
 
 
 class Session:
-    """The model plus a cache of analysed texts; thread-safe (model calls are serialised)."""
+    """The model plus a cache of analysed texts; thread-safe (model calls are serialised).
+
+    ``cache_bytes``: the cache's budget (the latest text is kept whatever its size)."""
 
     def __init__(
-        self, adapter: ModelAdapter, *, max_tokens: int = MAX_TOKENS, cache_bytes: int = 1 << 30
+        self,
+        adapter: ModelAdapter,
+        *,
+        max_tokens: int = MAX_TOKENS,
+        cache_bytes: int = CACHE_BYTES,
     ):
         if adapter.dtype != torch.float32:
             raise ValueError("live analysis needs the model in float32 (exact attributions)")
@@ -76,18 +92,31 @@ class Session:
                 if not 1 <= len(text) <= self.max_tokens:
                     raise InputError(f"need 1..{self.max_tokens} token ids, got {len(text)}")
                 ids = torch.tensor([list(text)], dtype=torch.long)
+            # Room first, so the evicted texts and the new one are never held together.
+            self._evict(self.cache_bytes - self._estimate(ids.shape[1]))
             # No logits kept (V floats per position): logits_at() recomputes one position.
             cap = self.adapter.run(ids, patterns=False, residuals=True, logits=False)
             display = self.adapter.tokens.displays(ids[0])
             st = TextState(
                 text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap)
             )
+            self._evict(self.cache_bytes - st.nbytes)
             self._cache[key] = st
-            used = sum(s.nbytes for s in self._cache.values())
-            while used > self.cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                used -= old.nbytes
+            release_freed_memory()
             return st
+
+    def _estimate(self, n_tokens: int) -> int:
+        """The bytes a text of ``n_tokens`` will take, scaled from a cached one (0: none)."""
+        for st in self._cache.values():
+            return st.nbytes * n_tokens // st.n_tokens
+        return 0
+
+    def _evict(self, budget: int) -> None:
+        """Drop the least recently used texts until the cache holds at most ``budget`` bytes."""
+        used = sum(st.nbytes for st in self._cache.values())
+        while used > budget and self._cache:
+            _, old = self._cache.popitem(last=False)
+            used -= old.nbytes
 
     def logits_at(self, st: TextState, pos: int) -> torch.Tensor:
         """The model's logits ``[V]`` at ``pos``: final norm, unembedding, final softcap."""

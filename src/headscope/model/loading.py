@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from headscope.errors import ModelUnavailable
 from headscope.files import atomic_dir, write_json, write_text
+from headscope.memory import release_freed_memory
 
 
 def cache_dir() -> Path:
@@ -125,6 +126,10 @@ def dequantized_dir(gguf: Path) -> Path:
         _save_dequantized(model, tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / "headscope_source.json", {"gguf": str(gguf)})
+    # The converted model is read back from the cache (memory-mapped): this copy, and the
+    # conversion's intermediates, would otherwise stay resident in a long-running server.
+    del model, tok
+    release_freed_memory(collect=True)
     return target
 
 
