@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from headscope.model import capture as cap
-from headscope.model.loading import ResolvedModel, load_hf, resolve
+from headscope.model.loading import ResolvedModel, describe, load_hf, resolve
 from headscope.model.spec import ArchSpec, arch_spec, get_module, head_name, norm_factor
 from headscope.model.tokens import Tokens
 
@@ -122,6 +122,7 @@ class ModelAdapter:
         s = self.spec
         return {
             "name": self.name,
+            "model": describe(self.name, self.source),
             "source": self.source,
             **s.to_dict(),
             "n_heads_total": s.n_heads_total,

