@@ -17,6 +17,7 @@ from headscope.precompute import probes
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.motifs import MotifEmbedder, head_distances, head_map, nearest_heads
 from headscope.precompute.state import StreamState
+from headscope.progress import bar, counting_tokens
 from headscope.store.run_format import SCHEMA_VERSION
 
 N_SIMILAR = 10
@@ -88,6 +89,13 @@ def _round(x):
     return x
 
 
+def _probe_tokens(cfg: PrecomputeConfig) -> int:
+    """Tokens the probes' forward passes read (for the progress bar): prefix matching on
+    sequences of 2L + 1 tokens, then four long-prefix passes on sequences of 2L."""
+    n, length = cfg.probe_sequences, cfg.probe_length
+    return n * (2 * length + 1) + 4 * n * 2 * length
+
+
 def finalize(
     adapter: ModelAdapter,
     cfg: PrecomputeConfig,
@@ -97,11 +105,15 @@ def finalize(
     layers: list[int],
     dataset: dict,
     timings: dict,
+    progress: bool = False,
 ) -> None:
+    """Write the run directory; ``progress``: bars on stderr for steps that take a while."""
     s = adapter.spec
     toks = adapter.tokens
     t0 = time.perf_counter()
-    table, curve = _metric_table(adapter, cfg, state, layers)
+    probe_bar = bar(_probe_tokens(cfg), "finalize: probes", "tok", enabled=progress)
+    with probe_bar, counting_tokens(adapter, probe_bar):
+        table, curve = _metric_table(adapter, cfg, state, layers)
     names = list(table)
     rows = []
     for layer in layers:
@@ -116,9 +128,15 @@ def finalize(
         out / "metrics.json", {"columns": ["layer", "head", *names], "rows": rows, "docs": docs}
     )
 
+    steps = bar(3, "finalize: motifs, PCA, top tokens", "step", enabled=progress)
     similar = _similar(state, layers, s.n_heads, out)
+    steps.update()
     pca = state.pairs.fit(n_components=3)
+    steps.update()
     top = state.top_tokens.top_tokens(min_count=3, k=20)
+    steps.update()
+    steps.close()
+    heads_bar = bar(len(layers) * s.n_heads, "finalize: heads", "head", enabled=progress)
     selected = state.examples.selector.selected()
     hist = state.examples.selector.histograms()
     edges = [round(i / hist.shape[-1], 4) for i in range(hist.shape[-1] + 1)]
@@ -176,6 +194,8 @@ def finalize(
                     "similar": similar.get(name, []),
                 },
             )
+            heads_bar.update()
+    heads_bar.close()
     write_json(out / "vocab.json", {str(i): toks.display(i) for i in sorted(vocab_ids)})
     info = adapter.info()
     write_json(

@@ -230,6 +230,7 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
                 "stream_s": round(forward_s, 3),
                 "total_s": round(time.perf_counter() - t_start, 3),
             },
+            progress=progress,
         )
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     _barrier(world)
