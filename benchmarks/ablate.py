@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from headscope.analysis.ablate import ablate_heads, format_text, repeated_random_tokens
+from headscope.analysis.ablate import ablate_heads, format_text
+from headscope.analysis.synthetic import repeated_random_tokens
 from headscope.data.corpus import ensure_default_corpus
 from headscope.model import ModelAdapter
 from headscope.precompute.sequences import iter_sequences

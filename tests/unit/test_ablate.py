@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from headscope.analysis.ablate import (
     AblationResult,
     ablate_heads,
-    ablating,
     format_text,
     metric_column,
-    repeated_random_tokens,
 )
+from headscope.analysis.ablation_hooks import ablating
 from headscope.analysis.inputs import InputError
+from headscope.analysis.synthetic import repeated_random_tokens
 from headscope.model import ModelAdapter
 from headscope.model.capture import CaptureRequest, capturing, eager_attention
 from headscope.model.spec import parse_head

@@ -15,8 +15,8 @@ from headscope.analysis.describe import (
     describe,
     describe_examples,
     describe_text,
-    head_patterns,
 )
+from headscope.analysis.head_stream import head_patterns
 from headscope.analysis.rules import RuleSet, load_rules
 from headscope.analysis.session import Session
 from headscope.errors import InputError

@@ -90,7 +90,7 @@ def test_the_dataset_summary_names_a_then_b(session, dataset):
 
 def test_priority_counter_merges_exactly(session, dataset):
     """Two halves merged give the one-pass counts, sums and examples."""
-    from headscope.analysis.describe import run_layers
+    from headscope.analysis.head_stream import run_layers
 
     ad = session.adapter
 

@@ -25,12 +25,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from headscope.analysis.describe import (
-    RuleEngine,
-    equal_length_batches,
-    run_layers,
-    run_to_layer,
-)
+from headscope.analysis.describe import RuleEngine
+from headscope.analysis.head_stream import equal_length_batches, run_layers, run_to_layer
 from headscope.analysis.inputs import parse_heads
 from headscope.analysis.results import (
     KeyMove,

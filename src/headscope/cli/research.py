@@ -37,7 +37,8 @@ def _train_sae(args):
 
 
 def _describe(args):
-    from headscope.analysis.describe import describe, describe_examples, head_patterns
+    from headscope.analysis.describe import describe, describe_examples
+    from headscope.analysis.head_stream import head_patterns
     from headscope.analysis.rules import load_rules
     from headscope.files import read_json
     from headscope.operations.text import describe_text
