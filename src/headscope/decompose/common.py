@@ -35,11 +35,6 @@ def neg_penalty(pre: Tensor) -> Tensor:
     return pre.neg().relu().sum(-1).mean()
 
 
-def unit_rows_(w: Tensor) -> None:
-    """Rescale the rows of ``w [F, d]`` to unit L2 norm, in place."""
-    w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
 def drop_parallel_grad_(w: Tensor) -> None:
     """Remove from ``w.grad`` its component along each (unit) row of ``w [F, d]``, so a step
     does not fight the unit-norm constraint."""

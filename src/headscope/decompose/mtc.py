@@ -3,8 +3,10 @@
 An MTC reads the residual stream entering a layer over a whole context and predicts the
 layer's attention output (or the residual after the layer) over the same context:
 
-1. a token-wise encoder at each *source* position: ``a = relu(x·s_in @ W_enc + b_enc)``
-   ``[B, T, F]``;
+1. a token-wise encoder at each *source* position: ``a = relu(x̃ @ W_enc + b_enc)``
+   ``[B, T, F]``, where ``x̃ = x / rms(x)`` is the residual scaled to RMS 1 per position (as the
+   layer's own norm does, without its weights): the attention sink's residual is ~100x larger
+   than the rest, and unnormalised it dominates every feature it touches;
 2. an attention operation per feature: the feature's *head-loading vector* ``w_f [H + 1]``
    mixes the layer's actual attention patterns ``A_h`` with an identity pattern (the residual
    connection): ``m_f[t] = Σ_h w_fh Σ_s A_h[t, s] a_f[s] + w_f,id · a_f[t]``. Only the top-k
@@ -56,7 +58,6 @@ class MTCConfig:
     k_moved: int = 256  # features moved per context
     l1: float = 1e-3  # L1 on source activations
     neg: float = 1e-5  # penalty on negative pre-activations
-    input_scale: float = 1.0  # s_in: residual -> encoder input
     target_scale: float = 1.0  # s_out: target -> decoder space
     model_name: str = ""
 
@@ -128,9 +129,15 @@ class MTC(nn.Module):
             )
 
     # ----- the three stages ----------------------------------------------------------------------
+    @staticmethod
+    def encoder_input(x: Tensor) -> Tensor:
+        """``x [..., d]`` residual (raw units) -> ``x / rms(x)``, what the encoder reads."""
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """``x [..., d]`` residual (raw units) -> ``[..., F]`` encoder pre-activations."""
-        return (x.float() * self.cfg.input_scale) @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         """``x [..., d]`` -> ``[..., F]`` source-side feature activations (>= 0)."""
@@ -179,7 +186,7 @@ class MTC(nn.Module):
         return self.decode(m, idx)
 
     def sae_reconstruct(self, acts: Tensor) -> Tensor:
-        """``sae_mtc`` only: the SAE's reconstruction of its (scaled) input from ``acts``."""
+        """``sae_mtc`` only: the SAE's reconstruction of its input (``encoder_input(x)``)."""
         if self.cfg.variant != "sae_mtc":
             raise InputError("only an sae_mtc has an SAE decoder")
         return acts @ self.W_sae_dec + self.b_sae_dec

@@ -68,7 +68,7 @@ def train_mtc(
     neg: float = 1e-5,
     epochs: int = 4,
     batch_size: int = 4,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     seed: int = 0,
     model_name: str = "",
     log: Log = no_log,
@@ -87,14 +87,13 @@ def train_mtc(
         k_moved=k_moved,
         l1=l1,
         neg=neg,
-        input_scale=norm_scale(train.resid),
         target_scale=norm_scale(y_all),
         model_name=model_name,
     )
     gen = torch.Generator().manual_seed(seed)
     mtc = MTC(cfg, generator=gen, device=device)
     y_var = _variance(y_all * cfg.target_scale)
-    x_var = _variance(train.resid * cfg.input_scale)
+    x_var = _variance(MTC.encoder_input(train.resid))
     others = [p for n, p in mtc.named_parameters() if n != "loading"]
     groups: list[dict[str, Any]] = [
         {"params": others},
@@ -142,7 +141,7 @@ def _losses(mtc: MTC, batch: LayerData, y: Tensor, y_var: float, x_var: float) -
     acts = pre.relu()
     sae = torch.zeros((), device=pre.device)
     if cfg.variant == "sae_mtc":
-        err = mtc.sae_reconstruct(acts) - batch.resid * cfg.input_scale  # [B, T, d]
+        err = mtc.sae_reconstruct(acts) - mtc.encoder_input(batch.resid)  # [B, T, d]
         sae = err[:, 1:].pow(2).sum(-1).mean() / x_var
         acts_moved = acts.detach()
     else:
@@ -176,7 +175,7 @@ def evaluate_mtc(
         moved_l0 += float(active.gather(2, idx[:, None, :].expand(-1, active.shape[1], -1)).sum())
         ever |= active.any(0).any(0)
         if cfg.variant == "sae_mtc":
-            sae_rec.update(mtc.sae_reconstruct(acts[:, 1:]), b.resid[:, 1:] * cfg.input_scale)
+            sae_rec.update(mtc.sae_reconstruct(acts[:, 1:]), mtc.encoder_input(b.resid[:, 1:]))
     n = max(1, data.n_tokens)
     return MTCStats(
         variant=cfg.variant,

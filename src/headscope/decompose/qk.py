@@ -105,10 +105,13 @@ class QKDiagonal(nn.Module):
             w = torch.randn(*shape, generator=generator)
             return w / w.norm(dim=-2, keepdim=True)
 
+        # A linear pattern is <= 1 per entry: start its summed scores near that size (gates of
+        # size F^-1/2), or the first steps switch every feature off and none comes back.
+        scale = F**-0.5 if cfg.variant == "linear" else 1.0
         params = {
-            "U_q": unit_cols(D, F),  # [D, F]
+            "U_q": unit_cols(D, F) * scale,  # [D, F]
             "b_q": torch.zeros(F),  # [F]
-            "U_k": unit_cols(D, F),  # [D, F]
+            "U_k": unit_cols(D, F) * scale,  # [D, F]
             "b_k": torch.zeros(F),  # [F]
         }
         if r > 1:

@@ -87,7 +87,7 @@ def train_qk(
     neg: float = 1e-3,
     epochs: int = 8,
     batch_size: int = 8,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     seed: int = 0,
     window: int | None = None,
     model_name: str = "",
