@@ -117,7 +117,7 @@ def qk_attribution(
     ``score`` is the model's own number (q . k * scale from the forward pass), ``total`` the sum
     of every term (all ``n_terms`` of them; ``terms`` lists the ``top`` largest by |value|)."""
     layer, h = _head(session, head)
-    st = session.state(text)
+    st = session.state(text, through=layer)  # layers 0..layer only
     query, key = check_pair(st.n_tokens, query, key)
     s = session.adapter.spec
     q_labels, Q = side_vectors(session, st, layer, h, query, "q", basis)
@@ -186,13 +186,19 @@ def ov_attribution(
     top: int = 30,
     n_tokens: int = 10,
     basis: Basis | None = None,
+    top_pairs: int = 200,
 ) -> OVResult:
     """What the head moves from ``key`` to ``query``: attention x value path, by key component.
 
     Each component's output vector o_j sums to the head's actual output through this edge
     (``total_norm`` is the norm of that sum; ``value`` is each o_j projected on the total's
     direction, so values sum to ``total_norm``). ``promoted``/``suppressed`` read the total
-    through the final norm and unembedding (logit lens)."""
+    through the final norm and unembedding (logit lens).
+
+    With a dictionary basis that has an output dictionary for the head's layer (the next layer's
+    residual dictionary, or the layer's z dictionary), ``pairs`` lists the ``top_pairs`` largest
+    (value-side row at the key x output feature at the query) terms and ``outputs`` checks each
+    output feature's terms against the model's own output through the edge."""
     layer, h = _head(session, head)
     st = session.state(text)
     query, key = check_pair(st.n_tokens, query, key)
@@ -239,6 +245,13 @@ def ov_attribution(
         e_out = e_out * factor.to(f64)
     e_logits = logit_readout(session, st, query, e_out.float())
     key_rank = int((logits > logits[key_id]).sum()) + 1
+    pairs = None
+    if basis is not None and hasattr(basis, "output_read"):
+        v_model = st.cap.layers[layer].v[0, kv, key].to(f64)  # [D]
+        pairs = _ov_pairs(
+            basis, session, st, layer, h, query, labels, out, a * vals, a * v_model, top_pairs
+        )
+    shown_labels = {labels[i] for i in order} | (pairs["shown"] if pairs else set())
 
     return OVResult.model_validate(
         {
@@ -265,9 +278,78 @@ def ov_attribution(
             "key_token_rank": key_rank,
             "key_token_readout": tok_list(e_logits, n_tokens, 1.0),
             "basis": (basis or COMPONENTS).name,
-            "features": None if basis is None else basis.cards({labels[i] for i in order}),
+            "features": None if basis is None else basis.cards(shown_labels),
+            **({k: v for k, v in pairs.items() if k != "shown"} if pairs else {}),
         }
     )
+
+
+def _ov_pairs(
+    basis,
+    session: Session,
+    st: TextState,
+    layer: int,
+    head: int,
+    query: int,
+    labels: list[str],
+    out: torch.Tensor,  # [C, d_model] each value-side row's output through the edge
+    zs: torch.Tensor,  # [C, D] the same rows before W_O (attention x value)
+    z_model: torch.Tensor,  # [D] the edge's actual attention x value
+    top: int = 200,
+    max_outputs: int = 64,
+) -> dict | None:
+    """OV in the feature basis on both sides: (value-side row at the key x output feature at the
+    query) terms, read by the output dictionary's encoder (see ``DictionarySet.output_read``).
+
+    Each output feature's terms sum to the head's actual output through this edge read by that
+    feature's encoder (``model``; from the captured value vector, not from the rows)."""
+    read = basis.output_read(session, st, layer, head, query)
+    if read is None:
+        return None
+    d, E, acts = read  # E [d_model or D, F]
+    if d.site == "resid":
+        w = session.adapter.weights(layer)
+        model_out = z_model @ w.W_O[head].to(torch.float64)  # [d_model]
+        factor = session.adapter.post_attn_factor(st.cap.attn_out[layer][0, query], layer)
+        if factor is not None:
+            model_out = model_out * factor.to(torch.float64)
+        rows, model_vec = out, model_out
+    else:  # a z dictionary reads the head's output before W_O (and any post-attention norm)
+        rows, model_vec = zs, z_model
+    model = model_vec @ E  # [F]
+    cols = acts.nonzero().flatten()
+    if cols.numel() == 0:  # nothing fires at the query: the features this edge moves most
+        cols = torch.topk(model.abs(), min(8, model.numel())).indices
+    if cols.numel() > max_outputs:
+        cols = cols[torch.topk(model[cols].abs(), max_outputs).indices]
+    terms = rows @ E[:, cols]  # [C, O]
+    out_labels = [d.label(i) for i in cols.tolist()]
+    flat = terms.flatten()
+    idx = torch.topk(flat.abs(), min(top, flat.numel())).indices.tolist()
+    n_o = terms.shape[1]
+    order = torch.argsort(terms.sum(0).abs(), descending=True).tolist()
+    return {
+        "output_dictionary": f"{d.site}:L{d.layer}",
+        "n_pairs": flat.numel(),
+        "pairs": [
+            {
+                "value_feature": labels[i // n_o],
+                "output_feature": out_labels[i % n_o],
+                "value": float(flat[i]),
+            }
+            for i in idx
+        ],
+        "outputs": [
+            {
+                "feature": out_labels[j],
+                "activation": float(acts[cols[j]]),
+                "model": float(model[cols[j]]),
+                "total": float(terms[:, j].sum()),
+            }
+            for j in order
+        ],
+        "shown": {out_labels[j] for j in order[:40]},
+    }
 
 
 def rank_heads(session: Session, text: str, query: int, key: int) -> RankHeadsResult:

@@ -92,6 +92,25 @@ class TokenLogit(Result):
     logit: float
 
 
+class OVPairTerm(Result):
+    value_feature: str = Field(
+        description="value-side row at the key (a feature, b_dec, error, bias)"
+    )
+    output_feature: str = Field(description="output-side feature (read at the query)")
+    value: float = Field(
+        description="the row's output through this edge, read by the output feature's encoder"
+    )
+
+
+class OVOutputFeature(Result):
+    feature: str
+    activation: float = Field(description="the output feature's activation at the query")
+    model: float = Field(
+        description="the head's actual output through this edge read by the feature's encoder"
+    )
+    total: float = Field(description="sum of this feature's pair terms; equals model")
+
+
 class OVResult(Result):
     """What the head moves from key to query, by key-side component."""
 
@@ -122,6 +141,18 @@ class OVResult(Result):
         "head writes for that token in any context",
     )
     features: dict[str, dict[str, Any]] | None = None
+    output_dictionary: str | None = Field(
+        None,
+        description="the dictionary whose encoder reads the head's output (the next layer's "
+        "residual dictionary, or the layer's z dictionary); null: no feature pairs",
+    )
+    n_pairs: int = 0
+    pairs: list[OVPairTerm] = Field(
+        default_factory=list,
+        description="(value-side row at the key x output feature at the query) terms, largest "
+        "|value| first",
+    )
+    outputs: list[OVOutputFeature] = Field(default_factory=list)
 
 
 class ComposingHead(Result):
@@ -247,11 +278,26 @@ class HeadLoading(Result):
 
 
 class HeadLoadingsResult(Result):
-    """Each head's share of the edge from a source feature to a feature of the next layer."""
+    """Each head's share of the edge from a source feature to a feature of the next layer.
+
+    ``edge`` = the heads' loadings + ``residual`` + ``mlp`` (the bypass), exactly."""
 
     source: FeatureAt
     target: FeatureAt
     heads: list[HeadLoading]
+    target_vector: str = Field(
+        "encoder",
+        description="how the target feature reads the residual: its encoder column (what sets "
+        "its activation) or its decoder row (the paper's convention)",
+    )
+    edge: float | None = Field(
+        None,
+        description="the whole edge: a_s a_t times the target vector read of what one unit of "
+        "the source feature at the source position adds to the next layer's residual at the "
+        "target position (attention patterns and norm scales frozen, the MLP linearised)",
+    )
+    residual: float = Field(0.0, description="the residual connection's part (same position only)")
+    mlp: float = Field(0.0, description="the part through the layer's MLP, linearised")
 
 
 # ----- head descriptions (rules) --------------------------------------------------------------------

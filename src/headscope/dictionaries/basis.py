@@ -27,18 +27,23 @@ class Dictionary:
     layer: int
     path: Path
     features: dict[str, dict]  # feature index (as str) -> hover card, from features.json
+    site: str = "resid"  # "z": an SAE on ``layer``'s per-head attention outputs before W_O
 
     @property
     def n_features(self) -> int:
         return self.sae.cfg.d_sae
 
     def label(self, i: int) -> str:
-        return f"sae:L{self.layer}/{i}"
+        return f"sae:L{self.layer}/{i}" if self.site == "resid" else f"zsae:L{self.layer}/{i}"
 
 
 def _load_one(folder: Path) -> Dictionary:
     sae = load_sae(folder, dtype="float32").with_norm_scaling_folded()
     site, layers = parse_hook_name(sae.cfg.hook_name)
+    if site == "z" and len(layers) == 1:
+        cards_path = folder / "features.json"
+        cards = json.loads(cards_path.read_text()) if cards_path.is_file() else {}
+        return Dictionary(sae.eval(), layers[0], folder, cards, site="z")
     if site != "resid" or len(layers) != 1 or "resid_mid" in sae.cfg.hook_name:
         raise InputError(
             f"{folder}: attributions need a residual-stream SAE (hook {sae.cfg.hook_name!r})"
@@ -64,12 +69,14 @@ class DictionarySet:
             else sorted(p for p in path.iterdir() if (p / CFG_FILENAME).is_file())
         )
         self.by_layer: dict[int, Dictionary] = {}
+        # one-layer z dictionaries: not a basis of the residual, but they read a head's output
+        self.z_by_layer: dict[int, Dictionary] = {}
         for folder in folders:
             try:
                 d = _load_one(folder)
             except InputError:
-                continue  # z or v dictionaries live beside residual ones; they are not a basis
-            self.by_layer[d.layer] = d
+                continue  # v or multi-layer dictionaries live beside residual ones
+            (self.z_by_layer if d.site == "z" else self.by_layer)[d.layer] = d
         if not self.by_layer:
             raise InputError(
                 f"{path} holds no residual-stream SAE (cfg.json + sae_weights.safetensors)"
@@ -124,14 +131,42 @@ class DictionarySet:
                 return b_dec
             return x - acts @ d.sae.W_dec.detach() - b_dec
 
+    def output_dictionary(self, layer: int) -> Dictionary | None:
+        """The dictionary that reads what a head of ``layer`` writes: the next layer's residual
+        dictionary (its encoder reads the residual the head's output is added to), else the
+        layer's z dictionary; None when there is neither."""
+        return self.by_layer.get(layer + 1) or self.z_by_layer.get(layer)
+
+    def output_read(
+        self, session, st, layer: int, head: int, query: int
+    ) -> tuple[Dictionary, torch.Tensor, torch.Tensor] | None:
+        """How the output dictionary of ``layer`` (:meth:`output_dictionary`) reads head
+        ``head``'s output: ``(dictionary, E, acts)`` with ``E`` the encoder directions ``[d_model,
+        F]`` (a residual dictionary) or the head's slice of them ``[D, F]`` (a z dictionary: the
+        head's output before W_O), and ``acts [F]`` the dictionary's activations at ``query``.
+        A feature's pre-activation changes by ``x @ E[:, f]`` when ``x`` is added to what it reads.
+        """
+        d = self.output_dictionary(layer)
+        if d is None:
+            return None
+        W_enc = d.sae.W_enc.detach().to(torch.float64)  # [d_in, F]
+        with torch.no_grad():
+            if d.site == "resid":
+                x = session.resid(st, d.layer, query).float()  # [d_model]
+                return d, W_enc, d.sae.encode(x[None])[0]
+            D = session.adapter.spec.d_head
+            z = st.cap.layers[layer].z[0, query].reshape(-1).float()  # [H * D]
+            return d, W_enc[head * D : (head + 1) * D], d.sae.encode(z[None])[0]
+
     def cards(self, labels: set[str]) -> dict[str, dict]:
         """Hover cards (top contexts, density, promoted tokens) of the feature labels given."""
         out = {}
         for label in labels:
-            if not label.startswith("sae:L") or "/" not in label:
-                continue
-            layer_s, idx = label[5:].split("/", 1)
-            d = self.by_layer.get(int(layer_s))
-            if d is not None and idx in d.features:
-                out[label] = d.features[idx]
+            for prefix, table in (("sae:L", self.by_layer), ("zsae:L", self.z_by_layer)):
+                if not label.startswith(prefix) or "/" not in label:
+                    continue
+                layer_s, idx = label[len(prefix) :].split("/", 1)
+                d = table.get(int(layer_s)) if layer_s.isdigit() else None
+                if d is not None and idx in d.features:
+                    out[label] = d.features[idx]
         return out

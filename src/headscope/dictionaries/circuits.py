@@ -7,10 +7,19 @@ features by cosine similarity to one feature in that projected space — on the 
 features look alike to this head) and on the other side (which query features a key feature
 matches best). RoPE is position-dependent and left out: these are position-free affinities.
 
-Head loadings ("Tracing Attention Computation Through Feature Interactions"): the share of an edge between a feature at (layer L, position p_s) and a
-feature at (layer L+1, position p_t) that each head of layer L carries:
-``a_s * a_t * (v_t . O_h V_h v_s) * attention_h(p_t, p_s)``, with v_s the source decoder
-direction (through the frozen pre-norm), v_t the target's encoder direction.
+Head loadings ("Tracing Attention Computation Through Feature Interactions"): the share of an
+edge between a feature at (layer L, position p_s) and a feature at (layer L+1, position p_t) that
+each head of layer L carries: ``a_s * a_t * (v_t . O_h V_h v_s) * attention_h(p_t, p_s)``, with
+``v_s`` the source feature's decoder vector (through the frozen pre-norm: a residual SAE's
+feature is its decoder vector times its activation) and ``v_t`` the vector through which the
+target feature reads the residual. The paper writes ``v_t`` as the target's decoder vector too
+(its SAE attribution graphs ignore encoders); here the default is the target's *encoder* column,
+because that is what sets the target's activation: the loading is then the head's share of the
+target's pre-activation change caused by the source. ``target_vector="decoder"`` gives the
+paper's convention. Heads are one of three routes: with patterns and norm scales frozen and the
+MLP linearised, ``edge = sum_h loading_h + residual + mlp``, where ``residual`` is the residual
+connection (p_s = p_t only) and ``mlp`` the layer's MLP acting on what the source adds before it
+(directly at p_t = p_s, and through every head).
 """
 
 from __future__ import annotations
@@ -105,17 +114,26 @@ def edge_head_loadings(
     source_pos: int,
     target_feature: int,
     target_pos: int,
+    *,
+    target_vector: str = "encoder",
 ) -> HeadLoadingsResult:
     """Each head of ``source_layer``'s share of the edge from a feature at (source_layer,
-    source_pos) to a feature of the next layer's dictionary at target_pos, ranked."""
+    source_pos) to a feature of the next layer's dictionary at target_pos, ranked; plus the
+    bypass (residual connection, MLP) so that loadings + bypass = the whole edge."""
     ad, s = session.adapter, session.adapter.spec
-    if not 0 <= source_layer < s.n_layers - 1:
+    if not 0 <= source_layer < s.n_layers:
         raise InputError(
-            f"source layer must be in 0..{s.n_layers - 2} (the target is the next layer)"
+            f"source layer must be in 0..{s.n_layers - 1} (the target is the next layer)"
         )
+    if target_vector not in ("encoder", "decoder"):
+        raise InputError("target_vector must be 'encoder' or 'decoder'")
     st = session.state(text)
     target_pos, source_pos = check_pair(st.n_tokens, target_pos, source_pos)
     src, tgt = dictionaries.for_layer(source_layer), dictionaries.for_layer(source_layer + 1)
+    for d, f in ((src, source_feature), (tgt, target_feature)):
+        if not 0 <= f < d.n_features:
+            raise InputError(f"feature {f} out of range 0..{d.n_features - 1} of {d.label(0)[:-2]}")
+    f64 = torch.float64
     with torch.no_grad():
         a_s = float(
             src.sae.encode(session.resid(st, source_layer, source_pos).float()[None])[
@@ -127,24 +145,40 @@ def edge_head_loadings(
                 0, target_feature
             ]
         )
-    x_s = session.resid(st, source_layer, source_pos)
-    v_s = ad.apply_norm_frozen(
-        src.sae.W_dec[source_feature].detach().float(),
-        norm_factor(x_s, s.norm),
-        ad.ln_attn(source_layer),
-    )
-    v_t = tgt.sae.W_enc[:, target_feature].detach().float()  # [d_model] what reads the target
+    d_s = src.sae.W_dec[source_feature].detach().to(f64)  # [d] the source's decoder vector
+    t_vec = (
+        (
+            tgt.sae.W_enc[:, target_feature]
+            if target_vector == "encoder"
+            else tgt.sae.W_dec[target_feature]
+        )
+        .detach()
+        .to(f64)
+    )  # [d] how the target feature reads the residual
+    ln = ad.ln_attn(source_layer)
+    ln = type(ln)(ln.weight.to(f64), None if ln.bias is None else ln.bias.to(f64))
+    x_s = session.resid(st, source_layer, source_pos).to(f64)
+    n_s = ad.apply_norm_frozen(d_s, norm_factor(x_s, s.norm).to(f64), ln)  # [d]
     w = ad.weights(source_layer)
-    vals = torch.einsum("d,hdk->hk", v_s, w.W_V.float()[w.kv_of_head])  # [H, D]
-    ov = torch.einsum("hk,hkm,m->h", vals, w.W_O.float(), v_t)  # [H]
+    W_V, W_O = w.W_V.to(f64)[w.kv_of_head], w.W_O.to(f64)  # [H, d, D], [H, D, d]
+    head_out = torch.einsum("d,hdk,hkm->hm", n_s, W_V, W_O)  # [H, d] per unit attention
     factor = ad.post_attn_factor(st.cap.attn_out[source_layer][0, target_pos], source_layer)
     if factor is not None:  # Gemma's post-attention norm sits between W_O and the residual
-        ov = torch.einsum("hk,hkm,m->h", vals, w.W_O.float(), v_t * factor)
+        head_out = head_out * factor.to(f64)
     _, pattern = session.pattern_rows(st, source_layer, target_pos)
-    att = pattern[:, source_pos]  # [H]
-    edge = a_s * a_t * ov * att
-    total = edge.abs().sum().clamp_min(1e-30)
-    order = torch.argsort(edge.abs(), descending=True).tolist()
+    att = pattern[:, source_pos].to(f64)  # [H]
+    ov = head_out @ t_vec  # [H]
+    scale = a_s * a_t
+    edge_heads = scale * ov * att
+    # What one unit of the source adds to the residual between attention and MLP at target_pos.
+    same = float(source_pos == target_pos)
+    delta_mid = same * d_s  # [d]
+    if not s.parallel_residual:
+        delta_mid = delta_mid + (att[:, None] * head_out).sum(0)
+    residual = scale * same * float(d_s @ t_vec)
+    mlp = scale * float(_mlp_jvp(session, st, source_layer, target_pos, delta_mid) @ t_vec)
+    total = edge_heads.abs().sum().clamp_min(1e-30)
+    order = torch.argsort(edge_heads.abs(), descending=True).tolist()
     return HeadLoadingsResult.model_validate(
         {
             "source": {
@@ -160,12 +194,50 @@ def edge_head_loadings(
             "heads": [
                 {
                     "head": head_name(source_layer, h),
-                    "loading": float(edge[h]),
-                    "share": float(edge[h].abs() / total),
+                    "loading": float(edge_heads[h]),
+                    "share": float(edge_heads[h].abs() / total),
                     "attention": float(att[h]),
                     "ov": float(ov[h]),
                 }
                 for h in order
             ],
+            "target_vector": target_vector,
+            "edge": float(edge_heads.sum()) + residual + mlp,
+            "residual": residual,
+            "mlp": mlp,
         }
     )
+
+
+def _mlp_jvp(
+    session: Session, st, layer: int, pos: int, delta: torch.Tensor
+) -> torch.Tensor:  # [d]
+    """The layer's MLP output change at ``pos`` for a change ``delta [d]`` of the residual it
+    reads (after attention), to first order: its pre-norm (and Gemma's post-MLP norm) frozen at
+    their actual scales, the MLP itself linearised at its actual input (a Jacobian-vector
+    product)."""
+    ad, s = session.adapter, session.adapter.spec
+    f64 = torch.float64
+    if s.parallel_residual:  # the MLP reads the layer's input, beside attention, not after it
+        mid = session.resid(st, layer, pos).to(f64)
+    else:
+        mid = session.resid(st, layer + 1, pos).to(f64) - st.cap.mlp_contrib[layer][0, pos].to(f64)
+    block = ad.layer(layer)
+    ln_mod = getattr(block, s.layout.ln_mlp)
+    bias = getattr(ln_mod, "bias", None)
+    ln = type(ad.ln_attn(layer))(
+        ln_mod.weight.detach().to(f64) + s.norm.weight_offset,
+        None if bias is None else bias.detach().to(f64),
+    )
+    f = norm_factor(mid, s.norm).to(f64)
+    u = ad.apply_norm_frozen(mid, f, ln) + (ln.bias if ln.bias is not None else 0.0)
+    du = ad.apply_norm_frozen(delta, f, ln)
+    mlp = getattr(block, s.layout.mlp)
+    dt = next(mlp.parameters()).dtype
+    with torch.no_grad():
+        out = torch.func.jvp(lambda x: mlp(x[None, None])[0, 0], (u.to(dt),), (du.to(dt),))
+    y, dy = out[0], out[1].to(f64)
+    post = ad.post_norm(layer, "mlp")
+    if post is not None:
+        dy = ad.apply_norm_frozen(dy, norm_factor(y, s.norm).to(f64), post)
+    return dy
