@@ -131,7 +131,7 @@ def test_second_pair_on_a_seen_text_needs_no_forward_pass(client, session):
     real = session.adapter.run
 
     def counting(*args, **kwargs):
-        calls.append(1)
+        calls.append((kwargs.get("stop_after"), kwargs.get("resume") is not None))
         return real(*args, **kwargs)
 
     session.adapter.run = counting
@@ -145,7 +145,8 @@ def test_second_pair_on_a_seen_text_needs_no_forward_pass(client, session):
         )
     finally:
         del session.adapter.run
-    assert len(calls) == 1
+    # the QK pairs ran layers 0..1 once; ranking every head continued that pass to the end
+    assert calls == [(1, False), (None, True)]
 
 
 def test_sweep(client, session):
@@ -497,10 +498,12 @@ def test_full_queue_answers_503_busy(session):
     running = app.state.queue.try_submit(gate.wait)  # occupies the worker
     waiting = app.state.queue.try_submit(lambda: None)  # fills the one waiting slot
     try:
-        r = c.post("/api/tokenize", json={"text": "a"})
+        r = c.post("/api/rank-heads", json={"text": "a new text", "query": -1, "key": 1})
         assert r.status_code == 503 and r.json()["detail"].startswith("busy, retry")
         assert r.headers["retry-after"] == "1"
         assert c.get("/api/health").status_code == 200  # health never waits for the model
+        # work that needs no forward pass is answered beside the model queue
+        assert c.post("/api/tokenize", json={"text": "a"}).status_code == 200
     finally:
         gate.set()
     running.result(5)
@@ -510,19 +513,19 @@ def test_full_queue_answers_503_busy(session):
 
 def test_model_calls_run_one_at_a_time(session):
     active, peak, lock = [0], [0], threading.Lock()
-    real = session.state
+    real = session.adapter.run
 
-    def tracked(text):
+    def tracked(*args, **kwargs):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         try:
-            return real(text)
+            return real(*args, **kwargs)
         finally:
             with lock:
                 active[0] -= 1
 
-    session.state = tracked
+    session.adapter.run = tracked
     try:
         with serve(model=session) as handle:
 
@@ -536,7 +539,7 @@ def test_model_calls_run_one_at_a_time(session):
             for t in threads:
                 t.join()
     finally:
-        del session.state
+        del session.adapter.run
     assert peak[0] == 1
 
 

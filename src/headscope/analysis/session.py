@@ -1,21 +1,34 @@
 """A live-analysis session: one model, and a byte-bounded LRU cache of analysed texts.
 
-A text is run once with every layer's q, k, v, z and the residual decomposition captured (no
-full patterns: they are O(T^2) per head); pattern rows are recomputed on demand from q and k,
-with exactly the arithmetic of the forward pass. Another (query, key) pair on a cached text
-costs no forward pass.
+A text is run with every layer's q, k, v, z and the residual decomposition captured (no full
+patterns: they are O(T^2) per head); pattern rows are recomputed on demand from q and k, with
+exactly the arithmetic of the forward pass. Another (query, key) pair on a cached text costs no
+forward pass.
+
+The state of a text is resumable: a request that needs only layers ``0..l`` (a head's QK
+attribution) runs the forward pass up to layer ``l`` and keeps what it captured, residual
+entering layer ``l + 1`` included; a later request for a deeper layer continues from there
+(``ModelAdapter.run(resume=...)``), with the same bits as one uninterrupted pass.
+
+Concurrency: cache look-ups never wait for a forward pass (one lock for the cache, another
+for the model), and :func:`cached_only` lets a server answer what the cache already holds on
+other threads while the model runs: inside it, any forward pass raises :class:`NeedsModel`.
 
 Memory: a cached text costs about ``(2 * H + 2 * KV) * D + 3 * d_model`` floats per token and
-layer (~390 kB per token on SmolLM2-135M: 100 MB for 256 tokens, 800 MB for 2048), so the cache
-is bounded in bytes (:data:`CACHE_BYTES`); texts are evicted before a new one runs, and what a
-forward pass freed goes back to the operating system after it.
+layer (~390 kB per token on SmolLM2-135M-Instruct: 100 MB for 256 tokens, 800 MB for 2048), so
+the cache is bounded in bytes (:data:`CACHE_BYTES`); texts are evicted before a new one runs, and
+what a forward pass freed goes back to the operating system after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +44,41 @@ from headscope.model.capture import eager_attention
 CACHE_BYTES = 256 << 20
 
 
+class NeedsModel(Exception):
+    """Raised inside :func:`cached_only` by anything that would run the model."""
+
+
+_CACHED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "headscope_cached_only", default=False
+)
+
+
+@contextlib.contextmanager
+def cached_only() -> Iterator[None]:
+    """Within this block (on this thread), work that needs a forward pass raises
+    :class:`NeedsModel` instead of running it: what the text cache holds is answered, the rest
+    can be handed to the thread that owns the model."""
+    token = _CACHED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHED_ONLY.reset(token)
+
+
+def _refuse_in_cached_only(_module: Any, _args: Any) -> None:
+    if _CACHED_ONLY.get():
+        raise NeedsModel
+
+
+def _guard_model(adapter: ModelAdapter) -> None:
+    """Every forward pass goes through the base model: one pre-hook there enforces
+    :func:`cached_only` for all of them (the session's, attend's, interventions', ...)."""
+    base = adapter.model.base_model
+    if not getattr(base, "_headscope_cached_only_guard", False):
+        base.register_forward_pre_hook(_refuse_in_cached_only)
+        base._headscope_cached_only_guard = True
+
+
 @dataclass
 class TextState:
     text: str
@@ -42,6 +90,17 @@ class TextState:
     @property
     def n_tokens(self) -> int:
         return self.ids.shape[1]
+
+    @property
+    def layers_run(self) -> int | None:
+        """How many layers the captured pass has run (None: all, final residual included)."""
+        stopped = self.cap.stopped_after
+        return None if stopped is None else stopped + 1
+
+    def covers(self, through: int | None) -> bool:
+        """Whether layers ``0..through`` (None: the whole pass) have been captured."""
+        run = self.layers_run
+        return run is None or (through is not None and through < run)
 
 
 def _nbytes(cap: Capture) -> int:
@@ -59,7 +118,8 @@ def _nbytes(cap: Capture) -> int:
 
 
 class Session:
-    """The model plus a cache of analysed texts; thread-safe (model calls are serialised).
+    """The model plus a cache of analysed texts; thread-safe (forward passes are serialised,
+    cache hits never wait for one).
 
     ``cache_bytes``: the cache's budget (the latest text is kept whatever its size)."""
 
@@ -77,55 +137,116 @@ class Session:
         self.max_tokens = min(max_tokens, limit) if limit else max_tokens
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str | tuple[int, ...], TextState] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._model_lock = threading.Lock()  # forward passes
+        _guard_model(adapter)
 
-    def state(self, text: str | list[int]) -> TextState:
-        """The analysed state of a text (or of token ids, BOS included), cached or computed."""
+    def cached(self, text: str | list[int], through: int | None = None) -> TextState | None:
+        """The cached state of a text if it covers layers ``0..through`` (None: all), else None;
+        never runs the model."""
         key = text if isinstance(text, str) else tuple(text)
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            if isinstance(text, str):
-                ids = encode_text(self.adapter, text, self.max_tokens)
-            else:
-                if not 1 <= len(text) <= self.max_tokens:
-                    raise InputError(f"need 1..{self.max_tokens} token ids, got {len(text)}")
-                ids = torch.tensor([list(text)], dtype=torch.long)
-            # Room first, so the evicted texts and the new one are never held together.
-            self._evict(self.cache_bytes - self._estimate(ids.shape[1]))
-            # No logits kept (V floats per position): logits_at() recomputes one position.
-            cap = self.adapter.run(ids, patterns=False, residuals=True, logits=False)
-            display = self.adapter.tokens.displays(ids[0])
-            st = TextState(
-                text if isinstance(text, str) else "".join(display), ids, display, cap, _nbytes(cap)
-            )
-            self._evict(self.cache_bytes - st.nbytes)
-            self._cache[key] = st
+            st = self._cache.get(key)
+            if st is None or not st.covers(through):
+                return None
+            self._cache.move_to_end(key)
+            return st
+
+    def state(self, text: str | list[int], through: int | None = None) -> TextState:
+        """The analysed state of a text (or of token ids, BOS included), cached or computed.
+
+        ``through``: the deepest layer the caller reads (None: every layer and the final
+        residual); the forward pass runs that far, or continues a cached state that far."""
+        st = self.cached(text, through)
+        if st is not None:
+            return st
+        if _CACHED_ONLY.get():
+            raise NeedsModel
+        key = text if isinstance(text, str) else tuple(text)
+        with self._model_lock:
+            with self._lock:
+                st = self._cache.get(key)
+                if st is not None:
+                    self._cache.move_to_end(key)
+                    if st.covers(through):  # another thread ran it meanwhile
+                        return st
+            st = self._compute(text, key, st, through)
             release_freed_memory()
             return st
 
-    def _estimate(self, n_tokens: int) -> int:
-        """The bytes a text of ``n_tokens`` will take, scaled from a cached one (0: none)."""
+    def _compute(
+        self,
+        text: str | list[int],
+        key: str | tuple[int, ...],
+        old: TextState | None,
+        through: int | None,
+    ) -> TextState:
+        """Run (or continue ``old``) up to layer ``through``; cache and return the new state."""
+        if old is not None:
+            ids = old.ids
+        elif isinstance(text, str):
+            ids = encode_text(self.adapter, text, self.max_tokens)
+        else:
+            if not 1 <= len(text) <= self.max_tokens:
+                raise InputError(f"need 1..{self.max_tokens} token ids, got {len(text)}")
+            ids = torch.tensor([list(text)], dtype=torch.long)
+        n_layers = self.adapter.spec.n_layers
+        stop = None if through is None or through >= n_layers - 1 else through
+        # Room first, so the evicted texts and the new one are never held together.
+        with self._lock:
+            have = old.nbytes if old is not None else 0
+            need = self._estimate(ids.shape[1], n_layers if stop is None else stop + 1) - have
+            self._evict(self.cache_bytes - need, keep=key)
+        # No logits kept (V floats per position): logits_at() recomputes one position.
+        cap = self.adapter.run(
+            ids,
+            patterns=False,
+            residuals=True,
+            logits=False,
+            stop_after=stop,
+            resume=old.cap if old is not None else None,
+        )
+        if old is not None:
+            st = TextState(old.text, ids, old.tokens, cap, _nbytes(cap))
+        else:
+            display = self.adapter.tokens.displays(ids[0])
+            name = text if isinstance(text, str) else "".join(display)
+            st = TextState(name, ids, display, cap, _nbytes(cap))
+        with self._lock:
+            self._cache.pop(key, None)
+            self._evict(self.cache_bytes - st.nbytes)
+            self._cache[key] = st
+        return st
+
+    def _estimate(self, n_tokens: int, n_layers: int) -> int:
+        """The bytes a text of ``n_tokens`` run through ``n_layers`` layers will take, scaled
+        from a cached one (0: none)."""
         for st in self._cache.values():
-            return st.nbytes * n_tokens // st.n_tokens
+            run = st.layers_run or self.adapter.spec.n_layers
+            return st.nbytes * n_tokens * n_layers // (st.n_tokens * run)
         return 0
 
-    def _evict(self, budget: int) -> None:
-        """Drop the least recently used texts until the cache holds at most ``budget`` bytes."""
+    def _evict(self, budget: int, keep: object = None) -> None:
+        """Drop the least recently used texts (but not ``keep``) until the cache holds at most
+        ``budget`` bytes."""
         used = sum(st.nbytes for st in self._cache.values())
-        while used > budget and self._cache:
-            _, old = self._cache.popitem(last=False)
-            used -= old.nbytes
+        for key in list(self._cache):
+            if used <= budget:
+                break
+            if key != keep:
+                used -= self._cache.pop(key).nbytes
 
     def logits_at(self, st: TextState, pos: int) -> torch.Tensor:
         """The model's logits ``[V]`` at ``pos``: final norm, unembedding, final softcap."""
         from headscope.model.spec import get_module
 
         ad = self.adapter
+        # .forward, not the module call: a pass running on another thread may have hooks on
+        # these modules, and this is no forward pass of the model.
         with torch.no_grad():
-            x = get_module(ad.model, ad.spec.layout.final_norm)(st.cap.get("resid_final")[:, pos])
-            logits = get_module(ad.model, ad.spec.layout.unembed)(x)[0]
+            norm = get_module(ad.model, ad.spec.layout.final_norm)
+            x = norm.forward(st.cap.get("resid_final")[:, pos])
+            logits = get_module(ad.model, ad.spec.layout.unembed).forward(x)[0]
         cap = ad.spec.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

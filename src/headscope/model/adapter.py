@@ -6,7 +6,7 @@ import functools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -59,6 +59,17 @@ class Capture:
     attn_contrib: dict[int, torch.Tensor] = field(default_factory=dict)  # [B,T,d] added to resid
     mlp_contrib: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T, d] added to resid
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # cos, sin
+    # The last layer this pass ran when it stopped early (``run(stop_after=...)``), else None.
+    stopped_after: int | None = None
+
+    def continued(self) -> Capture:
+        """A new capture holding everything this one holds (the same tensors, new dicts), for a
+        pass that resumes where this one stopped; this capture is left unchanged."""
+        fields: dict[str, Any] = {
+            name: dict(value) if isinstance(value, dict) else value
+            for name, value in vars(self).items()
+        }
+        return Capture(**fields)
 
     def get(self, name: str) -> torch.Tensor:
         """A captured tensor field (``embed``, ``resid_final``, ``logits``...); raises a clear
@@ -67,6 +78,26 @@ class Capture:
         if value is None:
             raise ValueError(f"{name} was not captured (run with residuals=True / logits=True)")
         return value
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _per_adapter(method: _Method) -> _Method:
+    """Cache a method's results on the adapter itself, so they go when the adapter goes.
+
+    ``functools.cache`` on a method keeps one class-wide table keyed by ``self``: every adapter
+    (and its model) that ever called it stayed alive for the life of the process.
+    """
+
+    @functools.wraps(method)
+    def cached(self: ModelAdapter, *args: Any) -> Any:
+        key = (method.__name__, *args)
+        if key not in self._cache:
+            self._cache[key] = method(self, *args)
+        return self._cache[key]
+
+    return cast(_Method, cached)
 
 
 def _linear_weight(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +122,8 @@ class ModelAdapter:
         self.spec: ArchSpec = arch_spec(model)
         self.tokens = Tokens(tokenizer, bos_token)
         self._layers: Any = get_module(model, self.spec.layout.layers)
+        # weights, norms and embeddings derived from the model, filled on first use
+        self._cache: dict[tuple, Any] = {}
 
     @classmethod
     def load(
@@ -143,15 +176,15 @@ class ModelAdapter:
         bias = getattr(mod, "bias", None)
         return NormWeights(w, None if bias is None else bias.detach())
 
-    @functools.cache  # noqa: B019  (the adapter lives as long as its model; caching is intended)
+    @_per_adapter
     def ln_attn(self, layer: int) -> NormWeights:
         return self._norm_weights(getattr(self._layers[layer], self.spec.layout.ln_attn))
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def ln_final(self) -> NormWeights:
         return self._norm_weights(get_module(self.model, self.spec.layout.final_norm))
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def qk_norm(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Effective QK-norm weights (q [D], k [D]) or None for models without QK-norm."""
         lay = self.spec.layout
@@ -164,7 +197,7 @@ class ModelAdapter:
             getattr(attn, lay.k_norm).weight.detach() + off,
         )
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def post_norm(self, layer: int, which: str) -> NormWeights | None:
         """Gemma's post-attention (``"attn"``) or post-MLP (``"mlp"``) norm, else None."""
         path = (
@@ -174,13 +207,13 @@ class ModelAdapter:
             return None
         return self._norm_weights(getattr(self._layers[layer], path))
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def unembed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_U [d_model, V] and b_U [V] (or None)."""
         head = get_module(self.model, self.spec.layout.unembed)
         return head.weight.detach().T, None if head.bias is None else head.bias.detach()
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def embed_matrix(self) -> torch.Tensor:
         """W_E [V, d_model] as the model adds it (Gemma's sqrt(d_model) scale included)."""
         emb = get_module(self.model, self.spec.layout.embed)
@@ -188,7 +221,7 @@ class ModelAdapter:
         w = emb.weight.detach()
         return w * scale.to(w.dtype) if scale is not None else w
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def weights(self, layer: int) -> HeadWeights:
         """Head-major W_Q, W_K, W_V, W_O (+ biases) of one layer."""
         s, lay = self.spec, self.spec.layout
@@ -230,7 +263,7 @@ class ModelAdapter:
         kv_of_head = torch.arange(H, device=wo.device) // (H // KV)
         return HeadWeights(wq, bq, wk, bk, wv, bv, wo, bo, kv_of_head)
 
-    @functools.cache  # noqa: B019
+    @_per_adapter
     def output_basis(self, layer: int) -> torch.Tensor:
         """``U S`` of each head's ``W_O[h] = U S V^T``: ``[H, D, D]``.
 
@@ -278,6 +311,7 @@ class ModelAdapter:
         on_layer: Callable[[cap.LayerTensors], None] | None = None,
         resid_layers: Collection[int] = (),
         stop_after: int | None = None,
+        resume: Capture | None = None,
     ) -> Capture:
         """One forward pass capturing attention internals of ``layers`` (all when None).
 
@@ -291,6 +325,11 @@ class ModelAdapter:
         ``stop_after``: end the pass once layer ``stop_after`` has run (-1: right after the
         embeddings); nothing after it is computed, but the residual entering the next layer is
         still captured when asked for. Needs ``logits=False``.
+        ``resume``: a capture of the same tokens that stopped early (``residuals=True``); this
+        pass starts from the residual it kept and runs only the layers after its
+        ``stopped_after`` (the layers before return that residual without computing). The
+        result holds the resumed capture's tensors plus the new layers' and is bit-identical to
+        one uninterrupted pass; ``resume`` itself is not changed.
         """
         n_layers = self.spec.n_layers
         if stop_after is not None:
@@ -298,6 +337,17 @@ class ModelAdapter:
                 raise ValueError(f"stop_after must be in -1..{n_layers - 1}, got {stop_after}")
             if logits:
                 raise ValueError("a pass that stops early computes no logits: pass logits=False")
+        start = 0
+        if resume is not None:
+            if resume.stopped_after is None:
+                raise ValueError("this capture ran to the end: there is nothing to resume")
+            if not residuals or logits:
+                raise ValueError("a resumed pass needs residuals=True and logits=False")
+            if not torch.equal(tokens.to(resume.tokens.device), resume.tokens):
+                raise ValueError("a resumed pass must run on the tokens of the capture it resumes")
+            start = resume.stopped_after + 1
+            if stop_after is not None and stop_after < start:
+                raise ValueError(f"the capture already ran layer {stop_after}")
         tokens = tokens.to(self.device)
         req = cap.CaptureRequest(
             layers=None if layers is None else frozenset(layers),
@@ -305,9 +355,15 @@ class ModelAdapter:
             on_layer=on_layer,
             store=store,
         )
-        out = Capture(tokens=tokens)
+        out = Capture(tokens=tokens) if resume is None else resume.continued()
+        out.stopped_after = stop_after
+        req.results.update(out.layers)
+        if resume is not None and start == n_layers:  # resid_final was kept: nothing left to run
+            return out
         if residuals:
-            handles = self._residual_hooks(out)
+            handles = self._residual_hooks(out, start)
+            if start > 0:
+                handles += self._skip_layers(start, out.resid_pre[start])
         else:
             handles = [self._keep_resid_pre(out, layer) for layer in sorted(set(resid_layers))]
         if stop_after is not None:  # registered last: the capture hooks of the next module run
@@ -348,7 +404,15 @@ class ModelAdapter:
 
         return module.register_forward_pre_hook(stop)
 
-    def _residual_hooks(self, out: Capture) -> list:
+    def _skip_layers(self, n: int, hidden: torch.Tensor) -> list:
+        """Make layers ``0..n-1`` return ``hidden`` (the residual entering layer ``n``) without
+        computing, until the returned handles are removed: the model's own loop then hands layer
+        ``n`` exactly the input it had in the pass that stopped before it."""
+        return [_Replaced(self._layers[i], lambda *_a, **_k: hidden) for i in range(n)]
+
+    def _residual_hooks(self, out: Capture, start: int = 0) -> list:
+        """Hooks keeping the residual stream's pieces of layers ``start..`` (and the embeddings
+        when ``start`` is 0) in ``out``."""
         s, lay = self.spec, self.spec.layout
         hooks = []
 
@@ -362,15 +426,16 @@ class ModelAdapter:
 
             return hook
 
-        emb = get_module(self.model, lay.embed)
-        hooks.append(emb.register_forward_hook(keep(None, None, "embed")))
-        if lay.pos_embed is not None:
-            hooks.append(
-                get_module(self.model, lay.pos_embed).register_forward_hook(
-                    keep(None, None, "pos_embed")
+        if start == 0:
+            emb = get_module(self.model, lay.embed)
+            hooks.append(emb.register_forward_hook(keep(None, None, "embed")))
+            if lay.pos_embed is not None:
+                hooks.append(
+                    get_module(self.model, lay.pos_embed).register_forward_hook(
+                        keep(None, None, "pos_embed")
+                    )
                 )
-            )
-        for i in range(s.n_layers):
+        for i in range(start, s.n_layers):
             block = self._layers[i]
 
             def pre(_mod, args, kwargs, i=i):
@@ -417,6 +482,23 @@ class ModelAdapter:
         if norm is None:
             return None
         return norm_factor(attn_out, self.spec.norm).to(attn_out.dtype) * norm.weight
+
+
+class _Replaced:
+    """A module whose ``forward`` is replaced until :meth:`remove` (the interface of a hook
+    handle). An instance-level ``forward`` already there (accelerate's offload hooks put one
+    there) is put back."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Any]):
+        self.module = module
+        self.previous = module.__dict__.get("forward")
+        module.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous  # type: ignore[method-assign]
 
 
 def timed_load(name: str = "default", **kwargs) -> tuple[ModelAdapter, float]:

@@ -1,10 +1,13 @@
 """The live server as a FastAPI app: the analysis functions over HTTP, plus the browser app and
 one run directory as static files.
 
-Every model call runs on one worker thread, in arrival order, behind a bounded queue: the model
-is not reentrant, torch already uses every core for one call, and a queue that refuses work
-("503 busy, retry") beats one that grows until requests time out. Results per text are cached
-by the :class:`Session`, so a second (query, key) pair on a seen text costs no forward pass.
+Two lanes. Every request is first tried on a small pool of threads that may not run the model
+(:func:`~headscope.analysis.session.cached_only`): what the :class:`Session`'s text cache
+already holds (another pair, head or layer of a seen text) is answered there, also while a
+forward pass runs. Work that needs the model moves to one worker thread, in arrival order,
+behind a bounded queue: the model is not reentrant, torch already uses every core for one
+call, and a queue that refuses work ("503 busy, retry") beats one that grows until requests
+time out. So under load it is new texts that are shed, never answers the cache holds.
 
 Every live endpoint is generated from the operation table (:mod:`headscope.operations`): its
 request model validates the body, its result model is the response. Errors are
@@ -30,10 +33,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from headscope.analysis.session import NeedsModel, cached_only
 from headscope.errors import Busy, HeadscopeError
 from headscope.operations import OPERATIONS, Context, Operation
 from headscope.server.guard import Guard
 from headscope.server.responses import JSON, error_response, readable_errors
+from headscope.server.run_routes import add_run_routes
 
 if TYPE_CHECKING:
     from headscope.analysis.session import Session
@@ -61,22 +66,26 @@ class ModelQueue:
     """One worker thread runs every model call in arrival order; at most ``queue_size`` calls
     wait behind the running one, further calls are refused with :class:`Busy`."""
 
-    def __init__(self, queue_size: int):
+    def __init__(self, queue_size: int, *, workers: int = 1, name: str = "model"):
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.queue_size = queue_size
-        self._slots = threading.BoundedSemaphore(queue_size + 1)
+        self.workers = workers
+        self.name = name
+        self._slots = threading.BoundedSemaphore(queue_size + workers)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def try_submit(self, fn: Callable[[], Any]) -> Future:
         """Queue ``fn`` or raise :class:`Busy`; the slot is freed when ``fn`` finishes."""
         if not self._slots.acquire(blocking=False):
-            raise Busy(f"busy, retry: {self.queue_size} model calls are already waiting")
+            raise Busy(f"busy, retry: {self.queue_size} {self.name} calls are already waiting")
         try:
             with self._lock:
                 if self._executor is None:  # created on first use: no thread at import/creation
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="headscope-model")
+                    self._executor = ThreadPoolExecutor(
+                        self.workers, thread_name_prefix=f"headscope-{self.name}"
+                    )
                 fut = self._executor.submit(fn)
         except BaseException:
             self._slots.release()
@@ -154,12 +163,28 @@ def _dictionary_layers(dictionaries) -> list[int]:
     return sorted(dictionaries.by_layer) if dictionaries is not None else []
 
 
-def _add_route(app: FastAPI, op: Operation, ctx: Context, queue: ModelQueue) -> None:
-    """``POST /api/<op.path>``: validate the body with ``op.request``, run ``op`` on the model
-    queue, answer with ``op.result``."""
+# Threads answering from the text cache, and how many such calls may wait for one. Their work
+# is milliseconds; the bound only stops a flood from queueing without limit.
+CACHE_WORKERS = 2
+CACHE_QUEUE = 256
+
+
+def _from_cache(ctx: Context, op: Operation, req) -> Any:
+    with cached_only():
+        return op.run(ctx, req)
+
+
+def _add_route(
+    app: FastAPI, op: Operation, ctx: Context, queue: ModelQueue, fast: ModelQueue
+) -> None:
+    """``POST /api/<op.path>``: validate the body with ``op.request``, run ``op`` from the text
+    cache or else on the model queue, answer with ``op.result``."""
 
     async def endpoint(req):
-        result = await queue.run(lambda: op.run(ctx, req))
+        try:
+            result = await fast.run(lambda: _from_cache(ctx, op, req))
+        except NeedsModel:
+            result = await queue.run(lambda: op.run(ctx, req))
         return JSON(result.model_dump())
 
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -205,11 +230,13 @@ def create_app(
             dictionaries = DictionarySet(run_root / "dictionaries")
     app_root = APP_DIR.resolve()
     queue = ModelQueue(queue_size)
+    fast = ModelQueue(CACHE_QUEUE, workers=CACHE_WORKERS, name="cache")
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         queue.shutdown()
+        fast.shutdown()
 
     app = FastAPI(
         title="headscope live server",
@@ -225,6 +252,7 @@ def create_app(
     app.state.session = session
     app.state.dictionaries = dictionaries
     app.state.queue = queue
+    app.state.cache_queue = fast
     app.state.run_dir = run_root
     app.add_middleware(Guard, token=token, allowed_hosts=allowed_hosts)
 
@@ -270,7 +298,8 @@ def create_app(
         )
 
     for op in OPERATIONS:
-        _add_route(app, op, ctx, queue)
+        _add_route(app, op, ctx, queue, fast)
+    add_run_routes(app, run_root, ctx, queue)
 
     @app.api_route(
         "/api/{path:path}",

@@ -68,6 +68,7 @@ class ServerHandle:
             self._thread.join(timeout)
         self._sock.close()
         self.app.state.queue.shutdown()
+        self.app.state.cache_queue.shutdown()
 
     def wait(self) -> None:
         """Block until the server stops (Ctrl-C stops it)."""
