@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,13 +13,6 @@ from torch import Tensor
 from headscope.analysis.inputs import InputError, parse_heads
 from headscope.model import ModelAdapter
 from headscope.model.spec import head_name
-
-if TYPE_CHECKING:
-    pass
-
-Method = Literal["zero", "mean", "resample"]
-METHODS: tuple[str, ...] = get_args(Method)
-_LOGIT_BUDGET = 1 << 26  # float32 logits materialised at once while scoring (256 MB)
 
 
 def _out_proj(adapter: ModelAdapter, layer: int) -> torch.nn.Module:

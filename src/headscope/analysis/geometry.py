@@ -40,7 +40,16 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [N, D], [M, D]
     return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
 
 
-def _summary(cos: torch.Tensor) -> dict:
+def _summary(cos: torch.Tensor, key_groups: list[int] | None = None) -> dict:
+    """Diagonal vs off-diagonal means of a square matrix; with ``key_groups`` (the query each
+    key belongs to, many keys to one query), own-group vs other-group means."""
+    if key_groups is not None:
+        own = torch.zeros_like(cos, dtype=torch.bool)
+        own[torch.tensor(key_groups), torch.arange(cos.shape[1])] = True
+        out = {"own_mean": float(cos[own].mean())}
+        if (~own).any():
+            out["other_mean"] = float(cos[~own].mean())
+        return out
     if cos.shape[0] != cos.shape[1] or cos.shape[0] < 2:
         return {}
     diag = cos.diagonal()
@@ -49,9 +58,21 @@ def _summary(cos: torch.Tensor) -> dict:
 
 
 def qk_geometry(
-    session: Session, queries: list[str], keys: list[str], heads: list[str] | None
+    session: Session,
+    queries: list[str],
+    keys: list[str],
+    heads: list[str] | None,
+    key_groups: list[int] | None = None,
 ) -> GeometryResult:
-    """Per head: cosine matrix [len(queries), len(keys)] of mean-subtracted pre-RoPE q vs k."""
+    """Per head: cosine matrix [len(queries), len(keys)] of mean-subtracted pre-RoPE q vs k.
+
+    ``key_groups``: for grouped (many-to-one) sets, the index of the query each key belongs to
+    (e.g. a city's country); each matrix then reports own-group and other-group means."""
+    if key_groups is not None:
+        if len(key_groups) != len(keys):
+            raise InputError(f"{len(key_groups)} key groups for {len(keys)} keys")
+        if any(not 0 <= g < len(queries) for g in key_groups):
+            raise InputError(f"key groups must be query indices 0..{len(queries) - 1}")
     for name, prompts in (("queries", queries), ("keys", keys)):
         if not prompts:
             raise InputError(f"no {name} prompts")
@@ -107,11 +128,19 @@ def qk_geometry(
     for layer, h in pairs:
         kv = int(ad.weights(layer).kv_of_head[h])
         cos = _cosine(q_vecs[layer][:nq, h], k_vecs[layer][nq:, kv])
-        out_heads[head_name(layer, h)] = {"layer": layer, "cosine": cos.tolist(), **_summary(cos)}
+        out_heads[head_name(layer, h)] = {
+            "layer": layer,
+            "cosine": cos.tolist(),
+            **_summary(cos, key_groups),
+        }
     by_layer = {}
     for layer in layers:
         cos = _cosine(resid[layer][:nq], resid[layer][nq:])
-        by_layer[str(layer)] = {"layer": layer, "cosine": cos.tolist(), **_summary(cos)}
+        by_layer[str(layer)] = {
+            "layer": layer,
+            "cosine": cos.tolist(),
+            **_summary(cos, key_groups),
+        }
     return GeometryResult.model_validate(
         {
             "query_labels": labels[:nq],

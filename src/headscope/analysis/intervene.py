@@ -9,16 +9,21 @@ at its clean value, which removes downstream compensation (the "hydra" effect).
 
 from __future__ import annotations
 
+import math
+
 import torch
+from pydantic import BaseModel, Field
 
 from headscope.analysis.attribution import project_side
 from headscope.analysis.components import COMPONENTS, Basis
 from headscope.analysis.inputs import check_pair, parse_heads
 from headscope.analysis.results import InterveneResult
-from headscope.analysis.session import Session
+from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
 from headscope.model.capture import CaptureRequest, capturing, eager_attention
-from headscope.model.spec import head_name
+from headscope.model.spec import get_module, head_name
+
+_ROWS_TOKENS = 1 << 14  # tokens (scales x text length) per batched forward pass
 
 
 def _next_token(session: Session, logits: torch.Tensor, k: int = 10) -> list[dict]:
@@ -28,6 +33,115 @@ def _next_token(session: Session, logits: torch.Tensor, k: int = 10) -> list[dic
         {"token": session.adapter.tokens.display(i), "prob": float(p)}
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
     ]
+
+
+def _deltas(
+    session: Session,
+    st: TextState,
+    pairs: list[tuple[int, int]],
+    component: str,
+    side: str,
+    at: list[int] | None,
+    basis: Basis | None,
+) -> dict[int, dict[int, torch.Tensor]]:
+    """``{layer: {head: [T, D]}}``: the component's part of each head's q (or k) at the
+    positions ``at`` (default every position), zero elsewhere."""
+    T = st.n_tokens
+    positions = torch.arange(T)
+    where = torch.ones(T)  # [T] 1 where the component is scaled
+    if at is not None:
+        where = torch.zeros(T)
+        for p in at:
+            if not -T <= p < T:
+                raise InputError(f"position {p} is outside the text ({T} tokens)")
+            where[p] = 1.0
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for layer, h in pairs:
+        X = (basis or COMPONENTS).vector(session, st, component, layer)  # [T, d]
+        is_bias = torch.ones(T) if component == "bias" else None
+        vec = project_side(
+            session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias
+        )
+        out.setdefault(layer, {})[h] = (where[:, None] * vec).float()  # [T, D]
+    return out
+
+
+def _scaled_passes(
+    session: Session,
+    st: TextState,
+    parts: dict[int, dict[int, torch.Tensor]],
+    side: str,
+    scales: list[float],
+    query: int,
+    freeze_patterns: bool,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """One forward pass per chunk of scales, the text repeated along the batch, row ``s``
+    adding ``(scales[s] - 1) x parts`` to the edited heads' q (or k).
+
+    Returns scores and patterns at ``query`` of the edited layers, ``{layer: [S, H, query+1]}``,
+    and the logits at ``query``, ``[S, V]`` float32."""
+    ad = session.adapter
+    T = st.n_tokens
+    edited = {layer: sorted(hs) for layer, hs in parts.items()}
+    step = max(1, _ROWS_TOKENS // T)
+    score_rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in parts}
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in parts}
+    logits: list[torch.Tensor] = []
+    for a in range(0, len(scales), step):
+        factor = torch.tensor(scales[a : a + step], dtype=torch.float32) - 1.0  # [S]
+
+        def override(layer, q, k, v, mask, scaling, softcap, window, factor=factor):
+            H = q.shape[1]
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+            v = v.repeat_interleave(H // v.shape[1], dim=1)
+            if layer in parts:
+                q, k = q.clone(), k.clone()
+                for h, d in parts[layer].items():
+                    delta = (factor[:, None, None] * d).to(q)  # [S, T, D]
+                    if side == "query":
+                        q[:, h] += delta
+                    else:
+                        k[:, h] += delta
+            scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
+            if layer in parts:
+                score_rows[layer].append(scores[:, :, query, : query + 1].float().clone())
+            if freeze_patterns:
+                clean = st.cap.layers[layer]
+                _, clean_pattern, _ = eager_attention(
+                    clean.q, clean.k, clean.v, mask, scaling, softcap, window
+                )
+                keep = torch.zeros(H, dtype=torch.bool, device=pattern.device)
+                keep[edited.get(layer, [])] = True
+                pattern = torch.where(keep[None, :, None, None], pattern, clean_pattern)
+                out = torch.matmul(pattern, v).transpose(1, 2)
+            return out, pattern
+
+        def keep_rows(t):  # only the edited layers' rows at the query are kept, not T^2 patterns
+            if t.layer in parts:
+                rows[t.layer].append(t.pattern[:, :, query, : query + 1].float().clone())
+
+        needed = None if freeze_patterns else frozenset(parts)
+        req = CaptureRequest(
+            layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False
+        )
+        ids = st.ids.expand(len(factor), -1)
+        with torch.no_grad(), capturing(req):
+            hidden = ad.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            out = get_module(ad.model, ad.spec.layout.unembed)(hidden[:, query])  # [S, V]
+        cap = ad.spec.final_softcap
+        logits.append((torch.tanh(out / cap) * cap if cap else out).float())
+    return (
+        {layer: torch.cat(v) for layer, v in score_rows.items()},
+        {layer: torch.cat(v) for layer, v in rows.items()},
+        torch.cat(logits),
+    )
+
+
+def _check(side: str, heads: list[str]) -> None:
+    if side not in ("query", "key"):
+        raise InputError("side must be 'query' or 'key'")
+    if not heads:
+        raise InputError("name at least one head to intervene on")
 
 
 def intervene(
@@ -49,82 +163,23 @@ def intervene(
     ``component`` is a row label of ``basis`` (default: the model's components, e.g. ``L3H1``;
     with a dictionary, a feature ``sae:L5/123``). ``at``: the source positions where it is
     scaled (default: every position)."""
-    if side not in ("query", "key"):
-        raise InputError("side must be 'query' or 'key'")
-    if not heads:
-        raise InputError("name at least one head to intervene on")
     st = session.state(text)
-    ad = session.adapter
+    _check(side, heads)
     query, key_ = check_pair(st.n_tokens, query, 0 if key is None else key)
-    pairs = parse_heads(ad, heads)
-    T = st.n_tokens
-    positions = torch.arange(T)
-    where = torch.ones(T)  # [T] 1 where the component is scaled
-    if at is not None:
-        where = torch.zeros(T)
-        for p in at:
-            if not -T <= p < T:
-                raise InputError(f"position {p} is outside the text ({T} tokens)")
-            where[p] = 1.0
-    # The change to each edited head's q (or k) at every position: (scale - 1) * component's part.
-    deltas: dict[int, dict[int, torch.Tensor]] = {}
-    for layer, h in pairs:
-        X = (basis or COMPONENTS).vector(session, st, component, layer)  # [T, d]
-        is_bias = torch.ones(T) if component == "bias" else None
-        vec = project_side(
-            session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias
-        )
-        deltas.setdefault(layer, {})[h] = ((scale - 1.0) * where[:, None] * vec).float()  # [T, D]
-    edited = {layer: sorted(hs) for layer, hs in deltas.items()}
-
-    score_rows: dict[int, torch.Tensor] = {}
-
-    def override(layer, q, k, v, mask, scaling, softcap, window):
-        H = q.shape[1]
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-        if layer in deltas:
-            q, k = q.clone(), k.clone()
-            for h, d in deltas[layer].items():
-                if side == "query":
-                    q[0, h] += d
-                else:
-                    k[0, h] += d
-        scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
-        if layer in deltas:
-            score_rows[layer] = scores[0, :, query, : query + 1].clone()  # [H, query + 1]
-        if freeze_patterns:
-            clean = st.cap.layers[layer]
-            _, clean_pattern, _ = eager_attention(
-                clean.q, clean.k, clean.v, mask, scaling, softcap, window
-            )
-            keep = torch.zeros(H, dtype=torch.bool)
-            keep[edited.get(layer, [])] = True
-            pattern = torch.where(keep[None, :, None, None], pattern, clean_pattern)
-            out = torch.matmul(pattern, v).transpose(1, 2)
-        return out, pattern
-
-    rows: dict[int, torch.Tensor] = {}
-
-    def keep_rows(t):  # only the edited layers' rows at the query are kept, not T^2 patterns
-        if t.layer in deltas:
-            rows[t.layer] = t.pattern[0, :, query, : query + 1].clone()
-
-    needed = None if freeze_patterns else frozenset(deltas)
-    req = CaptureRequest(
-        layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False
+    pairs = parse_heads(session.adapter, heads)
+    parts = _deltas(session, st, pairs, component, side, at, basis)
+    score_rows, rows, logits = _scaled_passes(
+        session, st, parts, side, [scale], query, freeze_patterns
     )
-    with torch.no_grad(), capturing(req):
-        logits = ad.model(input_ids=st.ids, use_cache=False).logits
     clean_logits = session.logits_at(st, query)
-    new_logits = logits[0, query]
+    new_logits = logits[0]
     p_clean = torch.log_softmax(clean_logits.float(), -1)
-    p_new = torch.log_softmax(new_logits.float(), -1)
+    p_new = torch.log_softmax(new_logits, -1)
     kl = float((p_clean.exp() * (p_clean - p_new)).sum())
     changes = []
     for layer, h in pairs:
         scores_before, before = session.pattern_rows(st, layer, query)
-        after = rows[layer][h]
+        after = rows[layer][0, h]
         has_key = key is not None
         changes.append(
             {
@@ -132,7 +187,7 @@ def intervene(
                 "attention_before": float(before[h, key_]) if has_key else None,
                 "attention_after": float(after[key_]) if has_key else None,
                 "score_before": float(scores_before[h, key_]) if has_key else None,
-                "score_after": float(score_rows[layer][h, key_]) if has_key else None,
+                "score_after": float(score_rows[layer][0, h, key_]) if has_key else None,
                 "row_before": before[h].tolist(),
                 "row_after": after.tolist(),
             }
@@ -152,3 +207,143 @@ def intervene(
             "kl_divergence": kl,
         }
     )
+
+
+# ----- a sweep of the scale ----------------------------------------------------------------------
+MAX_CURVE_SCALES = 201
+
+
+class CurveHead(BaseModel):
+    """One edited head's attention and score on (query, key) at each scale."""
+
+    head: str
+    attention: list[float]
+    score: list[float] = Field(description="pre-softmax score on (query, key) per scale")
+    attention_clean: float
+    score_clean: float
+
+
+class InterventionCurve(BaseModel):
+    """Attention, score and the logit of one next token while one component's part of the
+    chosen heads' query (or key) is scaled at chosen source positions."""
+
+    tokens: list[str]
+    query: int
+    key: int
+    component: str
+    side: str
+    at: list[int] = Field(description="source positions where the component is scaled")
+    freeze_patterns: bool
+    scales: list[float]
+    heads: list[CurveHead]
+    target: str = Field(description="the next token whose logit is followed")
+    target_id: int
+    logit: list[float] = Field(description="the target's logit at the query, per scale")
+    prob: list[float] = Field(description="the target's probability at the query, per scale")
+    logit_clean: float
+    prob_clean: float
+
+
+def intervention_curve(
+    session: Session,
+    text: str,
+    heads: list[str],
+    component: str,
+    side: str,
+    scales: list[float],
+    query: int = -1,
+    key: int = 0,
+    at: list[int] | None = None,
+    *,
+    freeze_patterns: bool = False,
+    target: str | int | None = None,
+    basis: Basis | None = None,
+) -> InterventionCurve:
+    """Sweep the scale of ``component``'s contribution to ``heads``' ``side`` input at source
+    positions ``at`` (default: the key position when ``side`` is key, the query position when
+    it is query); report each head's attention and score on (``query``, ``key``) and the logit
+    of ``target`` (a token string, an id, or None: the clean top next token) at ``query``.
+
+    Scales run as batched forward passes (the text repeated along the batch). The score moves
+    linearly in the scale: by ``(scale - 1) x`` the sum of the QK attribution terms of the
+    component on that side, when the component is scaled only at the key (or query) itself."""
+    _check(side, heads)
+    if not scales or len(scales) > MAX_CURVE_SCALES:
+        raise InputError(f"give 1..{MAX_CURVE_SCALES} scales")
+    if any(not math.isfinite(x) for x in scales):
+        raise InputError("scales must be finite numbers")
+    st = session.state(text)
+    query, key = check_pair(st.n_tokens, query, key)
+    if at is None:
+        at = [key if side == "key" else query]
+    at = sorted({p + st.n_tokens if p < 0 else p for p in at})
+    pairs = parse_heads(session.adapter, heads)
+    parts = _deltas(session, st, pairs, component, side, at, basis)
+    score_rows, rows, logits = _scaled_passes(
+        session, st, parts, side, [float(x) for x in scales], query, freeze_patterns
+    )
+    clean_logits = session.logits_at(st, query).float()
+    ad = session.adapter
+    if target is None:
+        tid = int(clean_logits.argmax())
+    elif isinstance(target, int):
+        if not 0 <= target < clean_logits.shape[0]:
+            raise InputError(f"target id {target} is outside the vocabulary")
+        tid = target
+    else:
+        ids = ad.tokens.tokenizer.encode(target, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InputError(f"target {target!r} is {len(ids)} tokens; give one token")
+        tid = int(ids[0])
+    probs = torch.softmax(logits, -1)[:, tid]
+    out_heads = []
+    for layer, h in pairs:
+        scores_before, before = session.pattern_rows(st, layer, query)
+        out_heads.append(
+            CurveHead(
+                head=head_name(layer, h),
+                attention=rows[layer][:, h, key].tolist(),
+                score=score_rows[layer][:, h, key].tolist(),
+                attention_clean=float(before[h, key]),
+                score_clean=float(scores_before[h, key]),
+            )
+        )
+    return InterventionCurve(
+        tokens=st.tokens,
+        query=query,
+        key=key,
+        component=component,
+        side=side,
+        at=at,
+        freeze_patterns=freeze_patterns,
+        scales=[float(x) for x in scales],
+        heads=out_heads,
+        target=ad.tokens.display(tid),
+        target_id=tid,
+        logit=logits[:, tid].tolist(),
+        prob=probs.tolist(),
+        logit_clean=float(clean_logits[tid]),
+        prob_clean=float(torch.softmax(clean_logits, -1)[tid]),
+    )
+
+
+def curve_text(r: InterventionCurve, _req: object = None) -> str:
+    """The curve as a table: one row per scale."""
+    where = ", ".join(str(p) for p in r.at)
+    lines = [
+        f"{r.component} scaled at position(s) {where} in the {r.side} input of "
+        f"{', '.join(h.head for h in r.heads)}"
+        f"{' (other patterns frozen)' if r.freeze_patterns else ''}; edge query {r.query} "
+        f"{r.tokens[r.query]!r} -> key {r.key} {r.tokens[r.key]!r}; next token {r.target!r}",
+    ]
+    head_cols = "".join(f"  {h.head + ' attn':>12}  {h.head + ' score':>12}" for h in r.heads)
+    lines.append(f"{'scale':>8}{head_cols}  {'logit':>9}  {'prob':>7}")
+    lines.append(
+        f"{'clean':>8}"
+        + "".join(f"  {h.attention_clean:>12.4f}  {h.score_clean:>+12.4f}" for h in r.heads)
+        + f"  {r.logit_clean:>9.3f}  {r.prob_clean:>7.4f}"
+    )
+    for i, s in enumerate(r.scales):
+        cells = "".join(f"  {h.attention[i]:>12.4f}  {h.score[i]:>+12.4f}" for h in r.heads)
+        lines.append(f"{s:>8g}{cells}  {r.logit[i]:>9.3f}  {r.prob[i]:>7.4f}")
+    return "\n".join(lines)

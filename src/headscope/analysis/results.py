@@ -195,6 +195,8 @@ class CosineMatrix(Result):
     cosine: list[list[float]] = Field(description="[queries, keys] cosine similarities")
     diag_mean: float | None = None
     offdiag_mean: float | None = None
+    own_mean: float | None = Field(None, description="grouped sets: mean over own-group pairs")
+    other_mean: float | None = Field(None, description="grouped sets: mean over the rest")
 
 
 class GeometryResult(Result):
@@ -246,6 +248,7 @@ class NearFeature(Result):
     index: int
     cosine: float
     card: dict[str, Any] | None = None
+    label: str | None = Field(None, description="a short label from its card")
 
 
 class VirtualWeightsResult(Result):
@@ -298,6 +301,63 @@ class HeadLoadingsResult(Result):
     )
     residual: float = Field(0.0, description="the residual connection's part (same position only)")
     mlp: float = Field(0.0, description="the part through the layer's MLP, linearised")
+
+
+class FeatureContext(Result):
+    tokens: list[str] = Field(description="the tokens around the activating one")
+    acts: list[float] = Field(description="the feature's activation at each of those tokens")
+    at: int = Field(description="index in tokens of the activating token")
+    activation: float
+    sequence: int
+    position: int
+
+
+class Histogram(Result):
+    edges: list[float] = Field(description="bin edges (n_bins + 1)")
+    counts: list[int] = Field(description="tokens per bin, among those where the feature fires")
+
+
+class HeadRead(Result):
+    head: str
+    share: float = Field(
+        description="mean share of the head's query (key) vector norm that the feature's row "
+        "contributes where the feature fires most"
+    )
+
+
+class HeadWrite(Result):
+    head: str
+    value: float = Field(
+        description="mean direct effect of the head's output on the feature's pre-activation "
+        "where the feature fires most"
+    )
+    share: float = Field(description="value / the mean pre-activation there")
+
+
+class FeaturePageResult(Result):
+    """One residual dictionary feature: label, top contexts, activation histogram, the heads
+    that read it (query and key side) and write it, and its nearest features by virtual weight."""
+
+    feature: str
+    layer: int
+    index: int
+    n_features: int
+    label: str | None = Field(description="a short label from its card (null: no card)")
+    card: dict[str, Any] | None = Field(description="its card from features.json")
+    data: str = Field(description="the text the contexts and histogram were measured on")
+    skipped_sequences: int = Field(description="sequences skipped (the dictionary trained on them)")
+    n_tokens: int
+    density: float = Field(description="fraction of those tokens where the feature fires")
+    mean_activation: float = Field(description="mean activation where it fires")
+    contexts: list[FeatureContext]
+    histogram: Histogram
+    query_readers: list[HeadRead]
+    key_readers: list[HeadRead]
+    writers: list[HeadWrite] = Field(description="earlier heads, by |direct effect|")
+    near: list[VirtualWeightsResult] = Field(
+        description="nearest features by virtual weight through the top query-side reader and "
+        "the top key-side reader"
+    )
 
 
 # ----- head descriptions (rules) --------------------------------------------------------------------

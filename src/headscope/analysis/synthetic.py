@@ -4,20 +4,12 @@ GPT-2 Small Using SAEs"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from headscope.analysis.inputs import InputError
 from headscope.model import ModelAdapter
-
-if TYPE_CHECKING:
-    pass
-
-Method = Literal["zero", "mean", "resample"]
-METHODS: tuple[str, ...] = get_args(Method)
-_LOGIT_BUDGET = 1 << 26  # float32 logits materialised at once while scoring (256 MB)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ export const manifest = () => cached('manifest', () => fetchJSON(runUrl('manifes
 
 /**
  * metrics.json, normalised: {columns, metricNames, docs, names, layer, head, nLayers, nHeads,
- * index: Map(name → row), col(name) → Float64Array}. `layer` and `head` are columns too.
+ * index: Map(name → row), col(name) → Float64Array (NaN where undefined)}. `layer` and `head`
+ * are columns too.
  */
 export const metrics = () => cached('metrics', async () => {
   const raw = await fetchJSON(runUrl('metrics.json'));
@@ -96,7 +97,8 @@ export const metrics = () => cached('metrics', async () => {
     if (!arrays.has(name)) {
       const j = colIndex.get(name);
       const a = new Float64Array(n);
-      if (j !== undefined) for (let i = 0; i < n; i++) a[i] = Number(rows[i][j]);
+      // null: the metric is undefined for that head (a mean over no eligible pair)
+      if (j !== undefined) for (let i = 0; i < n; i++) a[i] = rows[i][j] === null ? NaN : Number(rows[i][j]);
       arrays.set(name, a);
     }
     return arrays.get(name);
@@ -139,12 +141,25 @@ export function head(name) {
       vocab(),
     ]);
     for (const ex of payload.examples || []) ex.strs = ex.tokens.map(decode);
+    for (const pt of (payload.pca && payload.pca.points) || []) {
+      for (const span of pt.context || []) span.strs = span.tokens.map(decode);
+    }
     return payload;
   }, 48);
 }
 
 /** motifs/map.json: {heads, isomap, tsne, nearest}. */
 export const motifMap = () => cached('map', () => fetchJSON(runUrl('motifs/map.json')));
+
+/**
+ * motifs/across.json (written by `headscope motifs map RUN_A RUN_B --save`): this run's heads
+ * mapped with other models' heads, {runs, this_run, heads, maps, nearest}; null when the
+ * manifest names none.
+ */
+export const motifAcross = () => cached('across', async () => {
+  const m = await manifest();
+  return m.across ? fetchJSON(runUrl(m.across)) : null;
+});
 
 /**
  * Precomputed attribution files, from the manifest's optional `attributions` list (paths
@@ -231,7 +246,52 @@ export const api = {
   sweep: (req) => post('api/sweep', req),
   geometry: (req) => post('api/geometry', req),
   virtualWeights: (req) => post('api/virtual-weights', req),
+  ablate: (req) => post('api/ablate', req),
+  interventionCurve: (req) => post('api/intervention-curve', req),
+  knockout: (req) => post('api/knockout', req),
 };
+
+async function send(method, path, body) {
+  const st = await liveStatus();
+  if (!st.server) throw new NeedsServerError();
+  const init = { method, headers: { accept: 'application/json' } };
+  if (body !== undefined) {
+    init.headers['content-type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  return fetchJSON(path, init);
+}
+
+/**
+ * Routes about the served run (server/run_routes.py): a head's description tested on its stored
+ * examples (`on: "stored"` needs a server but no model), saved with the run, and its
+ * "A if present, otherwise B" pairs (needs the model).
+ */
+export const runApi = {
+  describe: (req) => send('POST', 'api/run/describe', req),
+  description: (head) => send('GET', `api/run/descriptions/${encodeURIComponent(head)}`),
+  saveDescription: (head, req) => send('PUT', `api/run/descriptions/${encodeURIComponent(head)}`, req),
+  priority: (req) => post('api/run/priority', req),
+};
+
+/**
+ * decompose/index.json (written by `headscope decompose pages RUN`): the run's MTCs, QK
+ * dictionaries and head splits with their metrics; null when the manifest names none.
+ */
+export const decomposeIndex = () => cached('decompose', async () => {
+  const m = await manifest();
+  return m.decompose ? fetchJSON(runUrl(m.decompose)) : null;
+});
+
+/** A decomposition's pages.json (`rel` relative to decompose/), context token ids decoded. */
+export const decomposePages = (rel) => cached(`dec:${rel}`, async () => {
+  const [pages, decode] = await Promise.all([fetchJSON(runUrl(`decompose/${rel}`)), vocab()]);
+  for (const c of pages.contexts || []) c.strs = c.tokens.map(decode);
+  return pages;
+});
+
+/** A run example's text for the live API, and the map run position -> server position. */
+export const alignRunExample = (sequence, strs) => cached(`align:${sequence}`, () => alignExample(strs));
 
 const SPECIAL = /^<\|?[^<>]*\|?>$/;
 

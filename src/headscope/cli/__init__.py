@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     model_args(command(sub, "info", info, "architecture summary of a model"))
     for op in OPERATIONS:
-        live_parser(sub, op)
+        if op.cli:
+            live_parser(sub, op)
     add_run_commands(sub)
     add_research_commands(sub)
     return p

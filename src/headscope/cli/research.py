@@ -36,6 +36,44 @@ def _train_sae(args):
     emit(args, out, "\n".join(lines))
 
 
+def _train_resid(args):
+    from headscope.dictionaries.background import set_low_priority
+    from headscope.dictionaries.layerwise import LayerwiseConfig, format_quality, train_layers
+
+    set_low_priority(args.nice)
+    if args.data is None:
+        from headscope.data.corpus import ensure_default_corpus
+
+        args.data = str(ensure_default_corpus())
+    cfg = LayerwiseConfig(
+        model=args.model,
+        data=str(Path(args.data)),
+        text_field=args.text_field,
+        n_features=args.n_features,
+        k=args.k,
+        n_tokens=args.tokens,
+        epochs=args.epochs,
+        n_eval=args.n_eval,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        sae_batch_size=args.sae_batch_size,
+        lr=args.lr,
+        label_tokens=args.label_tokens,
+        edges=args.edges,
+        shard_tokens=args.shard_tokens,
+        seed=args.seed,
+    )
+    rows = train_layers(
+        adapter(args),
+        cfg,
+        Path(args.out),
+        args.layers,
+        log=lambda msg: print(msg, file=sys.stderr),
+        keep_stream=args.keep_stream,
+    )
+    emit(args, {"out": args.out, "layers": [r.to_dict() for r in rows]}, format_quality(rows))
+
+
 def _describe(args):
     from headscope.analysis.describe import describe, describe_examples
     from headscope.analysis.head_stream import head_patterns
@@ -103,6 +141,84 @@ def _decompose(args):
     emit(args, result, text)
 
 
+def _ablate(args):
+    """Every head (or --heads) ablated over a run's dataset, a corpus slice, a text or the
+    repeated-random-token task; --add-column writes the effect into the run's metrics."""
+    import torch
+
+    from headscope.analysis.ablate import ABLATION_METRIC_DOC, ablate_heads, format_text
+    from headscope.analysis.synthetic import repeated_random_tokens
+    from headscope.errors import InputError
+
+    run = None
+    seq_len, data, text_field = args.seq_len, args.data, args.text_field
+    if args.run:
+        from headscope.precompute.config import PrecomputeConfig
+        from headscope.store import open_run
+
+        run = open_run(args.run)
+        cfg = PrecomputeConfig.from_dict(run.manifest["config"])
+        args.model = args.model or cfg.model
+        seq_len = seq_len or cfg.seq_len
+        data = data or cfg.data
+        text_field = cfg.text_field if args.data is None else text_field
+    elif args.add_column:
+        raise InputError("--add-column needs a RUN to add the column to")
+    args.model = args.model or "default"
+    model = adapter(args)
+    positions = None
+    if args.task == "repeated":
+        rep = repeated_random_tokens(model, args.sequences, ((seq_len or 41) - 1) // 2)
+        tokens, positions, source = rep.tokens, rep.positions, "repeated random tokens"
+    else:
+        from headscope.precompute.sequences import iter_sequences
+
+        if data is None:
+            from headscope.data.corpus import ensure_default_corpus
+
+            data = ensure_default_corpus()
+        seq_len = seq_len or 256
+        seqs = list(
+            iter_sequences(
+                model.tokens, Path(data), seq_len, text_field=text_field, limit=args.sequences
+            )
+        )
+        if not seqs:
+            raise InputError(f"{data} holds no sequence of {seq_len} tokens")
+        tokens, source = torch.stack([s.ids for s in seqs]), f"{data}"
+    heads = None if args.heads == ["all"] else args.heads
+    result = ablate_heads(
+        model,
+        tokens,
+        heads,
+        method=args.method,
+        positions=positions,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    text = format_text(result, limit=args.top)
+    if run is not None and args.add_column:
+        from headscope.store.columns import add_head_columns
+
+        suffix = "_repeated" if args.task == "repeated" else ""
+        col = f"{result.method}_ablation_loss_delta{suffix}"
+        values = {a.head: a.delta for a in result.heads if "+" not in a.head}
+        size = f"{len(tokens)} x {tokens.shape[1]} tokens"
+        doc = f"{ABLATION_METRIC_DOC} Measured on {size} of {source}."
+        add_head_columns(
+            run.path, {col: {h: v for h, v in values.items() if v is not None}}, {col: doc}
+        )
+        text += f"\nadded {col} to the run's metrics (the app's scatter and head pages show it)"
+    emit(args, result, text)
+
+
+def _decompose_pages(args):
+    from headscope.decompose.pages import format_index, write_pages
+
+    index = write_pages(adapter(args), args.run, log=lambda msg: print(msg, file=sys.stderr))
+    emit(args, index, format_index(index))
+
+
 def add_research_commands(sub) -> None:
     sp = command(
         sub,
@@ -135,6 +251,39 @@ def add_research_commands(sub) -> None:
         "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
     )
     sp.add_argument("--seed", type=int, default=0)
+
+    sp = command(
+        sub,
+        "train-resid",
+        _train_resid,
+        "residual dictionaries for every layer from one forward pass over the data (resumable), "
+        "with a per-layer quality table (explained variance, L0, dead, QK error share)",
+    )
+    model_args(sp)
+    data_args(sp)
+    sp.add_argument("--out", required=True, help="output folder: one SAELens folder per layer")
+    sp.add_argument("--layers", type=int, nargs="+", help="layers to train (default: all)")
+    sp.add_argument("--n-features", type=int, default=2048, help="dictionary size")
+    sp.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
+    sp.add_argument("--tokens", type=int, default=100_000, help="training tokens captured")
+    sp.add_argument("--epochs", type=int, default=2, help="passes over the captured tokens")
+    sp.add_argument("--n-eval", type=int, default=4096, help="held-out tokens for the table")
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    sp.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    sp.add_argument("--sae-batch-size", type=int, default=1024, help="rows per optimiser step")
+    sp.add_argument(
+        "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
+    )
+    sp.add_argument(
+        "--label-tokens", type=int, default=30_000, help="training tokens for feature cards"
+    )
+    sp.add_argument(
+        "--edges", type=int, default=16, help="random QK edges per layer for the error share"
+    )
+    sp.add_argument("--shard-tokens", type=int, default=8192, help="rows per stream file")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    sp.add_argument("--keep-stream", action="store_true", help="keep the captured rows")
 
     sp = command(
         sub,
@@ -202,3 +351,52 @@ def add_research_commands(sub) -> None:
         if name == "split":
             sp.add_argument("--k", dest="k", type=int, default=2, help="sub-heads")
             sp.add_argument("--d-head", type=int, help="sub-head dim (default: the head's)")
+    help_ = (
+        "feature pages for the app: every decomposition under RUN/decompose/ shown on the run's "
+        "stored example sequences (pages.json beside each, RUN/decompose/index.json)"
+    )
+    sp = dec.add_parser("pages", help=help_, description=help_, formatter_class=Help)
+    sp.set_defaults(handler=_decompose_pages)
+    sp.add_argument("run", help="run folder with a decompose/ subfolder")
+    model_args(sp, dtype=False)
+
+    sp = command(
+        sub,
+        "ablate",
+        _ablate,
+        "zero-, mean- or resample-ablate every head (batched) and measure the change in "
+        "next-token loss over a run's dataset, a corpus or repeated random tokens",
+    )
+    sp.add_argument("run", nargs="?", help="run folder: its model and dataset (optional)")
+    sp.add_argument("--model", help="the model to run (default: the run's, else default)")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    data_args(sp)
+    sp.add_argument(
+        "--heads",
+        nargs="+",
+        default=["all"],
+        help="heads to ablate, each alone, or L0H0+L1H0 together; all: every head",
+    )
+    sp.add_argument("--method", choices=["zero", "mean", "resample"], default="zero")
+    sp.add_argument(
+        "--task",
+        choices=["data", "repeated"],
+        default="data",
+        help="data: packed sequences of the data; repeated: BOS + random tokens repeated, "
+        "scored on the repeat (the induction task)",
+    )
+    sp.add_argument("--sequences", type=int, default=32, help="sequences to score")
+    sp.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: the run's, else 256)"
+    )
+    sp.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    sp.add_argument("--seed", type=int, default=0, help="repeated tokens / resample order")
+    sp.add_argument("--top", type=int, default=20, help="heads to list in the text output")
+    sp.add_argument(
+        "--add-column",
+        action="store_true",
+        help="write the per-head loss change into the run's metrics as "
+        "<method>_ablation_loss_delta[_repeated] (the app's scatter plots it)",
+    )
+    sp.add_argument("--json", action="store_true", help="print JSON")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from headscope.analysis.prompt_sets import PromptSpec, prompt_spec
 from headscope.analysis.rules import Rule, RuleSet, rule_input
 from headscope.limits import (
     MAX_GEOMETRY_PROMPTS,
@@ -188,14 +189,33 @@ class SweepRequest(Request):
 
 class GeometryRequest(Request):
     queries: list[Prompt] = Field(
-        min_length=1, max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
+        [], max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
     )
     keys: list[Prompt] = Field(
-        min_length=1, max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
+        [], max_length=MAX_GEOMETRY_PROMPTS, description="prompts, token marked [[x]]"
     )
     heads: list[HeadName] | None = Field(
         None, max_length=MAX_HEADS, description="heads (default: every head)"
     )
+    key_groups: list[int] | None = Field(
+        None,
+        max_length=MAX_GEOMETRY_PROMPTS,
+        description="grouped sets: the query index each key belongs to (reports own-vs-other "
+        "means)",
+    )
+    preset: Literal["country-city"] | None = Field(
+        None,
+        description="a shipped grouped set instead of queries/keys: country queries vs their "
+        "cities' keys",
+    )
+
+    @model_validator(mode="after")
+    def _prompts(self) -> GeometryRequest:
+        if self.preset is not None and (self.queries or self.keys or self.key_groups):
+            raise ValueError("give a preset or queries and keys, not both")
+        if self.preset is None and (not self.queries or not self.keys):
+            raise ValueError("give queries and keys (or a preset)")
+        return self
 
 
 class InterveneRequest(Request):
@@ -224,6 +244,15 @@ class VirtualWeightsRequest(Request):
     top: int = Field(20, ge=1, le=1000, description="features to list per side")
 
 
+class FeatureRequest(Request):
+    layer: int = Field(ge=0, description="the layer whose residual dictionary holds the feature")
+    feature: int = Field(ge=0, description="feature index in that dictionary")
+    n_tokens: int = Field(
+        8192, ge=256, le=262_144, description="tokens of text the contexts and histogram read"
+    )
+    top: int = Field(12, ge=1, le=100, description="top contexts to list")
+
+
 class HeadLoadingsRequest(Request):
     text: Text
     layer: int = Field(ge=0, description="source layer L (the target feature is in layer L+1)")
@@ -231,6 +260,12 @@ class HeadLoadingsRequest(Request):
     source_pos: Position
     target_feature: int = Field(ge=0)
     target_pos: Position
+    target_vector: Literal["encoder", "decoder"] = Field(
+        "encoder",
+        description="how the target feature reads the residual: its encoder column (what sets its "
+        "activation) or its decoder row (the convention of 'Tracing Attention Computation "
+        "Through Feature Interactions')",
+    )
 
 
 RuleSetInput = Annotated[
@@ -264,3 +299,76 @@ class KnockoutRequest(Request):
     )
     cheap_only: bool = Field(False, description="skip the exact knockout (its forward pass)")
     top: int = Field(10, ge=1, le=1000, description="keys whose attention changes most to list")
+
+
+class AblateRequest(Request):
+    text: Text | None = Field(None, description="the text to score (task 'text')")
+    task: Literal["text", "repeated"] = Field(
+        "text", description="score a text, or repeated random tokens where induction predicts"
+    )
+    heads: list[HeadName] | None = Field(
+        None,
+        max_length=MAX_HEADS,
+        description="heads to ablate, each alone, or L0H0+L1H0 together (default: every head)",
+    )
+    method: Literal["zero", "mean", "resample"] = Field(
+        "zero", description="replace a head's output by zero, its mean, or another sequence's"
+    )
+    positions: list[Position] | None = Field(
+        None, max_length=MAX_HEADS, description="logit positions to score (default: all)"
+    )
+    n_sequences: int = Field(8, ge=1, le=256, description="repeated task: sequences")
+    half_len: int = Field(20, ge=2, le=1000, description="repeated task: tokens before repeating")
+    seed: int = Field(0, ge=0, description="random tokens and the resample permutation")
+
+
+class InterventionCurveRequest(Request):
+    text: Text
+    heads: list[HeadName] = Field(
+        min_length=1, max_length=MAX_HEADS, description="heads whose query or key is edited"
+    )
+    component: ComponentName
+    side: Literal["query", "key"] = Field(description="edit the heads' query or key input")
+    scales: list[Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]] = Field(
+        [x / 4 for x in range(-4, 13)],
+        min_length=1,
+        max_length=201,
+        description="the factors to sweep",
+    )
+    query: Position = Field(-1, description="query position of the edge")
+    key: Position = Field(description="key position of the edge")
+    at: list[Position] | None = Field(
+        None,
+        max_length=MAX_HEADS,
+        description="source positions to scale the component at (default: the key, or the "
+        "query when side is query)",
+    )
+    freeze_patterns: bool = Field(False, description="freeze every other head's pattern")
+    target: str | None = Field(
+        None, max_length=200, description="the next token whose logit to follow (default: top)"
+    )
+    basis: Basis = Field("components", description=_BASIS_HELP)
+
+
+PromptInput = Annotated[PromptSpec, BeforeValidator(prompt_spec)]
+
+
+class PromptSetRequest(Request):
+    prompts: list[PromptInput] = Field(
+        [],
+        max_length=2000,
+        description="prompts: JSON objects {text, key, query ('last' or a substring), candidates}",
+    )
+    preset: Literal["country-odd-one-out"] | None = Field(
+        None, description="a shipped set instead: '{five cities} are all cities in {country}'"
+    )
+    heads: list[HeadName] | None = Field(
+        None, max_length=MAX_HEADS, description="heads (default: every head)"
+    )
+    detail: int = Field(10, ge=0, le=1000, description="best heads that keep per-prompt numbers")
+
+    @model_validator(mode="after")
+    def _source(self) -> PromptSetRequest:
+        if bool(self.prompts) == bool(self.preset):
+            raise ValueError("give prompts or a preset (one of them)")
+        return self

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from headscope.analysis import results as R
+from headscope.analysis.ablate import AblationResult
+from headscope.analysis.intervene import InterventionCurve, curve_text
+from headscope.analysis.prompt_sets import PromptSetResult, prompt_set_text
 from headscope.errors import InputError, NoModel
 from headscope.operations import requests as Q
 from headscope.operations import text as T
@@ -83,6 +86,8 @@ class Operation:
     files: tuple[str, ...] = ()
     # extra CLI flag -> (request field it sets, help): another way to give that field
     aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # False: the CLI has its own subcommand of this name (a superset: e.g. runs and datasets)
+    cli: bool = True
 
     @property
     def path(self) -> str:
@@ -146,7 +151,12 @@ def _sweep(ctx: Context, r: Q.SweepRequest) -> R.SweepResult:
 def _geometry(ctx: Context, r: Q.GeometryRequest) -> R.GeometryResult:
     from headscope.analysis.geometry import qk_geometry
 
-    return qk_geometry(ctx.session, r.queries, r.keys, r.heads)
+    if r.preset == "country-city":
+        from headscope.analysis.prompt_sets import country_city_geometry
+
+        queries, keys, groups = country_city_geometry()
+        return qk_geometry(ctx.session, queries, keys, r.heads, groups)
+    return qk_geometry(ctx.session, r.queries, r.keys, r.heads, r.key_groups)
 
 
 def _intervene(ctx: Context, r: Q.InterveneRequest) -> R.InterveneResult:
@@ -175,6 +185,14 @@ def _virtual_weights(ctx: Context, r: Q.VirtualWeightsRequest) -> R.VirtualWeigh
     )
 
 
+def _feature(ctx: Context, r: Q.FeatureRequest) -> R.FeaturePageResult:
+    from headscope.dictionaries.feature_page import feature_page
+
+    return feature_page(
+        ctx.session.adapter, ctx.dictionaries, r.layer, r.feature, n_tokens=r.n_tokens, top=r.top
+    )
+
+
 def _head_loadings(ctx: Context, r: Q.HeadLoadingsRequest) -> R.HeadLoadingsResult:
     from headscope.dictionaries.circuits import edge_head_loadings
 
@@ -187,6 +205,7 @@ def _head_loadings(ctx: Context, r: Q.HeadLoadingsRequest) -> R.HeadLoadingsResu
         r.source_pos,
         r.target_feature,
         r.target_pos,
+        target_vector=r.target_vector,
     )
 
 
@@ -201,6 +220,48 @@ def _knockout(ctx: Context, r: Q.KnockoutRequest) -> R.KnockoutResult:
 
     return knockout(
         ctx.session, r.text, r.head, r.query, r.keys, r.rule, exact=not r.cheap_only, top=r.top
+    )
+
+
+def _intervention_curve(ctx: Context, r: Q.InterventionCurveRequest) -> InterventionCurve:
+    from headscope.analysis.intervene import intervention_curve
+
+    return intervention_curve(
+        ctx.session,
+        r.text,
+        r.heads,
+        r.component,
+        r.side,
+        r.scales,
+        r.query,
+        r.key,
+        r.at,
+        freeze_patterns=r.freeze_patterns,
+        target=r.target,
+        basis=ctx.basis(r.basis),
+    )
+
+
+def _prompt_set(ctx: Context, r: Q.PromptSetRequest) -> PromptSetResult:
+    from headscope.analysis.prompt_sets import evaluate_prompts, preset
+
+    prompts = preset(r.preset) if r.preset else r.prompts
+    return evaluate_prompts(ctx.session, prompts, r.heads, detail=r.detail)
+
+
+def _ablate(ctx: Context, r: Q.AblateRequest) -> AblationResult:
+    from headscope.analysis.ablate_live import ablate
+
+    return ablate(
+        ctx.session,
+        r.text,
+        r.heads,
+        method=r.method,
+        task=r.task,
+        positions=r.positions,
+        n_sequences=r.n_sequences,
+        half_len=r.half_len,
+        seed=r.seed,
     )
 
 
@@ -272,6 +333,14 @@ OPERATIONS: list[Operation] = [
         T.virtual_weights_text,
     ),
     Operation(
+        "feature",
+        "a residual dictionary feature's page: label, top contexts, activation histogram, the "
+        "heads that read it (query / key side) and write it, its nearest features by virtual "
+        "weight",
+        _feature,
+        T.feature_text,
+    ),
+    Operation(
         "head-loadings",
         "each head's share of a feature-to-feature edge between adjacent layers",
         _head_loadings,
@@ -290,5 +359,30 @@ OPERATIONS: list[Operation] = [
         "where the attention goes",
         _knockout,
         T.knockout_text,
+    ),
+    Operation(
+        "intervention-curve",
+        "sweep the scale of one component at one source position inside chosen heads' query "
+        "or key: attention, score and a next token's logit per scale",
+        _intervention_curve,
+        curve_text,
+        flags={"heads": "--head", "scales": "--scale"},
+    ),
+    Operation(
+        "prompt-set",
+        "every head over a prompt set marking query and key tokens: attention, score and rank "
+        "of the marked key, accuracy of 'the head attends most to it'",
+        _prompt_set,
+        prompt_set_text,
+        flags={"heads": "--head"},
+        files=("prompts",),
+    ),
+    Operation(
+        "ablate",
+        "zero-, mean- or resample-ablate heads (default: every head, batched) and measure the "
+        "change in next-token loss",
+        _ablate,
+        T.ablate_text,
+        cli=False,
     ),
 ]

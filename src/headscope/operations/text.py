@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from headscope.analysis.ablate import AblationResult, format_text
 from headscope.analysis.results import (
     AttendResult,
     CompositionResult,
     DescribeResult,
+    FeaturePageResult,
     GeometryResult,
     HeadLoadingsResult,
     InterveneResult,
@@ -122,8 +124,23 @@ def geometry_text(r: GeometryResult, _req: Any = None) -> str:
     def line(name: str, diag: float | None, off: float | None) -> str:
         return f"{name}: mean own-pair cosine {_num(diag, '+.3f')}, other pairs {_num(off, '+.3f')}"
 
-    lines = [line(h, m.diag_mean, m.offdiag_mean) for h, m in r.heads.items()]
     res = r.residual
+    if res.own_mean is not None:  # a grouped set: heads by own - other, most negative first
+
+        def gap(m: Any) -> float:
+            return (m.own_mean or 0.0) - (m.other_mean or 0.0)
+
+        ranked = sorted(r.heads.items(), key=lambda kv: gap(kv[1]))
+        lines = [
+            f"grouped set: mean cosine of each query with its own group's keys vs the others' "
+            f"({len(ranked)} heads, most negative own - other first)"
+        ]
+        lines += [line(h, m.own_mean, m.other_mean) for h, m in ranked[:20]]
+        if len(ranked) > 20:
+            lines.append(f"... {len(ranked) - 20} more heads (--json for all)")
+        lines.append(line(f"residual (layer {res.layer})", res.own_mean, res.other_mean))
+        return "\n".join(lines)
+    lines = [line(h, m.diag_mean, m.offdiag_mean) for h, m in r.heads.items()]
     lines.append(line(f"residual (layer {res.layer})", res.diag_mean, res.offdiag_mean))
     return "\n".join(lines)
 
@@ -170,6 +187,35 @@ def virtual_weights_text(r: VirtualWeightsResult, _req: Any = None) -> str:
     return "\n".join(lines)
 
 
+def feature_text(r: FeaturePageResult, _req: Any = None) -> str:
+    lines = [
+        f"{r.feature}  {r.label or '(no card)'}",
+        f"fires on {r.density:.2%} of {r.n_tokens:,} tokens (mean activation "
+        f"{r.mean_activation:.3f}) of {r.data}",
+        "top contexts:",
+    ]
+    for c in r.contexts:
+        toks = [f"[[{t}]]" if i == c.at else t for i, t in enumerate(c.tokens)]
+        lines.append(f"  {c.activation:7.3f}  {''.join(toks)!r}")
+    for title, rows in (("query", r.query_readers), ("key", r.key_readers)):
+        lines.append(f"read on the {title} side (share of the head's {title} vector):")
+        lines += [f"  {h.head:>7}  {h.share:6.1%}" for h in rows[:5]]
+    if r.writers:
+        lines.append("written by (direct effect on its pre-activation where it fires):")
+        lines += [f"  {h.head:>7}  {h.value:+.4f}  {h.share:+6.1%}" for h in r.writers[:5]]
+    for vw in r.near:
+        other = "key" if vw.side == "query" else "query"
+        lines.append(f"nearest by virtual weight through {vw.head} ({vw.side} side):")
+        lines.append(
+            "  same side: " + ", ".join(f"{f.feature} {f.cosine:+.2f}" for f in vw.same_side[:5])
+        )
+        lines.append(
+            f"  {other}s it matches: "
+            + ", ".join(f"{f.feature} {f.cosine:+.2f}" for f in vw.other_side[:5])
+        )
+    return "\n".join(lines)
+
+
 def head_loadings_text(r: HeadLoadingsResult, _req: Any = None) -> str:
     s, t = r.source, r.target
     lines = [
@@ -180,6 +226,12 @@ def head_loadings_text(r: HeadLoadingsResult, _req: Any = None) -> str:
     lines += [
         f"  {h.head:>6}  {h.share:6.3f}  {h.loading:+8.4g}  {h.attention:9.4f}" for h in r.heads
     ]
+    if r.edge is not None:
+        heads = sum(h.loading for h in r.heads)
+        lines.append(
+            f"edge {r.edge:+.4g} = heads {heads:+.4g} + residual {r.residual:+.4g} "
+            f"+ MLP {r.mlp:+.4g}  (target read by its {r.target_vector})"
+        )
     return "\n".join(lines)
 
 
@@ -261,3 +313,7 @@ def knockout_text(r: KnockoutResult, _req: Any = None) -> str:
     if exact:
         lines.append("exact: a forward pass in which no head up to this layer attends to them")
     return "\n".join(lines)
+
+
+def ablate_text(r: AblationResult, _req: Any = None) -> str:
+    return format_text(r, limit=20)

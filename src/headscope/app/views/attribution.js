@@ -11,6 +11,7 @@ import { labelToken } from '../lib/tokens.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
 import { circuitDiagram } from './circuit.js';
+import { curvePanel } from './intervention_curve.js';
 
 function bar(value, maxAbs) {
   const f = Math.min(1, Math.abs(value) / (maxAbs || 1));
@@ -297,6 +298,7 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     const ov = ovR.status === 'fulfilled' && ovR.value.result ? ovR.value.result : null;
     results = { qk, ov };
     if (qk) body.append(qkBlock(qk, ctx));
+    if (qk && text !== null && live) body.append(curvePanel({ text, head, query, key, qk, basis: use }));
     else body.append(errorBox(qkR.status === 'rejected' ? qkR.reason : 'No QK attribution for this pair.'));
     if (ov) body.append(ovBlock(ov, ctx, qk && qk.features));
     else body.append(errorBox(ovR.status === 'rejected' ? ovR.reason : 'No OV attribution for this pair.'));

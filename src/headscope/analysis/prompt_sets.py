@@ -1,0 +1,313 @@
+"""Prompt-set experiments: many prompts, each marking a query token and a key token, evaluated
+for every head in batched forward passes (the HeadVis paper's same-set suppression study).
+
+A prompt is one JSON object (one line of a JSONL file)::
+
+    {"text": "Paris, Lyon, Tokyo, Nice and Toulouse are all cities in France",
+     "key": "Tokyo",                      # the marked key: the last token of its first match
+     "query": "last",                     # "last" (default), or a substring like "key"
+     "candidates": ["Paris", "Lyon", "Tokyo", "Nice", "Toulouse"]}   # optional
+
+Substrings match whole words (the first occurrence); the token is the last one overlapping it.
+Per head and prompt: the attention the query pays the marked key, the pre-softmax score, and
+the key's rank among all keys (1 = most attended). A head "gets a prompt right" when the marked
+key is its most attended key among the candidates (all keys when there are none); accuracy is
+the share of prompts it gets right.
+
+Ready-made sets come from an editable list of countries with their cities
+(``data/prompt_sets/countries.json``, or any file of that shape): :func:`odd_one_out` and
+:func:`country_city_geometry`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from headscope.analysis.batching import run_grouped
+from headscope.analysis.inputs import parse_heads
+from headscope.analysis.session import Session
+from headscope.errors import InputError
+from headscope.model.spec import head_name
+
+MAX_PROMPTS = 2000
+PRESETS = ("country-odd-one-out",)
+
+
+class PromptSpec(BaseModel):
+    """One prompt of a set: its text and the substrings that pick the query and key tokens."""
+
+    text: str = Field(min_length=1, max_length=10_000)
+    key: str = Field(min_length=1, description="substring marking the key token")
+    query: str = Field("last", min_length=1, description="'last' or a substring")
+    candidates: list[str] | None = Field(
+        None, description="substrings of the keys the marked key competes with"
+    )
+    group: str | None = Field(None, description="a label to report the prompt under")
+
+
+def prompt_spec(value: Any) -> PromptSpec:
+    """A prompt from an object or its JSON text (a line of a JSONL file)."""
+    if isinstance(value, PromptSpec):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise InputError(f"a prompt line is not JSON ({err.msg}): {value[:60]!r}") from None
+    if not isinstance(value, dict):
+        raise InputError("a prompt is a JSON object with text and key")
+    return PromptSpec.model_validate(value)
+
+
+def read_prompts(path: str | Path) -> list[PromptSpec]:
+    """The prompts of a JSONL file (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    return [prompt_spec(line) for line in lines if line.strip()]
+
+
+# ----- ready-made sets -----------------------------------------------------------------------
+def load_countries(path: str | Path | None = None) -> dict[str, list[str]]:
+    """``{country: [cities]}`` from ``path`` or the shipped list (edit a copy to change it)."""
+    if path is None:
+        text = (resources.files("headscope") / "data/prompt_sets/countries.json").read_text()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not JSON: {err.msg}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) and c for c in v)
+        for v in data.values()
+    ):
+        raise InputError("the country list must map each country to a list of >= 2 cities")
+    if len(data) < 2:
+        raise InputError("the country list needs at least 2 countries")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+def odd_one_out(
+    countries: dict[str, list[str]] | None = None, *, n_cities: int = 5, seed: int = 0
+) -> list[PromptSpec]:
+    """ "{five cities} are all cities in {country}": ``n_cities - 1`` of the country's own cities
+    and one foreign city, in shuffled order; the marked key is the foreign city, the query the
+    country (the last token), the candidates all five cities. One prompt per (country, own city
+    left out), so every own city is left out once."""
+    countries = countries or load_countries()
+    rng = random.Random(seed)
+    names = list(countries)
+    out = []
+    for country, cities in countries.items():
+        for left_out in range(len(cities)):
+            own = [c for i, c in enumerate(cities) if i != left_out][: n_cities - 1]
+            other = rng.choice([n for n in names if n != country])
+            foreign = rng.choice(countries[other])
+            chosen = [*own, foreign]
+            rng.shuffle(chosen)
+            listed = ", ".join(chosen[:-1]) + " and " + chosen[-1]
+            out.append(
+                PromptSpec(
+                    text=f"{listed} are all cities in {country}",
+                    key=foreign,
+                    query="last",
+                    candidates=chosen,
+                    group=country,
+                )
+            )
+    return out
+
+
+def country_city_geometry(
+    countries: dict[str, list[str]] | None = None,
+) -> tuple[list[str], list[str], list[int]]:
+    """The country/city QK geometry prompts: queries "The country [[X]]", keys "The city [[Y]]
+    is well known", and the index of each city's country (``key_groups``)."""
+    countries = countries or load_countries()
+    queries = [f"The country [[{c}]]" for c in countries]
+    keys, groups = [], []
+    for i, cities in enumerate(countries.values()):
+        for city in cities:
+            keys.append(f"The city [[{city}]] is well known")
+            groups.append(i)
+    return queries, keys, groups
+
+
+def preset(name: str) -> list[PromptSpec]:
+    if name == "country-odd-one-out":
+        return odd_one_out()
+    raise InputError(f"unknown prompt set {name!r}; presets: {', '.join(PRESETS)}")
+
+
+# ----- evaluation ----------------------------------------------------------------------------
+class PromptPositions(BaseModel):
+    text: str
+    query: int
+    key: int
+    query_token: str
+    key_token: str
+    candidates: list[int]
+    group: str | None = None
+
+
+class HeadOnSet(BaseModel):
+    """One head over the set: accuracy, mean and spread, and (for listed heads) per prompt."""
+
+    head: str
+    accuracy: float = Field(description="share of prompts whose marked key wins")
+    attention_mean: float
+    attention_std: float
+    score_mean: float
+    score_std: float
+    rank_mean: float = Field(description="mean rank of the marked key among all keys (1 = top)")
+    attention: list[float] | None = None  # per prompt
+    score: list[float] | None = None
+    rank: list[int] | None = None
+    correct: list[bool] | None = None
+
+
+class PromptSetResult(BaseModel):
+    """Every evaluated head over a prompt set, best first (accuracy, then mean attention)."""
+
+    n_prompts: int
+    prompts: list[PromptPositions]
+    heads: list[HeadOnSet]
+
+
+_WORD = r"(?<![\w]){}(?![\w])"
+
+
+def _span(text: str, sub: str) -> tuple[int, int]:
+    m = re.search(_WORD.format(re.escape(sub)), text) or re.search(re.escape(sub), text)
+    if m is None:
+        raise InputError(f"{sub!r} is not in the prompt {text[:60]!r}")
+    return m.start(), m.end()
+
+
+def _locate(session: Session, p: PromptSpec) -> tuple[list[int], PromptPositions]:
+    ad = session.adapter
+    ids, offsets = ad.tokens.encode_with_offsets(p.text)
+    if len(ids) > session.max_tokens:
+        raise InputError(f"prompt {p.text[:40]!r}... is longer than {session.max_tokens} tokens")
+
+    def token(sub: str) -> int:
+        a, b = _span(p.text, sub)
+        inside = [i for i, (x, y) in enumerate(offsets) if i > 0 and x < b and y > a]
+        if not inside:
+            raise InputError(f"{sub!r} covers no token of {p.text[:60]!r}")
+        return inside[-1]
+
+    q = len(ids) - 1 if p.query == "last" else token(p.query)
+    k = token(p.key)
+    if k > q:
+        raise InputError(f"the key {p.key!r} comes after the query in {p.text[:60]!r}")
+    cands = sorted({token(c) for c in p.candidates}) if p.candidates else []
+    if cands and k not in cands:
+        cands = sorted({*cands, k})
+    if any(c > q for c in cands):
+        raise InputError(f"a candidate comes after the query in {p.text[:60]!r}")
+    return list(ids), PromptPositions(
+        text=p.text,
+        query=q,
+        key=k,
+        query_token=ad.tokens.display(ids[q]),
+        key_token=ad.tokens.display(ids[k]),
+        candidates=cands,
+        group=p.group,
+    )
+
+
+def evaluate_prompts(
+    session: Session,
+    prompts: Sequence[PromptSpec | dict | str],
+    heads: Sequence[str] | None = None,
+    *,
+    detail: int = 10,
+) -> PromptSetResult:
+    """Evaluate every head (or ``heads``) on every prompt in batched forward passes (prompts
+    grouped by length). ``detail``: the best heads that keep their per-prompt numbers (all
+    named ``heads`` keep them)."""
+    specs = [prompt_spec(p) for p in prompts]
+    if not specs:
+        raise InputError("no prompts")
+    if len(specs) > MAX_PROMPTS:
+        raise InputError(f"{len(specs)} prompts; the limit is {MAX_PROMPTS}")
+    ad = session.adapter
+    pairs = parse_heads(ad, list(heads) if heads else None)
+    layers = sorted({lay for lay, _ in pairs})
+    located = [_locate(session, p) for p in specs]
+    seqs = [ids for ids, _ in located]
+    pos = [p for _, p in located]
+    N, L, H = len(specs), ad.spec.n_layers, ad.spec.n_heads
+    att = torch.zeros(N, L, H, dtype=torch.float64)
+    score = torch.zeros(N, L, H, dtype=torch.float64)
+    rank = torch.zeros(N, L, H, dtype=torch.long)
+    right = torch.zeros(N, L, H, dtype=torch.bool)
+
+    def handle(idx: list[int], cap: Any) -> None:
+        for layer in layers:
+            t = cap.layers[layer]
+            for row, i in enumerate(idx):  # one row per prompt: a query row [H, q + 1]
+                p = pos[i]
+                w = t.pattern[row, :, p.query, : p.query + 1].double()  # [H, q+1]
+                sc = t.scores[row, :, p.query, : p.query + 1].double()
+                att[i, layer] = w[:, p.key]
+                score[i, layer] = sc[:, p.key]
+                rank[i, layer] = (w > w[:, p.key : p.key + 1]).sum(1) + 1
+                pool = w[:, p.candidates] if p.candidates else w
+                right[i, layer] = w[:, p.key] >= pool.max(1).values
+
+    run_grouped(ad, seqs, handle, layers=layers, patterns=True)
+    rows = []
+    for lay, h in pairs:
+        a, s = att[:, lay, h], score[:, lay, h]
+        rows.append(
+            HeadOnSet(
+                head=head_name(lay, h),
+                accuracy=float(right[:, lay, h].double().mean()),
+                attention_mean=float(a.mean()),
+                attention_std=float(a.std(unbiased=False)),
+                score_mean=float(s.mean()),
+                score_std=float(s.std(unbiased=False)),
+                rank_mean=float(rank[:, lay, h].double().mean()),
+            )
+        )
+    order = sorted(range(len(rows)), key=lambda j: (-rows[j].accuracy, -rows[j].attention_mean))
+    keep = set(order[:detail]) | (set(range(len(rows))) if heads else set())
+    for j in keep:
+        lay, h = pairs[j]
+        rows[j].attention = att[:, lay, h].tolist()
+        rows[j].score = score[:, lay, h].tolist()
+        rows[j].rank = rank[:, lay, h].tolist()
+        rows[j].correct = right[:, lay, h].tolist()
+    return PromptSetResult(n_prompts=N, prompts=pos, heads=[rows[j] for j in order])
+
+
+def prompt_set_text(r: PromptSetResult, _req: object = None, limit: int = 15) -> str:
+    lines = [f"{r.n_prompts} prompts; heads by accuracy (marked key most attended), then mean"]
+    lines.append(
+        f"{'head':<8} {'accuracy':>8} {'attn mean':>10} {'attn sd':>8} {'score mean':>11} "
+        f"{'score sd':>9} {'rank mean':>9}"
+    )
+    for x in r.heads[:limit]:
+        lines.append(
+            f"{x.head:<8} {x.accuracy:>8.3f} {x.attention_mean:>10.4f} {x.attention_std:>8.4f} "
+            f"{x.score_mean:>+11.3f} {x.score_std:>9.3f} {x.rank_mean:>9.2f}"
+        )
+    if len(r.heads) > limit:
+        lines.append(f"... {len(r.heads) - limit} more heads")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Add per-head columns computed after a precompute (e.g. ablation effects) to a run.
+
+The run's metrics live in three places the readers use: ``metrics.parquet`` (Python),
+``metrics.json`` (the app's scatter) and each ``heads/L{l}H{h}.json``'s ``metrics`` (the head
+page). A column is written to all three, replacing a column of the same name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from headscope.errors import DataError
+from headscope.files import read_json, write_json, write_with
+from headscope.model.spec import head_name
+from headscope.store.run import open_run
+
+
+def add_head_columns(
+    run_dir: str | Path, values: dict[str, dict[str, float]], docs: dict[str, str]
+) -> list[str]:
+    """Write ``values[column][head] = value`` into the run's metrics (heads absent from a column
+    get null). ``docs[column]`` is the explanation the app shows. Returns the column names."""
+    run = open_run(run_dir)
+    m = run.metrics
+    names = [head_name(int(lay), int(h)) for lay, h in zip(m["layer"], m["head"], strict=True)]
+    unknown = sorted({h for col in values.values() for h in col} - set(names))
+    if unknown:
+        raise DataError(f"heads {', '.join(unknown[:5])} are not in the run {run.path}")
+    cols = list(values)
+    table = m.drop(columns=[c for c in cols if c in m.columns])
+    for col in cols:
+        table[col] = np.array([values[col].get(n, np.nan) for n in names], dtype=np.float64)
+    write_with(run.path / "metrics.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+
+    js = read_json(run.path / "metrics.json")
+    keep = [i for i, c in enumerate(js["columns"]) if c not in values]
+    rows = []
+    for row in js["rows"]:
+        name = head_name(int(row[0]), int(row[1]))
+        extra = [_finite(values[c].get(name)) for c in cols]
+        rows.append([row[i] for i in keep] + extra)
+    write_json(
+        run.path / "metrics.json",
+        {
+            "columns": [js["columns"][i] for i in keep] + cols,
+            "rows": rows,
+            "docs": {**js.get("docs", {}), **{c: docs.get(c, "") for c in cols}},
+        },
+    )
+    for name in names:
+        path = run.path / "heads" / f"{name}.json"
+        if not path.is_file():
+            continue
+        payload = read_json(path)
+        metrics = payload.setdefault("metrics", {})
+        for col in cols:
+            v = _finite(values[col].get(name))
+            if v is None:
+                metrics.pop(col, None)
+            else:
+                metrics[col] = v
+        write_json(path, payload)
+    return cols
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
