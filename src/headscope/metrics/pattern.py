@@ -39,7 +39,8 @@ def _masked_mean_partial(values: Tensor, mask: Tensor) -> MetricPartial:
 
 
 def _pair_weights(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """b, q, k: [N] int64 (batch, query, key) of every match -> per-head sum of A[q, k]: [H]."""
+    """b, q, k: [N] int64 (batch, query row of the block, key) of every match -> per-head sum
+    of A[q, k]: [H]."""
     return batch.pattern[b, :, q, k].sum(0, dtype=torch.float64)  # pattern[b, :, q, k]: [N, H]
 
 
@@ -55,7 +56,7 @@ def _query_mass_partial(batch: LayerBatch, b: Tensor, q: Tensor, k: Tensor) -> M
     The sum over queries of each query's total is the sum over all pairs, so only the count
     differs from :func:`_pair_mean_partial`: distinct queries instead of pairs.
     """
-    T = batch.pattern.shape[-1]
+    T = batch.seq_len
     n_queries = (b * T + q).unique().numel()  # distinct (batch, query) among the matches
     count = torch.full((batch.n_heads,), float(n_queries), dtype=torch.float64)  # [H]
     return MetricPartial(total=_pair_weights(batch, b, q, k), count=count)
@@ -68,7 +69,7 @@ def self_attention_score(batch: LayerBatch) -> MetricPartial:
     Mean of ``A[q, q]`` over non-padding queries ``q >= 1`` (query 0 can only attend to itself).
     A packed document's first token is an ordinary query.
     """
-    diag = batch.pattern.diagonal(dim1=-2, dim2=-1)  # [B, H, T]
+    diag = batch.pattern.diagonal(offset=batch.row_start, dim1=-2, dim2=-1)  # [B, H, r]
     return _masked_mean_partial(diag, batch.query_mask)
 
 
@@ -79,9 +80,11 @@ def prev_token_score(batch: LayerBatch) -> MetricPartial:
     Mean of ``A[q, q - 1]`` over non-padding queries ``q >= 1``. At a packed-document boundary
     the previous token is the last token of the previous document.
     """
-    B, H, T, _ = batch.pattern.shape
-    sub = batch.pattern.new_zeros(B, H, T)
-    sub[:, :, 1:] = batch.pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # A[q, q-1]
+    B, H, r, _ = batch.pattern.shape
+    s = batch.row_start
+    sub = batch.pattern.new_zeros(B, H, r)
+    first = 1 if s == 0 else 0  # row 0 has no previous token
+    sub[:, :, first:] = batch.pattern.diagonal(offset=s - 1, dim1=-2, dim2=-1)  # A[q, q-1]
     return _masked_mean_partial(sub, batch.query_mask)
 
 
@@ -143,8 +146,7 @@ def induction_score(batch: LayerBatch) -> MetricPartial:
     "HeadVis: An Interactive Tool For Investigating Attention Heads"). The query itself and key 0
     are never keys. Pairs may cross packed-document boundaries.
     """
-    m = batch.token_matches
-    return _pair_mean_partial(batch, m.ind_b, m.ind_q, m.ind_k)
+    return _pair_mean_partial(batch, *batch.block_matches("ind"))
 
 
 @register_metric("induction_mass")
@@ -160,8 +162,7 @@ def induction_mass(batch: LayerBatch) -> MetricPartial:
     head (pairs per matched query) and rank heads alike, but this one reads as a share of
     attention. Pairs may cross packed-document boundaries.
     """
-    m = batch.token_matches
-    return _query_mass_partial(batch, m.ind_b, m.ind_q, m.ind_k)
+    return _query_mass_partial(batch, *batch.block_matches("ind"))
 
 
 @register_metric("duplicate_token_score")
@@ -173,8 +174,7 @@ def duplicate_token_score(batch: LayerBatch) -> MetricPartial:
     earlier copies contributes one pair per copy. Key 0 is never a copy. Pairs may cross
     packed-document boundaries.
     """
-    m = batch.token_matches
-    return _pair_mean_partial(batch, m.dup_b, m.dup_q, m.dup_k)
+    return _pair_mean_partial(batch, *batch.block_matches("dup"))
 
 
 @register_metric("max_attention")
@@ -195,7 +195,9 @@ def output_norm(batch: LayerBatch) -> MetricPartial:
     Mean of ``||z_h[q] W_O[h]||_2`` (the head's value-weighted sum times its output matrix, no
     output bias) over all non-padding positions ``q``, including position 0.
     """
-    return _masked_mean_partial(batch.head_out_norm, batch.valid)
+    return _masked_mean_partial(
+        batch.head_out_norm, batch.valid[:, batch.row_start : batch.row_stop]
+    )
 
 
 # ----- long range -------------------------------------------------------------------------------------
@@ -203,21 +205,23 @@ LONG_DISTANCES = (64, 512)  # the distances of the attention_beyond_* metrics
 _LONG_BLOCK = 64  # query rows per block in _far_mass
 
 
-def _far_mass(pattern: Tensor) -> Tensor:
-    """[B, H, T, T] causal pattern -> [B, H, T, len(LONG_DISTANCES) + 1] float32: per query q,
-    ``sum_{1 <= k <= q - d} A[q, k]`` for each distance d, then ``sum_{1 <= k <= q} A[q, k]``.
+def _far_mass(pattern: Tensor, row_start: int = 0) -> Tensor:
+    """[B, H, r, S] causal pattern (query rows ``row_start .. S - 1``) -> [B, H, r,
+    len(LONG_DISTANCES) + 1] float32: per query q, ``sum_{1 <= k <= q - d} A[q, k]`` for each
+    distance d, then ``sum_{1 <= k <= q} A[q, k]``.
 
     Block by block of query rows, so no [T, T]-sized temporary is made: in a block starting at
     ``s`` every row takes all keys ``1 .. s - d``, and only a tile at most a block wide needs
     the per-row mask ``k <= q - d``."""
-    B, H, T, _ = pattern.shape
+    B, H, r, S = pattern.shape
     D = len(LONG_DISTANCES)
-    out = pattern.new_zeros(B, H, T, D + 1)
-    rows_idx = torch.arange(T, device=pattern.device)
-    for start in range(0, T, _LONG_BLOCK):
-        stop = min(start + _LONG_BLOCK, T)
-        rows = pattern[:, :, start:stop, :stop]  # [B, H, r, stop]
-        out[:, :, start:stop, D] = rows[..., 1:].sum(-1)
+    out = pattern.new_zeros(B, H, r, D + 1)
+    rows_idx = torch.arange(S, device=pattern.device)
+    for first in range(0, r, _LONG_BLOCK):
+        last = min(first + _LONG_BLOCK, r)
+        start, stop = row_start + first, row_start + last  # query positions
+        rows = pattern[:, :, first:last, :stop]  # [B, H, n, stop]
+        out[:, :, first:last, D] = rows[..., 1:].sum(-1)
         for i, d in enumerate(LONG_DISTANCES):
             full = max(1, start - d + 1)  # keys 1 .. full - 1: inside every row's far region
             edge = max(full, stop - d)  # keys full .. edge - 1: far only for some rows
@@ -229,12 +233,12 @@ def _far_mass(pattern: Tensor) -> Tensor:
                 q = rows_idx[start:stop, None]
                 tile = torch.where(k[None, :] <= q - d, rows[..., full:edge], 0.0)
                 far = far + tile.sum(-1)
-            out[:, :, start:stop, i] = far
+            out[:, :, first:last, i] = far
     return out
 
 
 def _far(batch: LayerBatch) -> Tensor:
-    return batch.memo("far_mass", lambda: _far_mass(batch.pattern))
+    return batch.memo("far_mass", lambda: _far_mass(batch.pattern, batch.row_start))
 
 
 @register_metric("attention_beyond_64")

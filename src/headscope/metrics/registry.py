@@ -120,11 +120,22 @@ class TokenMatches:
 
     @classmethod
     def from_tokens(cls, tokens: Tensor, valid: Tensor) -> TokenMatches:
-        """tokens: [B, T] int64, valid: [B, T] bool."""
-        same = tokens[:, :, None] == tokens[:, None, :]  # [B, T(q), T(j)] bool
-        same &= valid[:, :, None]
-        same.tril_(-1)  # j < q
-        b, q, j = same.nonzero(as_tuple=True)  # [N] each: q's token occurred earlier at j
+        """tokens: [B, T] int64, valid: [B, T] bool. Lists ordered by (batch, query, key).
+
+        Queries are compared in blocks of rows, so no [B, T, T] comparison is ever whole."""
+        T = tokens.shape[1]
+        found = []
+        for start in range(0, T, _MATCH_ROWS):
+            stop = min(start + _MATCH_ROWS, T)
+            same = tokens[:, start:stop, None] == tokens[:, None, :stop]  # [B, r(q), stop(j)]
+            same &= valid[:, start:stop, None]
+            same.tril_(start - 1)  # j < q
+            b, q, j = same.nonzero(as_tuple=True)  # [N] each: q's token occurred earlier at j
+            found.append((b, q + start, j))
+        b, q, j = (torch.cat(parts) for parts in zip(*found, strict=True))
+        if len(found) > 1 and tokens.shape[0] > 1:  # blocks came query-major: batch first
+            order = b.argsort(stable=True)
+            b, q, j = b[order], q[order], j[order]
         dup = j >= 1
         ind = j <= q - 2  # the successor j + 1 of the earlier copy lies strictly before q
         return cls(
@@ -137,9 +148,21 @@ class TokenMatches:
         )
 
 
+_MATCH_ROWS = 1024  # query rows per block in TokenMatches.from_tokens
+
+
 @dataclass(frozen=True, eq=False)
 class LayerBatch:
-    """Everything an accumulator sees for one layer of one batch.
+    """Everything an accumulator sees for one layer of one batch (or of one block of its rows).
+
+    **Blocks of query rows.** For long sequences a layer may arrive as consecutive blocks of
+    query rows ``row_start .. row_stop - 1`` (in order, the last one ending at ``seq_len``):
+    ``pattern`` is then ``[B, H, r, row_stop]`` (the keys those rows can see) and
+    ``head_out_norm`` covers the block's rows; everything else covers the whole sequence. A
+    whole layer is the block ``row_start = 0``, ``r = T``. Per-row quantities (``query_mask``,
+    ``row_max``, ``rows``) are the block's; accumulators whose result needs whole rows of keys
+    or whole sequences (examples, motifs, the count of keys in top tokens) finish the layer on
+    its last block (:attr:`is_last`).
 
     The optional fields are filled by the precompute (which has the model) so that no
     accumulator has to reach back into the model; an accumulator that needs one reads it with
@@ -150,10 +173,12 @@ class LayerBatch:
     """
 
     layer: int
-    pattern: Tensor  # [B, H, T, T] float32, causal, rows sum to 1: pattern[b, h, q, k]
+    # [B, H, r, row_stop] float32, causal, rows sum to 1: pattern[b, h, q - row_start, k]
+    # (a whole layer: [B, H, T, T])
+    pattern: Tensor
     tokens: Tensor  # [B, T] int64
     doc_start: Tensor  # [B, T] bool, True where a document starts (position 0 always)
-    head_out_norm: Tensor  # [B, H, T] float32, ||z_h @ W_O[h]|| at each query position
+    head_out_norm: Tensor  # [B, H, r] float32, ||z_h @ W_O[h]|| at each query row of the block
     valid: Tensor  # [B, T] bool, False for padding at the end
     matches: TokenMatches | None = field(default=None)
     seq_idx: Tensor | None = None  # [B] int64, dataset index of each sequence
@@ -162,18 +187,23 @@ class LayerBatch:
     # [B, H, T, D_o] float32: each key's value through the head's W_O (its output per unit of
     # attention), in any orthonormal basis of W_O[h]'s row space (the precompute: D_o = D)
     v_o: Tensor | None = None
+    row_start: int = 0  # first query row of the block (0 for a whole layer)
     _memo: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        B, H, T, T2 = self.pattern.shape
-        if T != T2:
-            raise ValueError(f"pattern must be [B, H, T, T], got {tuple(self.pattern.shape)}")
+        B, H, r, S = self.pattern.shape
+        T = self.tokens.shape[-1]
+        if self.row_start + r != S or S > T or self.row_start < 0:
+            raise ValueError(
+                f"pattern must be [B, H, T, T] (or a block of rows [B, H, r, row_start + r]), "
+                f"got {tuple(self.pattern.shape)} at row_start {self.row_start} for {T} tokens"
+            )
         # q, k and v_o: [B, H, T, any width]
         for name, shape, dims in (
             ("tokens", (B, T), 2),
             ("doc_start", (B, T), 2),
             ("valid", (B, T), 2),
-            ("head_out_norm", (B, H, T), 3),
+            ("head_out_norm", (B, H, r), 3),
             ("seq_idx", (B,), 1),
             ("q", (B, H, T), 4),
             ("k", (B, H, T), 4),
@@ -187,6 +217,26 @@ class LayerBatch:
     @property
     def n_heads(self) -> int:
         return self.pattern.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        """T, the length of the (padded) sequences."""
+        return self.tokens.shape[-1]
+
+    @property
+    def row_stop(self) -> int:
+        """One past the block's last query row (also the number of keys it sees)."""
+        return self.pattern.shape[-1]
+
+    @property
+    def is_last(self) -> bool:
+        """The layer's last block (for a whole layer: always)."""
+        return self.row_stop == self.seq_len
+
+    @property
+    def is_whole(self) -> bool:
+        """The whole layer in one block."""
+        return self.row_start == 0 and self.is_last
 
     def need(self, name: str) -> Tensor:
         """The optional field ``name`` (``seq_idx``, ``q``, ``k``, ``v_o``); raises a clear error
@@ -204,14 +254,16 @@ class LayerBatch:
 
     @cached_property
     def query_mask(self) -> Tensor:
-        """[B, T] bool: valid queries at position >= 1 (row 0 always attends only to itself)."""
-        mask = self.valid.clone()
-        mask[:, 0] = False
+        """[B, r] bool: the block's valid queries at position >= 1 (row 0 always attends only to
+        itself)."""
+        mask = self.valid[:, self.row_start : self.row_stop].clone()
+        if self.row_start == 0:
+            mask[:, 0] = False
         return mask
 
     @cached_property
     def row_max(self) -> Tensor:
-        """[B, H, T] float32: max attention of each query row with key 0 excluded.
+        """[B, H, r] float32: max attention of each query row of the block, key 0 excluded.
 
         Zero for row 0 and for padding rows.
         """
@@ -221,13 +273,28 @@ class LayerBatch:
     def rows(self) -> RowReductions:
         """Entropy, maxima, distance moments, attention received, key-group maxima of every row
         (:func:`~headscope.metrics.rows.row_reductions`, one pass over the pattern)."""
-        return row_reductions(self.pattern, self.valid)
+        return row_reductions(self.pattern, self.valid, self.row_start)
 
     @cached_property
     def token_matches(self) -> TokenMatches:
+        """The whole sequences' matches (see :meth:`block_matches` for the block's)."""
         if self.matches is not None:
             return self.matches
         return TokenMatches.from_tokens(self.tokens, self.valid)
+
+    def block_matches(self, kind: Literal["dup", "ind"]) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch, query row in the block, key) of the ``kind`` matches whose query is in the
+        block, each [N] int64: ``pattern[b, :, q, k]`` is their attention."""
+        m = self.token_matches
+        b, q, k = getattr(m, f"{kind}_b"), getattr(m, f"{kind}_q"), getattr(m, f"{kind}_k")
+        if self.is_whole:
+            return b, q, k
+        key = f"block_matches.{kind}"
+        if key not in self._memo:
+            inside = (q >= self.row_start) & (q < self.row_stop)
+            self._memo[key] = torch.stack([b[inside], q[inside] - self.row_start, k[inside]])
+        b, q, k = self._memo[key]
+        return b, q, k
 
 
 class MetricAccumulator:

@@ -11,6 +11,10 @@ A capture that keeps nothing (``store=False``, each layer reduced by ``on_layer`
 every layer's scores and pattern into the same reused buffers (a :class:`Workspace`): fresh
 pattern-sized tensors (tens of MB) come straight from the operating system on every allocation,
 and their page faults cost more than the attention itself on a CPU.
+
+Long sequences: inside :func:`query_blocks` such a capture computes each layer in blocks of
+query rows (:func:`blocked_attention`) and hands ``on_layer`` one block at a time, so no
+``T x T`` pattern is ever whole: memory grows with ``T x block``, not ``T^2``.
 """
 
 from __future__ import annotations
@@ -39,9 +43,14 @@ class LayerTensors:
         None  # [B, H, T, T] pre-softmax (scaled, softcapped; masked = -inf)
     )
     pattern: torch.Tensor | None = None  # [B, H, T, T] float32 attention weights, query-major
+    # A blocked capture (query_blocks): scores and pattern hold query rows row_start ..
+    # row_start + r - 1 and keys 0 .. row_start + r - 1 ([B, H, r, row_start + r]; later keys
+    # are masked for these rows), and z is final only up to row row_start + r - 1.
+    row_start: int = 0
 
     def weights(self) -> torch.Tensor:
-        """The pattern ``[B, H, T, T]``; raises if this capture ran without patterns."""
+        """The pattern ``[B, H, T, T]`` (a block of rows in a blocked capture); raises if this
+        capture ran without patterns."""
         if self.pattern is None:
             raise ValueError(f"layer {self.layer} was captured without patterns")
         return self.pattern
@@ -62,6 +71,24 @@ class Workspace:
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
             buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
+
+    def flat(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int,
+    ) -> torch.Tensor:
+        """A contiguous ``shape`` view into a buffer of at least ``capacity`` elements (blocks of
+        growing width share one allocation)."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(
+                max(numel, capacity), dtype=dtype, device=device
+            )
+        return buf.view(-1)[:numel].view(shape)
 
 
 def _scratch(
@@ -110,6 +137,29 @@ class CaptureRequest:
 _ACTIVE: contextvars.ContextVar[CaptureRequest | None] = contextvars.ContextVar(
     "headscope_capture", default=None
 )
+_QUERY_BLOCK: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "headscope_query_block", default=None
+)
+
+
+class query_blocks:
+    """Context manager: captures that store nothing and reduce layers with ``on_layer``
+    compute patterns ``rows`` query rows at a time (None: whole layers, the default).
+
+    Layers no longer than ``rows`` are computed whole, exactly as without blocks."""
+
+    def __init__(self, rows: int | None):
+        if rows is not None and rows < 1:
+            raise ValueError("query blocks need at least one row")
+        self.rows = rows
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        self._token = _QUERY_BLOCK.set(self.rows)
+
+    def __exit__(self, *exc) -> None:
+        assert self._token is not None
+        _QUERY_BLOCK.reset(self._token)
 
 
 def causal_keep(
@@ -202,6 +252,88 @@ def eager_attention(
     return scores, pattern, out.view(B, H, T, -1).transpose(1, 2)
 
 
+def blocked_attention(
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,  # [B, KV, S, D]
+    value: torch.Tensor,  # [B, KV, S, Dv]
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    window: int | None,
+    workspace: Workspace | None,
+    block: int,
+    emit: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+) -> torch.Tensor:
+    """:func:`eager_attention` ``block`` query rows at a time; returns the output [B, T, H, Dv].
+
+    Each block's rows see keys up to the block's last row only (causal), so its scores and
+    pattern are ``[B, H, r, S - T + stop]``. After each block, ``emit(row_start, scores,
+    pattern, out)`` is called; the buffers are reused by the next block and ``out`` is final up
+    to the block's last row. Per row, the same operations as :func:`eager_attention` (equal up
+    to the rounding of the matrix products)."""
+    B, H, T, D = query.shape
+    S = key.shape[2]
+    if key.shape[1] == value.shape[1] and H % key.shape[1] == 0:
+        groups = key.shape[1]
+    else:
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+        value = value.repeat_interleave(H // value.shape[1], dim=1)
+        groups = H
+    rep = H // groups
+    exact = math.frexp(scaling)[0] == 0.5
+    q = query * scaling if exact else query
+    out = torch.empty(B, T, H, value.shape[-1], dtype=value.dtype, device=query.device)
+    size = B * H * block * S  # the largest block: the last rows see every key
+    keep = None if mask is not None else causal_keep
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        r, n_keys = stop - start, S - T + stop
+        q_block = q[:, :, start:stop].reshape(B, groups, rep * r, D)
+        shape = (B, H, r, n_keys)
+        scores = _scratch_flat(workspace, "scores", shape, query.dtype, query.device, size)
+        torch.matmul(
+            q_block, key[:, :, :n_keys].transpose(-1, -2), out=scores.view(B, groups, -1, n_keys)
+        )
+        if not exact:
+            scores.mul_(scaling)
+        if softcap is not None:
+            scores.div_(softcap).tanh_().mul_(softcap)
+        if mask is None and window is None and T == S:
+            _mask_causal_(scores[..., start:stop])  # keys before the block are all visible
+        elif keep is not None:
+            rows = keep(T, S, window, query.device)[start:stop, :n_keys]
+            scores.masked_fill_(~rows, float("-inf"))
+        elif mask is not None and mask.dtype == torch.bool:
+            scores.masked_fill_(~mask[..., start:stop, :n_keys], float("-inf"))
+        elif mask is not None and torch.result_type(scores, mask) == scores.dtype:
+            scores.add_(mask[..., start:stop, :n_keys])
+        elif mask is not None:
+            scores = scores + mask[..., start:stop, :n_keys]
+        pattern = _scratch_flat(workspace, "pattern", shape, torch.float32, query.device, size)
+        torch.softmax(pattern.copy_(scores), dim=-1, out=pattern)
+        weights = pattern
+        if value.dtype != torch.float32:
+            weights = _scratch_flat(workspace, "weights", shape, value.dtype, query.device, size)
+            weights.copy_(pattern)
+        o = torch.matmul(weights.view(B, groups, rep * r, n_keys), value[:, :, :n_keys])
+        out[:, start:stop] = o.view(B, H, r, -1).transpose(1, 2)
+        emit(start, scores, pattern, out)
+    return out
+
+
+def _scratch_flat(
+    workspace: Workspace | None,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    capacity: int,
+) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.flat(name, shape, dtype, device, capacity)
+
+
 def headscope_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -221,6 +353,34 @@ def headscope_attention(
     layer = int(getattr(module, "layer_idx", -1))
     captured = request is not None and request.wants(layer)
     need_pattern = captured and request is not None and request.patterns
+    block = _QUERY_BLOCK.get()
+    if (
+        need_pattern
+        and request is not None
+        and request.override is None
+        and request.on_layer is not None
+        and not request.store
+        and block is not None
+        and block < query.shape[2]
+    ):
+        on_layer = request.on_layer
+
+        def emit(start: int, scores: torch.Tensor, pattern: torch.Tensor, z: torch.Tensor) -> None:
+            on_layer(LayerTensors(layer, query, key, value, z, scores, pattern, row_start=start))
+
+        z = blocked_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            softcap,
+            sliding_window,
+            request.scratch(),
+            block,
+            emit,
+        )
+        return z, None
     if captured and request is not None and request.override is not None:
         out, pattern = request.override(
             layer, query, key, value, attention_mask, scaling, softcap, sliding_window

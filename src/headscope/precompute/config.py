@@ -31,6 +31,9 @@ class PrecomputeConfig:
     probe_sequences: int = 16  # repeated-random-token sequences per synthetic probe
     probe_length: int = 48
     checkpoint_every: int = 8  # batches between checkpoints
+    # query rows per block of a layer's patterns (memory grows with seq_len x query_block);
+    # None: whole layers while a batch's patterns fit 256 MB, blocks beyond (runner.py)
+    query_block: int | None = None
 
     @property
     def n_sequences(self) -> int:
@@ -63,5 +66,7 @@ class PrecomputeConfig:
             raise ValueError("need at least one sequence and a batch size of at least 1")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError("dtype must be fp32 or bf16")
+        if self.query_block is not None and self.query_block < 1:
+            raise ValueError("query_block must be at least 1")
         if self.layers is not None and not all(0 <= x < n_layers for x in self.layers):
             raise ValueError(f"layers must be in 0..{n_layers - 1}")

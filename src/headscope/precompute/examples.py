@@ -208,32 +208,35 @@ _TOPK_ROWS = 128  # rows per block in causal_topk
 _PAYLOAD_CHUNK = 8  # patterns per gathered copy in ExamplePayloads.add (8 x 1 MB at T = 512)
 
 
-def causal_topk(patterns: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``topk`` along the keys of causal ``patterns [N, T, T]`` -> values, indices ``[N, T, k]``.
+def causal_topk(patterns: Tensor, k: int, row_start: int = 0) -> tuple[Tensor, Tensor]:
+    """``topk`` along the keys of causal ``patterns [N, T, T]`` -> values, indices ``[N, T, k]``
+    (or of a block of rows ``row_start ..`` of them, ``[N, r, S]`` -> ``[N, r, k]``).
 
     Row block ``[s, e)`` only searches keys ``< max(e, k)``: the rest of the row is zero."""
-    N, T, _ = patterns.shape
-    k = min(k, T)
-    values = patterns.new_empty(N, T, k)
-    indices = torch.empty(N, T, k, dtype=torch.long, device=patterns.device)
-    for start in range(0, T, _TOPK_ROWS):
-        stop = min(start + _TOPK_ROWS, T)
-        values[:, start:stop], indices[:, start:stop] = patterns[
-            :, start:stop, : max(stop, k)
+    N, r, S = patterns.shape
+    k = min(k, S)
+    values = patterns.new_empty(N, r, k)
+    indices = torch.empty(N, r, k, dtype=torch.long, device=patterns.device)
+    for first in range(0, r, _TOPK_ROWS):
+        last = min(first + _TOPK_ROWS, r)
+        values[:, first:last], indices[:, first:last] = patterns[
+            :, first:last, : max(row_start + last, k)
         ].topk(k, dim=-1)
     return values, indices
 
 
-def received_maxima_(patterns: Tensor, valid: Tensor) -> Tensor:
+def received_maxima_(patterns: Tensor, valid: Tensor, row_start: int = 0) -> Tensor:
     """The largest attention each position receives from a later valid query.
 
-    patterns: [N, T, T] causal (zero above the diagonal), **overwritten**: the diagonal and the
-    padding rows are zeroed in place, which saves a copy of N x T x T. valid: [N, T] bool
-    (padding at the end). Returns [N, T]; 0 for the last position.
+    patterns: [N, T, T] causal (zero above the diagonal), or a block of its rows ``[N, r, S]``
+    from ``row_start``, **overwritten**: the diagonal and the padding rows are zeroed in place,
+    which saves a copy of N x T x T. valid: [N, T] bool (padding at the end). Returns [N, S]
+    (the maxima over the block's rows); 0 for the last position.
     """
-    patterns.diagonal(dim1=-2, dim2=-1).zero_()
-    if not bool(valid.all()):  # only sequences that end in padding pay for the mask
-        patterns.masked_fill_(~valid[:, :, None], 0.0)
+    patterns.diagonal(offset=row_start, dim1=-2, dim2=-1).zero_()
+    rows = valid[:, row_start : row_start + patterns.shape[1]]
+    if not bool(rows.all()):  # only sequences that end in padding pay for the mask
+        patterns.masked_fill_(~rows[:, :, None], 0.0)
     return patterns.amax(-2)
 
 
@@ -270,31 +273,46 @@ class ExamplePayloads:
     ) -> None:
         """Store the payloads of (layer, heads[i]) on sequence b[i] of ``batch``."""
         lengths = batch.valid.sum(-1)  # [B]
-        items = self.items.setdefault(layer, {})
         # a few patterns at a time: the gathered copy stays small enough to reuse freed memory
         for c in range(0, b.numel(), _PAYLOAD_CHUNK):
             bc, hc = b[c : c + _PAYLOAD_CHUNK], heads[c : c + _PAYLOAD_CHUNK]
             rows = batch.pattern[bc, hc]  # [n, T, T] a copy
             w, k = causal_topk(rows, self.top_k)  # [n, T, K]
-            mq = batch.row_max[bc, hc].half()  # [n, T]: max over keys >= 1, as in the selection
-            mk = received_maxima_(rows, batch.valid[bc]).half()  # consumes rows
-            for i, (bb, h, s, n) in enumerate(
-                zip(
-                    bc.tolist(),
-                    hc.tolist(),
-                    seq_ids[c : c + _PAYLOAD_CHUNK].tolist(),
-                    lengths[bc].tolist(),
-                    strict=True,
+            mq = batch.row_max[bc, hc]  # [n, T]: max over keys >= 1, as in the selection
+            mk = received_maxima_(rows, batch.valid[bc])  # consumes rows
+            self.store(
+                layer, batch, bc, hc, seq_ids[c : c + _PAYLOAD_CHUNK], lengths, (k, w, mq, mk)
+            )
+
+    def store(
+        self,
+        layer: int,
+        batch: LayerBatch,
+        b: Tensor,  # [n] sequences in the batch
+        heads: Tensor,  # [n]
+        seq_ids: Tensor,  # [n] their sequence indices
+        lengths: Tensor,  # [B] valid tokens of every sequence of the batch
+        parts: tuple[Tensor, Tensor, Tensor, Tensor],  # top keys, weights [n, T, K]; mq, mk [n, T]
+    ) -> None:
+        """Store payloads already computed for (layer, heads[i]) on sequence b[i]."""
+        k, w, mq, mk = parts
+        items = self.items.setdefault(layer, {})
+        for i, (bb, h, s, n) in enumerate(
+            zip(b.tolist(), heads.tolist(), seq_ids.tolist(), lengths[b].tolist(), strict=True)
+        ):
+            if s not in self.sequences:
+                self.sequences[s] = (
+                    batch.tokens[bb, :n].int().clone(),
+                    batch.doc_start[bb, :n].clone(),
                 )
-            ):
-                if s not in self.sequences:
-                    self.sequences[s] = (
-                        batch.tokens[bb, :n].int().clone(),
-                        batch.doc_start[bb, :n].clone(),
-                    )
-                if (h, s) not in items:
-                    self._refs[s] = self._refs.get(s, 0) + 1
-                items[(h, s)] = (k[i, :n].short(), w[i, :n].half(), mq[i, :n], mk[i, :n])
+            if (h, s) not in items:
+                self._refs[s] = self._refs.get(s, 0) + 1
+            items[(h, s)] = (
+                k[i, :n].short(),
+                w[i, :n].half(),
+                mq[i, :n].half(),
+                mk[i, :n].half(),
+            )
 
     def prune(self, layer: int, keep: set[tuple[int, int]]) -> None:
         """Drop the entries of ``layer`` whose (head, sequence) is not in ``keep``."""
@@ -378,6 +396,43 @@ class ExamplePayloads:
                 self._refs[s] = self._refs.get(s, 0) + 1
 
 
+class _BlockedLayer:
+    """What the examples need of a layer that arrives in blocks of query rows, for every
+    (sequence, head): its max attention so far and each position's payload parts (top keys
+    and weights as a query, max as a query and as a key). [B, H, T]-sized, never T x T."""
+
+    def __init__(self, batch: LayerBatch, top_k: int):
+        B, H, T = batch.pattern.shape[0], batch.n_heads, batch.seq_len
+        self.top_k = min(top_k, T)
+        self.maxima = batch.pattern.new_zeros(B, H)  # [B, H]
+        self.weights = batch.pattern.new_zeros(B, H, T, self.top_k)  # [B, H, T, K]
+        self.keys = torch.zeros(B, H, T, self.top_k, dtype=torch.long)  # [B, H, T, K]
+        self.row_max = batch.pattern.new_zeros(B, H, T)  # [B, H, T]
+        self.received_max = batch.pattern.new_zeros(B, H, T)  # [B, H, T]
+
+    def add(self, batch: LayerBatch) -> None:
+        s, S = batch.row_start, batch.row_stop
+        B, H, r, _ = batch.pattern.shape
+        self.maxima = torch.maximum(self.maxima, batch.row_max.amax(-1))
+        self.row_max[:, :, s:S] = batch.row_max
+        rows = batch.pattern
+        if self.top_k > S:  # the first rows see fewer keys than a payload lists
+            rows = torch.nn.functional.pad(rows, (0, self.top_k - S))
+        w, k = causal_topk(rows.flatten(0, 1), self.top_k, s)  # [B * H, r, K]
+        self.weights[:, :, s:S] = w.view(B, H, r, -1)
+        self.keys[:, :, s:S] = k.view(B, H, r, -1).cpu()
+        # the largest weight each key receives from the block's later valid queries; a copy
+        # of the block, which the next accumulators still read
+        got = received_maxima_(batch.pattern.flatten(0, 1).clone(), _repeat(batch.valid, H), s)
+        torch.maximum(self.received_max[:, :, :S], got.view(B, H, S), out=got.view(B, H, S))
+        self.received_max[:, :, :S] = got.view(B, H, S)
+
+
+def _repeat(valid: Tensor, heads: int) -> Tensor:
+    """[B, T] -> [B * heads, T], each sequence's row once per head."""
+    return valid.repeat_interleave(heads, 0)
+
+
 class Examples:
     """Example sequences of every head and what each one shows, as one accumulator.
 
@@ -400,11 +455,27 @@ class Examples:
     ):
         self.selector = ExampleSelector(n_layers, n_heads, top_k, per_bucket, seed)
         self.payloads = ExamplePayloads(sparse_top_k, sparse_threshold)
+        self._blocked: _BlockedLayer | None = None  # the layer whose row blocks are arriving
 
     def update(self, batch: LayerBatch) -> None:
-        """Offer the batch (needs ``seq_idx``); capture payloads of newly kept examples."""
+        """Offer the batch (needs ``seq_idx``); capture payloads of newly kept examples.
+
+        A layer in blocks of query rows is offered on its last block: until then every head's
+        payload parts are gathered row block by row block (:class:`_BlockedLayer`)."""
+        if not batch.is_whole:
+            if batch.row_start == 0:
+                self._blocked = _BlockedLayer(batch, self.payloads.top_k)
+            assert self._blocked is not None, "blocks of a layer must start at row 0"
+            self._blocked.add(batch)
+            if batch.is_last:
+                blocked, self._blocked = self._blocked, None
+                self._offer(batch, blocked.maxima, blocked)
+            return
+        self._offer(batch, sequence_max_attention(batch), None)
+
+    def _offer(self, batch: LayerBatch, max_attn: Tensor, blocked: _BlockedLayer | None) -> None:
         layer, seq_idx = batch.layer, batch.need("seq_idx")
-        self.selector.update(batch)
+        self.selector.offer(layer, seq_idx, max_attn)
         kept = (
             (self.selector.seq[layer][None] == seq_idx[:, None, None, None]).flatten(2).any(-1)
         )  # [B, H]
@@ -417,7 +488,17 @@ class Examples:
             dtype=torch.bool,
         )
         bi, hi = bi[fresh], hi[fresh]
-        self.payloads.add(layer, batch, bi, hi, seq_idx[bi])
+        if blocked is None:
+            self.payloads.add(layer, batch, bi, hi, seq_idx[bi])
+        else:
+            parts = (
+                blocked.keys[bi, hi],
+                blocked.weights[bi, hi],
+                blocked.row_max[bi, hi],
+                blocked.received_max[bi, hi],
+            )
+            lengths = batch.valid.sum(-1)
+            self.payloads.store(layer, batch, bi, hi, seq_idx[bi], lengths, parts)
         self.payloads.prune(layer, self.selector.kept(layer))
 
     def merge(self, other: Examples) -> None:

@@ -240,9 +240,13 @@ class MotifFeatures:
         F = len(MOTIF_FEATURE_NAMES)
         self.features = torch.zeros(n_layers, n_heads, n_sequences, F)  # [L, H, M, F] float32
         self.filled = torch.zeros(n_sequences, dtype=torch.bool)  # [M] sequences seen
+        self._corner: Tensor | None = None  # top-left rows of a layer arriving in blocks
 
     def update(self, batch: LayerBatch) -> None:
-        """Features of the batch's sequences with index < ``n_sequences`` (needs ``seq_idx``)."""
+        """Features of the batch's sequences with index < ``n_sequences`` (needs ``seq_idx``).
+
+        A layer in blocks of query rows: the rows of the top-left block are gathered until the
+        block is complete."""
         seq_idx = batch.need("seq_idx")
         mine = seq_idx < self.n_sequences
         if not mine.any():
@@ -250,6 +254,23 @@ class MotifFeatures:
         # the whole batch is the common case: no copy of the pattern then
         whole = bool(mine.all())
         pattern, valid = batch.pattern, batch.valid
+        if not batch.is_whole:
+            n = min(batch.seq_len, MOTIF_BLOCK)
+            s, S = batch.row_start, batch.row_stop
+            if s >= n:
+                return
+            if s == 0:
+                B, H = int(mine.sum()), batch.n_heads
+                self._corner = pattern.new_zeros(B, H, n, n)  # [B', H, n, n]
+            assert self._corner is not None, "blocks of a layer must start at row 0"
+            e = min(S, n)
+            rows = pattern[:, :, : e - s, :e]
+            self._corner[:, :, s:e, :e] = rows if whole else rows[mine]
+            if e < n and not batch.is_last:
+                return
+            pattern, self._corner = self._corner, None
+            valid = (valid if whole else valid[mine])[:, :n]
+            whole = True  # the corner holds only my sequences
         feats = motif_features(
             pattern if whole else pattern[mine], valid if whole else valid[mine]
         )  # [B', H, F]

@@ -23,7 +23,7 @@ from headscope.data.readers import ReadReport, check_readable
 from headscope.files import read_json, read_tensors, write_json, write_tensors
 from headscope.metrics.registry import LayerBatch, TokenMatches
 from headscope.model import ModelAdapter
-from headscope.model.capture import LayerTensors
+from headscope.model.capture import LayerTensors, query_blocks
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.sequences import Sequence, batched, iter_sequences, stack
 from headscope.precompute.state import StreamState
@@ -73,46 +73,77 @@ def head_out_norm(adapter: ModelAdapter, z: torch.Tensor, layer: int) -> torch.T
 
 
 def process_batch(
-    adapter: ModelAdapter, state: StreamState, layers: list[int], batch: list[Sequence]
+    adapter: ModelAdapter,
+    state: StreamState,
+    layers: list[int],
+    batch: list[Sequence],
+    query_block: int | None = None,
 ) -> None:
     """One forward pass over ``batch``; every captured layer becomes a :class:`LayerBatch`
-    that each accumulator of ``state`` reduces before the next layer runs."""
+    that each accumulator of ``state`` reduces before the next layer runs.
+
+    ``query_block``: compute each layer's patterns this many query rows at a time (one
+    :class:`LayerBatch` per block), so memory grows with ``T x query_block``, not ``T^2``;
+    None: whole layers (:func:`query_block_for` picks a size)."""
     packed = stack(batch, adapter.tokens.bos_id)
     ids, valid = packed.ids, packed.valid
     matches = TokenMatches.from_tokens(ids, valid)
     s = adapter.spec
     rep = s.n_heads // s.n_kv_heads
+    per_layer: dict[str, torch.Tensor] = {}  # q, k, v_o of the layer whose blocks arrive
 
     def on_layer(t: LayerTensors) -> None:
-        k = t.k.repeat_interleave(rep, 1).float()  # [B, H, T, D]
-        v = t.v.repeat_interleave(rep, 1).float()
-        v_o = torch.einsum("bhtd,hde->bhte", v, adapter.output_basis(t.layer))  # [B, H, T, D]
+        if t.row_start == 0:
+            k = t.k.repeat_interleave(rep, 1).float()  # [B, H, T, D]
+            v = t.v.repeat_interleave(rep, 1).float()
+            basis = adapter.output_basis(t.layer)
+            per_layer["v_o"] = torch.einsum("bhtd,hde->bhte", v, basis)  # [B, H, T, D]
+            per_layer["k"], per_layer["q"] = k, t.q.float()
+        pattern = t.weights().float()  # [B, H, r, S]
+        rows = slice(t.row_start, t.row_start + pattern.shape[2])
         state.update(
             LayerBatch(
                 t.layer,
-                t.weights().float(),
+                pattern,
                 ids,
                 packed.doc_start,
-                head_out_norm(adapter, t.z, t.layer),
+                head_out_norm(adapter, t.z[:, rows], t.layer),
                 valid,
                 matches=matches,
                 seq_idx=packed.index,
-                q=t.q.float(),
-                k=k,
-                v_o=v_o,
+                q=per_layer["q"],
+                k=per_layer["k"],
+                v_o=per_layer["v_o"],
+                row_start=t.row_start,
             )
         )
 
-    adapter.run(
-        ids.to(adapter.device),
-        layers=layers,
-        patterns=True,
-        logits=False,
-        store=False,
-        on_layer=on_layer,
-        stop_after=max(layers),
-    )
+    with query_blocks(query_block):
+        adapter.run(
+            ids.to(adapter.device),
+            layers=layers,
+            patterns=True,
+            logits=False,
+            store=False,
+            on_layer=on_layer,
+            stop_after=max(layers),
+        )
     state.finish_batch(len(batch), int(valid.sum()))
+
+
+# Patterns of one batch and layer up to this size (float32) are computed whole; longer
+# sequences in blocks of query rows that keep each block's pattern about this size.
+PATTERN_BUDGET_BYTES = 256 << 20
+
+
+def query_block_for(batch_size: int, n_heads: int, seq_len: int) -> int | None:
+    """Query rows per block for a batch: None (whole layers) when ``[B, H, T, T]`` float32 fits
+    :data:`PATTERN_BUDGET_BYTES`, else a multiple of 32 rows (at least 32) whose ``[B, H, rows,
+    T]`` block does."""
+    per_row = batch_size * n_heads * seq_len * 4
+    if per_row * seq_len <= PATTERN_BUDGET_BYTES:
+        return None
+    return max(32, PATTERN_BUDGET_BYTES // per_row // 32 * 32)
 
 
 def _check_existing(out: Path, cfg: PrecomputeConfig) -> bool:
@@ -145,7 +176,9 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
     # Unusable data fails here, before the model loads and before the run folder exists.
     check_readable(data, text_field=cfg.text_field)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    t_load = time.perf_counter()
     adapter = ModelAdapter.load(cfg.model, device=cfg.device, dtype=dtype)
+    load_s = time.perf_counter() - t_load
     s = adapter.spec
     cfg.validate(s.n_layers)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(s.n_layers))
@@ -193,11 +226,12 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
             desc="precompute",
             file=sys.stderr,
         )
+    block = cfg.query_block or query_block_for(cfg.batch_size, s.n_heads, cfg.seq_len)
     forward_s = 0.0
     try:
         for n_batch, batch in enumerate(batched(mine, cfg.batch_size), start=1):
             t0 = time.perf_counter()
-            process_batch(adapter, state, layers, batch)
+            process_batch(adapter, state, layers, batch, block)
             forward_s += time.perf_counter() - t0
             if bar is not None:
                 bar.update(sum(q.ids.shape[0] for q in batch))
@@ -227,6 +261,7 @@ def run_precompute(cfg: PrecomputeConfig, out: Path | str, *, progress: bool = T
             layers=layers,
             dataset={"path": str(data), "sha256": dataset_hash(data), "skipped": report.skipped},
             timings={
+                "load_s": round(load_s, 3),
                 "stream_s": round(forward_s, 3),
                 "total_s": round(time.perf_counter() - t_start, 3),
             },

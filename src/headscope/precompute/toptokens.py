@@ -82,25 +82,32 @@ class TopTokens:
 
     def update(self, batch: LayerBatch) -> None:
         """Add one layer batch: its pattern (padding rows may hold any finite values), tokens,
-        valid positions and the attention each key receives (``batch.rows.received``)."""
+        valid positions and the attention each key receives (``batch.rows.received``).
+
+        A layer in blocks of query rows adds each block's queries and what each key receives
+        from them; the keys are counted once, on the last block."""
         layer, pattern, tokens, valid = batch.layer, batch.pattern, batch.tokens, batch.valid
-        T = pattern.shape[-1]
+        T, s, S = batch.seq_len, batch.row_start, batch.row_stop
         pos = torch.arange(T, device=valid.device)
-        query_ok = valid & (pos >= 1)  # [B, T]
+        query_ok = (valid & (pos >= 1))[:, s:S]  # [B, r]
         later = torch.zeros_like(valid)
         later[:, :-1] = valid[:, 1:]  # a later valid query exists (padding is at the end)
         key_ok = later & (pos >= 1)  # [B, T]
 
-        received = batch.rows.received  # [B, H, T]: sum over later valid q of A[q, k]
-        query_mass = 1.0 - pattern[:, :, :, 0]  # [B, H, T]
+        received = batch.rows.received  # [B, H, S]: sum over the block's later valid q of A[q, k]
+        query_mass = 1.0 - pattern[:, :, :, 0]  # [B, H, r]
 
-        q_slots = self._slots(tokens[query_ok])  # [Nq]
-        k_slots = self._slots(tokens[key_ok])  # [Nk]
+        q_slots = self._slots(tokens[:, s:S][query_ok])  # [Nq]
+        seen = key_ok[:, :S]  # keys the block's queries can see
+        k_slots = self._slots(tokens[:, :S][seen])  # [Nk]
         q_mass = query_mass.transpose(0, 1)[:, query_ok].double()  # [H, Nq]
         self.query_sum[layer].index_add_(1, q_slots, q_mass)
-        self.key_sum[layer].index_add_(1, k_slots, received.transpose(0, 1)[:, key_ok].double())
+        self.key_sum[layer].index_add_(1, k_slots, received.transpose(0, 1)[:, seen].double())
         self.query_count[layer].index_add_(0, q_slots, torch.ones_like(q_slots))
-        self.key_count[layer].index_add_(0, k_slots, torch.ones_like(k_slots))
+        if batch.is_last:
+            if s:  # the layer came in blocks: count every key of the sequence once
+                k_slots = self._slots(tokens[key_ok])
+            self.key_count[layer].index_add_(0, k_slots, torch.ones_like(k_slots))
 
     def merge(self, other: TopTokens) -> None:
         """Add another shard's tables into this one (same layers and heads)."""
