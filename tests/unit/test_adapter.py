@@ -190,3 +190,25 @@ def test_eager_attention_is_bit_identical_to_transformers_formula(scaling, dtype
         assert torch.equal(scores, ref_scores)
         assert torch.equal(pattern, ref_pattern)
         assert torch.equal(out, ref_out)
+
+
+def test_cached_weights_die_with_their_adapter():
+    """Derived weights are cached per adapter (a second call returns the same object), and an
+    adapter dropped by its user is freed with its model: a class-wide functools.cache kept
+    every adapter that ever called it alive."""
+    import gc
+    import weakref
+
+    ad = tiny_adapter("llama")
+    other = tiny_adapter("llama", seed=1)
+    w = ad.weights(0)
+    assert ad.weights(0) is w
+    assert ad.ln_attn(0) is ad.ln_attn(0)
+    assert ad.embed_matrix() is ad.embed_matrix()
+    assert not torch.equal(other.weights(0).W_Q, w.W_Q)  # no cache shared between adapters
+    ad.ln_final(), ad.unembed(), ad.qk_norm(0), ad.post_norm(0, "attn"), ad.output_basis(0)
+    adapter_ref, model_ref = weakref.ref(ad), weakref.ref(ad.model)
+    del ad, w
+    gc.collect()
+    assert adapter_ref() is None
+    assert model_ref() is None
