@@ -14,7 +14,13 @@ MODEL_HELP = "default (SmolLM2-135M-Instruct) | gemma-3-270m | a HF model folder
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows an option's default unless it has none (None, False) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_:
+            return help_
+        return super()._get_help_string(action)
 
 
 def emit(args: argparse.Namespace, payload: Any, text: str | None = None) -> None:
@@ -39,9 +45,16 @@ def adapter(args: argparse.Namespace):
 
 def model_args(sp: argparse.ArgumentParser, dtype: bool = True) -> None:
     sp.add_argument("--model", default="default", help=MODEL_HELP)
-    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:1, ...; auto or auto:0=70GiB,1=70GiB,cpu=200GiB: sharded over "
+        "the GPUs with CPU and disk offload (docs/scale.md)",
+    )
     if dtype:
-        sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+        sp.add_argument(
+            "--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations"
+        )
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -122,6 +123,12 @@ class ModelAdapter:
         self.spec: ArchSpec = arch_spec(model)
         self.tokens = Tokens(tokenizer, bos_token)
         self._layers: Any = get_module(model, self.spec.layout.layers)
+        # Modules whose weights accelerate keeps on disk or CPU until they run (a sharded model).
+        self._offloaded: list[nn.Module] = []
+        if getattr(model, "hf_device_map", None) is not None:
+            from accelerate.utils import has_offloaded_params
+
+            self._offloaded = [m for m in model.modules() if has_offloaded_params(m)]
         # weights, norms and embeddings derived from the model, filled on first use
         self._cache: dict[tuple, Any] = {}
 
@@ -139,7 +146,31 @@ class ModelAdapter:
     # ----- sizes and names -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs go (for a sharded model: the device its embedding runs on)."""
+        if getattr(self.model, "hf_device_map", None) is not None:
+            from headscope.model.placement import input_device
+
+            return input_device(self.model)
         return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def _materialised(self, module: nn.Module) -> Iterator[None]:
+        """Within this block ``module``'s weights are real tensors, also where accelerate
+        offloads them (read from CPU or disk as for a forward pass). A tensor taken from them
+        inside the block stays valid after it (accelerate puts a placeholder back in the module,
+        the tensor keeps the weights it read)."""
+        with contextlib.ExitStack() as stack:
+            offloaded = [
+                m
+                for m in self._offloaded
+                if any(x is module for x in m.modules()) or any(x is m for x in module.modules())
+            ]
+            if offloaded:
+                from accelerate.utils import align_module_device
+
+                for m in offloaded:
+                    stack.enter_context(align_module_device(m))
+            yield
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,9 +203,10 @@ class ModelAdapter:
         return getattr(self._layers[layer], self.spec.layout.attn)
 
     def _norm_weights(self, mod: Any) -> NormWeights:
-        w = mod.weight.detach() + self.spec.norm.weight_offset
-        bias = getattr(mod, "bias", None)
-        return NormWeights(w, None if bias is None else bias.detach())
+        with self._materialised(mod):
+            w = mod.weight.detach() + self.spec.norm.weight_offset
+            bias = getattr(mod, "bias", None)
+            return NormWeights(w, None if bias is None else bias.detach())
 
     @_per_adapter
     def ln_attn(self, layer: int) -> NormWeights:
@@ -192,10 +224,11 @@ class ModelAdapter:
             return None
         attn = self.attn(layer)
         off = self.spec.norm.weight_offset
-        return (
-            getattr(attn, lay.q_norm).weight.detach() + off,
-            getattr(attn, lay.k_norm).weight.detach() + off,
-        )
+        with self._materialised(attn):
+            return (
+                getattr(attn, lay.q_norm).weight.detach() + off,
+                getattr(attn, lay.k_norm).weight.detach() + off,
+            )
 
     @_per_adapter
     def post_norm(self, layer: int, which: str) -> NormWeights | None:
@@ -211,19 +244,26 @@ class ModelAdapter:
     def unembed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_U [d_model, V] and b_U [V] (or None)."""
         head = get_module(self.model, self.spec.layout.unembed)
-        return head.weight.detach().T, None if head.bias is None else head.bias.detach()
+        with self._materialised(head):
+            bias = None if head.bias is None else head.bias.detach()
+            return head.weight.detach().T, bias
 
     @_per_adapter
     def embed_matrix(self) -> torch.Tensor:
         """W_E [V, d_model] as the model adds it (Gemma's sqrt(d_model) scale included)."""
         emb = get_module(self.model, self.spec.layout.embed)
         scale = getattr(emb, "embed_scale", None)
-        w = emb.weight.detach()
+        with self._materialised(emb):
+            w = emb.weight.detach()
         return w * scale.to(w.dtype) if scale is not None else w
 
     @_per_adapter
     def weights(self, layer: int) -> HeadWeights:
         """Head-major W_Q, W_K, W_V, W_O (+ biases) of one layer."""
+        with self._materialised(self.attn(layer)):
+            return self._weights(layer)
+
+    def _weights(self, layer: int) -> HeadWeights:
         s, lay = self.spec, self.spec.layout
         attn = self.attn(layer)
         H, KV, D, d = s.n_heads, s.n_kv_heads, s.d_head, s.d_model

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from headscope.errors import ModelUnavailable
 from headscope.files import atomic_dir, write_json, write_text
 from headscope.memory import release_freed_memory
+from headscope.model.placement import from_pretrained_kwargs
 
 
 def cache_dir() -> Path:
@@ -235,7 +236,11 @@ def load_hf(resolved: ResolvedModel, *, dtype: torch.dtype, device: str):
     hf_logging.disable_progress_bar()
     target = str(resolved.directory)
     tok = _load_tokenizer(resolved.directory)
-    model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    model.to(device)
+    # ``device`` may be an accelerate placement (auto[:caps], see placement.py): sharded over
+    # devices with CPU and disk offload instead of moved whole to one device.
+    placed = from_pretrained_kwargs(device, cache_dir(), resolved.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **placed)
+    if not placed:
+        model.to(device)
     model.eval()
     return model, tok
