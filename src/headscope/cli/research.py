@@ -219,6 +219,65 @@ def _decompose_pages(args):
     emit(args, index, format_index(index))
 
 
+def _long_prefix(args):
+    """The long-prefix induction test on a model; --add-column stores it with a run."""
+    from headscope.analysis.long_prefix import CLASSES, format_text, long_prefix_test
+    from headscope.errors import InputError
+
+    run = None
+    if args.run:
+        from headscope.store import open_run
+
+        run = open_run(args.run)
+        args.model = args.model or run.manifest["config"].get("model", "default")
+    elif args.add_column:
+        raise InputError("--add-column needs a RUN to add the column to")
+    args.model = args.model or "default"
+    result = long_prefix_test(
+        adapter(args),
+        args.prefix_lengths,
+        n_sequences=args.sequences,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        min_attention=args.min_attention,
+        long_ratio=args.long_ratio,
+    )
+    text = format_text(result)
+    if run is not None and args.add_column:
+        from headscope.store.columns import add_head_columns, add_head_curves
+
+        kind = {x.head: float(CLASSES.index(x.kind)) for x in result.heads}
+        gain = {x.head: max(x.attention) - x.attention[0] for x in result.heads}
+        doc = (
+            f"Long-prefix induction test ({result.n_sequences} random sequences of "
+            f"{result.seq_len} tokens per prefix length {result.prefix_lengths[0]}.."
+            f"{result.prefix_lengths[-1]}): "
+        )
+        add_head_columns(
+            run.path,
+            {"long_prefix_kind": kind, "long_prefix_gain": gain},
+            {
+                "long_prefix_kind": doc + "0 not an induction head, 1 short-prefix (standard) "
+                f"induction, 2 long-prefix induction (one matching token gives less than "
+                f"{result.long_ratio} of the peak attention).",
+                "long_prefix_gain": doc + "the peak attention to the induction target over the "
+                "prefix lengths minus the attention when one token matches.",
+            },
+        )
+        add_head_curves(
+            run.path,
+            {
+                "long_prefix_attention": {x.head: x.attention for x in result.heads},
+                "long_prefix_corrupted_attention": {
+                    x.head: x.corrupted_attention for x in result.heads
+                },
+                "long_prefix_dla": {x.head: x.dla for x in result.heads},
+            },
+        )
+        text += "\nadded long_prefix_kind and long_prefix_gain to the run's metrics, curves to its heads"
+    emit(args, result, text)
+
+
 def add_research_commands(sub) -> None:
     sp = command(
         sub,
@@ -398,5 +457,37 @@ def add_research_commands(sub) -> None:
         action="store_true",
         help="write the per-head loss change into the run's metrics as "
         "<method>_ablation_loss_delta[_repeated] (the app's scatter plots it)",
+    )
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command(
+        sub,
+        "long-prefix",
+        _long_prefix,
+        "the long-prefix induction test: attention and direct logit attribution to the "
+        "induction target per matched prefix length, a corrupted-prefix control, and each head "
+        "classed as short- or long-prefix induction",
+    )
+    sp.add_argument("run", nargs="?", help="run folder: its model, and where --add-column writes")
+    sp.add_argument("--model", help="the model to run (default: the run's, else default)")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument(
+        "--prefix-lengths", type=int, nargs="+", default=list(range(1, 9)), help="m values"
+    )
+    sp.add_argument("--sequences", type=int, default=32, help="random sequences per m")
+    sp.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--min-attention", type=float, default=0.3, help="induction head: peak attention"
+    )
+    sp.add_argument(
+        "--long-ratio", type=float, default=0.5, help="long prefix: m=1 attention / peak below"
+    )
+    sp.add_argument(
+        "--add-column",
+        action="store_true",
+        help="store the result with the run: long_prefix_kind / long_prefix_gain metrics and "
+        "the curves on each head page",
     )
     sp.add_argument("--json", action="store_true", help="print JSON")

@@ -68,3 +68,21 @@ def add_head_columns(
 
 def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def add_head_curves(run_dir: str | Path, curves: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Write ``curves[name][head] = [y, ...]`` into each ``heads/L{l}H{h}.json``'s ``curves``
+    (the head page draws each against the prefix length 1..n), replacing curves of the same
+    name. Returns the curve names."""
+    run = open_run(run_dir)
+    for path in sorted((run.path / "heads").glob("L*H*.json")):
+        payload = read_json(path)
+        stored = payload.setdefault("curves", {})
+        for name, by_head in curves.items():
+            ys = by_head.get(path.stem)
+            if ys is None:
+                stored.pop(name, None)
+            else:
+                stored[name] = [_finite(y) for y in ys]
+        write_json(path, payload)
+    return list(curves)
