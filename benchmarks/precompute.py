@@ -1,6 +1,11 @@
-"""Precompute throughput against the plain forward pass on the same tokens.
+"""Precompute throughput against the plain forward pass on the same tokens, and where the
+whole command's time goes.
 
-For every batch, in turn: (a) the plain forward pass with logits (``model(input_ids)``, fused
+First the whole ``headscope precompute`` command runs in a child process with the same settings,
+timed from process start to exit (with its peak RSS); its per-phase times come from the run's
+manifest: start-up (imports, reading the data's first lines), model load, the stream, and each
+step after it (probes, the metrics files, motifs, PCA, top tokens, the head files, the rest).
+Then, in this process, for every batch, in turn: (a) the plain forward pass with logits (``model(input_ids)``, fused
 SDPA), (b) the plain forward pass of the base model without the unembedding (the part the
 precompute also runs), and (c) the precompute's streaming pass (patterns of every layer reduced
 into every metric, example, top-token, PCA and motif accumulator). Interleaving the three on
@@ -14,8 +19,14 @@ the ratios, overall and per quarter of the run: the first batches cost the preco
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +38,44 @@ from headscope.precompute.sequences import batched, iter_sequences
 from headscope.precompute.state import StreamState
 
 
+def run_command(args: argparse.Namespace) -> dict:
+    """Run ``headscope precompute`` in a child process; wall time, peak RSS and the manifest's
+    timings."""
+    script = Path(sys.executable).with_name("headscope")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [
+            str(script),
+            "precompute",
+            "--json",
+            *("--model", args.model, "--dtype", args.dtype, "--device", args.device),
+            *("--sequences", str(args.sequences), "--seq-len", str(args.seq_len)),
+            *("--batch-size", str(args.batch_size), "--out", str(out)),
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        manifest = json.loads((out / "manifest.json").read_text())
+    return {"wall_s": wall, "rss_mb": rss_mb, "timings": manifest["timings"]}
+
+
+def phase_table(command: dict, n_tokens: int) -> list[tuple[str, float]]:
+    """(phase, seconds) of the whole command, in order; they add up to its wall time."""
+    t = command["timings"]
+    after = ("probes", "metrics_files", "motifs", "pca", "top_tokens", "head_files")
+    rows = [
+        ("start-up (imports, data check)", command["wall_s"] - t["load_s"] - t["total_s"]),
+        ("model load", t["load_s"]),
+        (f"stream ({n_tokens} tokens)", t["stream_s"]),
+        ("between (checkpoint, merge)", t["total_s"] - t["stream_s"] - t["finalize_s"]),
+    ]
+    rows += [(f"after: {name.replace('_', ' ')}", t.get(f"{name}_s", 0.0)) for name in after]
+    rest = t["finalize_s"] - sum(t.get(f"{name}_s", 0.0) for name in after)
+    rows.append(("after: rest (vocab, manifest)", rest))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="default")
@@ -35,7 +84,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-command", action="store_true", help="skip timing the whole command")
     args = p.parse_args()
+    command = None if args.no_command else run_command(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ad = ModelAdapter.load(args.model, device=args.device, dtype=dtype)
     seqs = list(
@@ -104,6 +155,21 @@ def main() -> None:
     report("whole run", rows)
     t_full, t_pre = sum(r[1] for r in rows), sum(r[3] for r in rows)
     print(f"ratio precompute / plain forward:  {t_full / t_pre:.3f}")
+    if command is None:
+        return
+    n = sum(r[0] for r in rows)
+    t_base = sum(r[2] for r in rows)
+    wall = command["wall_s"]
+    print(
+        f"\nwhole command (process start to exit): {wall:.1f} s, {n / wall:.1f} tok/s, "
+        f"peak RSS {command['rss_mb']:.0f} MB; ratio vs plain forward {t_full / wall:.3f}, "
+        f"vs base forward {t_base / wall:.3f}"
+    )
+    phases = phase_table(command, n)
+    after = sum(sec for name, sec in phases if name.startswith("after"))
+    for name, sec in phases:
+        print(f"  {name:<34} {sec:7.2f} s  {100 * sec / wall:5.1f}%")
+    print(f"  {'after the stream, in all':<34} {after:7.2f} s")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from headscope.metrics.registry import METRICS, model_metric_names, register_metric
 from headscope.model import ModelAdapter
+from headscope.model.capture import LayerTensors
 
 PREFIX_LENGTHS = (1, 2, 3, 4)
 
@@ -60,15 +61,25 @@ def _random_tokens(adapter: ModelAdapter, shape: tuple[int, ...], gen: torch.Gen
 def _edge_attention(
     adapter: ModelAdapter, ids: Tensor, q: Tensor, k: Tensor, layers: list[int]
 ) -> Tensor:
-    """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H]."""
-    cap = adapter.run(
-        ids, layers=layers, patterns=True, logits=False, stop_after=max(layers, default=None)
-    )
+    """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H].
+
+    Each layer's pairs are read as the layer runs; no pattern outlives its layer."""
     rows = torch.arange(ids.shape[0])[:, None].expand_as(q)
     out = torch.zeros(adapter.spec.n_layers, adapter.spec.n_heads)
-    for layer in layers:
-        pat = cap.layers[layer].weights()  # [B, H, T, T]
-        out[layer] = pat[rows, :, q, k].mean(dim=(0, 1))  # pat[b, :, q, k] -> [B, J, H]
+
+    def on_layer(t: LayerTensors) -> None:
+        pat = t.weights()  # [B, H, T, T]
+        out[t.layer] = pat[rows, :, q, k].mean(dim=(0, 1))  # pat[b, :, q, k] -> [B, J, H]
+
+    adapter.run(
+        ids,
+        layers=layers,
+        patterns=True,
+        logits=False,
+        store=False,
+        on_layer=on_layer,
+        stop_after=max(layers, default=None),
+    )
     return out
 
 
