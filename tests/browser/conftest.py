@@ -189,6 +189,29 @@ def imported_app_url(tiny, tmp_path_factory) -> Iterator[str]:
         yield server.url + "index.html"
 
 
+@pytest.fixture(scope="session")
+def across_app_url(tiny, tmp_path_factory) -> Iterator[tuple[str, list[int]]]:
+    """The tiny run mapped together with a copy of it whose heads are permuted (as if a second
+    model), as a static export; yields the URL and the permutation (head j of the copy is head
+    perm[j] of the run)."""
+    import shutil
+
+    import numpy as np
+
+    from headscope.files import write_npy
+    from headscope.precompute.motif_space import FEATURES_FILE, write_across
+
+    root = tmp_path_factory.mktemp("across")
+    a = shutil.copytree(tiny.run_dir, root / "tiny")
+    b = shutil.copytree(tiny.run_dir, root / "other")
+    feats = np.load(a / FEATURES_FILE)
+    perm = np.random.default_rng(1).permutation(feats.shape[0])
+    write_npy(b / FEATURES_FILE, feats[perm])
+    write_across([a, b])
+    with StaticServer(export_static(a, root / "site")) as server:
+        yield server.url + "index.html", perm.tolist()
+
+
 # ------------------------------------------------------------------ a tiny run on code
 
 

@@ -517,6 +517,31 @@ def test_similar_tab_draws_thumbnails_and_the_head_map(page, app_url, run_dir, s
     page.wait_for_function("r => window.__headscope.ready === r", arg=f"head:{target['name']}")
 
 
+def test_similar_tab_maps_heads_across_models(page, across_app_url, run_dir, shot):
+    url, perm = across_app_url
+    n_layers, per_layer = run_shape(run_dir)
+    n = n_layers * per_layer
+    open_view(page, url, "#/head/L1H0/similar", "head:L1H0")
+    page.wait_for_function("n => window.__headscope.acrossCount === n", arg=2 * n)
+    # L1H0 is head 4 of the run; its copy in the other run sits where perm[j] == 4
+    j = perm.index(per_layer)
+    first = page.locator(".across-list li").first.inner_text()
+    assert first.startswith(f"L{j // per_layer}H{j % per_layer}"), first
+    assert float(first.split("d = ")[1]) < 1e-6, first
+    page.select_option("#across-kind", "isomap:5")
+    page.wait_for_function("location.hash.includes('am=isomap')")
+    shot(page, "similar_across")
+    page.locator("section.across canvas").first.scroll_into_view_if_needed()
+    marks = page.evaluate("window.__headscope.acrossPositions()")
+    # this run's marks (each shares its spot with its copy in the other run: a click opens ours)
+    target = isolated_mark(
+        [m for m in marks if m["name"].startswith("tiny:L") and m["name"] != "tiny:L1H0"]
+    )
+    page.mouse.click(target["x"], target["y"])
+    head = target["name"].split(":", 1)[1]
+    page.wait_for_function("r => window.__headscope.ready === r", arg=f"head:{head}")
+
+
 # ------------------------------------------------------------------ an imported HeadVis run
 
 

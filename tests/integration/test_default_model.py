@@ -55,7 +55,9 @@ def test_second_load_is_fast():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     imports, load = map(float, out.stdout.split())
     print(f"second load of default: {load:.2f} s (library imports before it: {imports:.2f} s)")
-    assert load < 2.0
+    # Relative to the same process's imports (this machine is shared; a de-quantisation takes
+    # tens of seconds, ~50x a cached load): a quiet machine gives 0.4 s against ~2 s of imports.
+    assert load < max(2.0, imports), (load, imports)
 
 
 def test_attributions_exact_on_default(default_session):

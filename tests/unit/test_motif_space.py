@@ -12,12 +12,15 @@ from headscope.cli import main
 from headscope.errors import DataError, InputError
 from headscope.files import write_npy
 from headscope.precompute.motif_space import (
+    ACROSS_FILE,
     FEATURES_FILE,
+    AcrossMaps,
     energy_distances,
     fit_space,
     map_across,
     similar_across,
 )
+from headscope.store.run import open_run
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,26 @@ def test_a_saved_space_gives_the_same_answer_and_a_map_covers_every_head(runs, t
     assert m.heads[0].endswith(":L0H0") and m.heads[12].startswith("permuted:")
 
 
+def test_the_saved_joint_map_finds_each_head_in_the_other_run(runs, tmp_path, capsys):
+    a0, b0, perm = runs
+    a = shutil.copytree(a0, tmp_path / "a")  # the session's tiny run stays untouched
+    b = shutil.copytree(b0, tmp_path / "b")
+    assert main(["motifs", "map", str(a), str(b), "--save"]) == 0
+    assert "across.json" in capsys.readouterr().out
+    names = [f"L{i // 4}H{i % 4}" for i in range(12)]
+    for run, this, other in ((a, 0, "b"), (b, 1, "a")):
+        m = AcrossMaps.model_validate_json((run / ACROSS_FILE).read_text())
+        assert m.runs == ["a", "b"] and m.this_run == this and m.heads == [names, names]
+        assert {"isomap:5", "tsne:15"} <= set(m.maps)
+        assert open_run(run).manifest["across"] == ACROSS_FILE
+        assert all(len(xy) == 24 for xy in m.maps.values())
+        for i, head in enumerate(names):
+            near = m.nearest[head][other][0]
+            # head j of b is head perm[j] of a
+            j = int(np.where(perm == i)[0][0]) if this == 0 else int(perm[i])
+            assert near.head == names[j] and near.distance < 1e-6, (head, near)
+
+
 def test_bad_inputs_are_one_line(runs, tmp_path, capsys):
     a, b, _ = runs
     with pytest.raises(InputError, match="L9H9"):
@@ -69,5 +92,6 @@ def test_bad_inputs_are_one_line(runs, tmp_path, capsys):
     with pytest.raises(DataError, match="re-run"):
         similar_across(old, "L0H0", b)
     assert main(["similar", "no-colon", str(b)]) == 2
+    assert main(["motifs", "map", str(a), "--save"]) == 2
     assert main(["similar", f"{a}:L0H1", str(b), "--top", "2"]) == 0
     assert "L0H1" in capsys.readouterr().out

@@ -31,6 +31,7 @@ def _precompute(args):
         layers=tuple(args.layers) if args.layers else None,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        query_block=args.query_block,
     )
     out = run_precompute(cfg, Path(args.out), progress=not args.json)
     run = open_run(out)
@@ -119,6 +120,19 @@ def _motifs_map(args):
     from headscope.files import write_json
     from headscope.precompute.motif_space import map_across
 
+    if args.save:
+        from headscope.precompute.motif_space import write_across
+
+        files = write_across(args.runs, space=args.space)
+        emit(
+            args,
+            {"written": [str(f) for f in files]},
+            "\n".join(
+                ["the joint head map (every method and neighbourhood) for the app's similar tab:"]
+                + [f"  {f}" for f in files]
+            ),
+        )
+        return
     m = map_across(args.runs, space=args.space, method=args.method, n_neighbors=args.neighbors)
     if args.out:
         write_json(args.out, m.model_dump())
@@ -163,6 +177,13 @@ def add_run_commands(sub) -> None:
     sp.add_argument("--layers", type=int, nargs="*", help="layers to record (default: all)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the example reservoirs")
     sp.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints")
+    sp.add_argument(
+        "--query-block",
+        type=int,
+        default=None,
+        help="query rows per block of a layer's patterns, for long sequences (default: whole "
+        "layers while a batch's patterns fit 256 MB, blocks beyond)",
+    )
 
     sp = command(sub, "serve", _serve, "serve the browser app, a run and the live API")
     sp.add_argument("run", nargs="?", help="run folder (optional)")
@@ -230,6 +251,12 @@ def add_run_commands(sub) -> None:
     sp.add_argument("--method", choices=["isomap", "tsne", "umap"], default="isomap")
     sp.add_argument("--neighbors", type=int, default=16, help="neighbourhood size / perplexity")
     sp.add_argument("--out", help="write the map as JSON here")
+    sp.add_argument(
+        "--save",
+        action="store_true",
+        help="write motifs/across.json into each run (every method and neighbourhood, and each "
+        "head's nearest heads in the other runs) for the app's similar-heads tab",
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp = command(sub, "similar", _similar, "the heads of one run nearest to a head of another")
     sp.add_argument("head", metavar="RUN_A:HEAD", help="e.g. runs/smollm2:L18H6")

@@ -155,6 +155,45 @@ class CrossMap(BaseModel):
     coords: list[list[float]]
 
 
+def _joint(
+    runs: list[str | Path], space: str | Path | None
+) -> tuple[list[Run], list[str], list[list[str]], Tensor]:
+    """The runs, their display names (made unique), each run's head names, and the symmetric
+    energy-distance matrix of all their heads in one motif space."""
+    opened = [open_run(r) for r in runs]
+    if len(opened) < 2:
+        raise InputError("name at least two runs to map together")
+    emb = _space(opened, space)
+    names: list[str] = []
+    heads: list[list[str]] = []
+    embedded: list[Tensor] = []
+    for r in opened:
+        n = r.name if r.name not in names else f"{r.name}#{len(names) + 1}"
+        names.append(n)
+        head_names, feats = run_features(r)
+        heads.append(head_names)
+        embedded.append(emb.embed(feats))
+    m = min(e.shape[1] for e in embedded)
+    allh = torch.cat([e[:, :m] for e in embedded])  # [N, m, D]
+    dist = energy_distances(allh, allh)
+    dist = (dist + dist.T) / 2
+    dist.fill_diagonal_(0.0)
+    return opened, names, heads, dist
+
+
+def _layout(dist: Tensor, method: str, n_neighbors: int) -> list[list[float]]:
+    if method == "umap":
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            raise InputError("UMAP needs the umap-learn package: pip install umap-learn") from None
+        xy = umap.UMAP(n_neighbors=n_neighbors, metric="precomputed", random_state=0)
+        return xy.fit_transform(dist.numpy()).tolist()
+    if method not in ("isomap", "tsne"):
+        raise InputError(f"method must be isomap, tsne or umap, not {method!r}")
+    return head_map(dist, n_neighbors=n_neighbors, perplexity=float(n_neighbors))[method]
+
+
 def map_across(
     runs: list[str | Path],
     *,
@@ -167,32 +206,76 @@ def map_across(
     neighbourhood and t-SNE's perplexity."""
     if method not in ("isomap", "tsne", "umap"):
         raise InputError(f"method must be isomap, tsne or umap, not {method!r}")
-    opened = [open_run(r) for r in runs]
-    emb = _space(opened, space)
-    labels, embedded = [], []
-    for r in opened:
-        names, feats = run_features(r)
-        labels += [f"{r.name}:{n}" for n in names]
-        embedded.append(emb.embed(feats))
-    m = min(e.shape[1] for e in embedded)
-    allh = torch.cat([e[:, :m] for e in embedded])  # [N, m, D]
-    dist = energy_distances(allh, allh)
-    dist = (dist + dist.T) / 2
-    dist.fill_diagonal_(0.0)
-    if method == "umap":
-        try:
-            import umap  # type: ignore[import-not-found]
-        except ImportError:
-            raise InputError("UMAP needs the umap-learn package: pip install umap-learn") from None
-        xy = umap.UMAP(n_neighbors=n_neighbors, metric="precomputed", random_state=0)
-        coords = xy.fit_transform(dist.numpy()).tolist()
-    else:
-        maps = head_map(dist, n_neighbors=n_neighbors, perplexity=float(n_neighbors))
-        coords = maps[method]
+    _, names, heads, dist = _joint(runs, space)
     return CrossMap(
-        runs=[r.name for r in opened],
-        heads=labels,
+        runs=names,
+        heads=[f"{n}:{h}" for n, hs in zip(names, heads, strict=True) for h in hs],
         method=method,
         n_neighbors=n_neighbors,
-        coords=coords,
+        coords=_layout(dist, method, n_neighbors),
     )
+
+
+ACROSS_FILE = "motifs/across.json"
+ACROSS_NEIGHBORS = (5, 15, 40)
+
+
+class AcrossMaps(BaseModel):
+    """What the app's two-model head map reads (``motifs/across.json`` in each mapped run)."""
+
+    runs: list[str] = Field(description="display names; runs[i] owns heads[i]")
+    this_run: int = Field(description="index of the run this file was written into")
+    heads: list[list[str]]
+    maps: dict[str, list[list[float]]] = Field(
+        description="'<method>:<neighbours>' -> [x, y] per head, runs in order"
+    )
+    nearest: dict[str, dict[str, list[NearHead]]] = Field(
+        description="head of this run -> other run -> its nearest heads there"
+    )
+
+
+def write_across(
+    runs: list[str | Path],
+    *,
+    space: str | Path | None = None,
+    neighbors: tuple[int, ...] = ACROSS_NEIGHBORS,
+    top: int = 10,
+) -> list[Path]:
+    """Map the heads of ``runs`` together with every method available (Isomap, t-SNE, UMAP when
+    installed) at each neighbourhood size, and write into each run ``motifs/across.json``: the
+    maps plus, for each of its heads, the ``top`` nearest heads of every other run. The app's
+    similar-heads tab shows it. Returns the files written."""
+    from headscope.files import read_json, write_json
+
+    opened, names, heads, dist = _joint(runs, space)
+    methods = ["isomap", "tsne"]
+    try:
+        import umap  # type: ignore[import-not-found]  # noqa: F401
+
+        methods.append("umap")
+    except ImportError:
+        pass
+    maps = {f"{m}:{k}": _layout(dist, m, k) for m in methods for k in neighbors}
+    starts = np.cumsum([0] + [len(h) for h in heads]).tolist()
+    written = []
+    for i, r in enumerate(opened):
+        nearest: dict[str, dict[str, list[NearHead]]] = {}
+        for a, head in enumerate(heads[i]):
+            row = dist[starts[i] + a]
+            nearest[head] = {}
+            for j, other in enumerate(names):
+                if j == i:
+                    continue
+                d = row[starts[j] : starts[j + 1]]
+                order = torch.argsort(d, stable=True)[:top].tolist()
+                nearest[head][other] = [
+                    NearHead(head=heads[j][b], distance=float(d[b])) for b in order
+                ]
+        out = r.path / ACROSS_FILE
+        body = AcrossMaps(runs=names, this_run=i, heads=heads, maps=maps, nearest=nearest)
+        write_json(out, body.model_dump(mode="json"))
+        manifest = read_json(r.path / "manifest.json")
+        manifest["across"] = ACROSS_FILE  # so the app asks for the file only where it exists
+        write_json(r.path / "manifest.json", manifest, indent=2)
+        written.append(out)
+    return written

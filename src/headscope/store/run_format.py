@@ -49,6 +49,9 @@ class Manifest(_Part):
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, str] = Field(default_factory=dict, description="metric -> UI text")
     attributions: list[str] = Field(default_factory=list)
+    across: str | None = Field(
+        None, description="motifs/across.json when the run was mapped with other models' runs"
+    )
     name: str | None = Field(None, description="the run's name, where its folder name is not")
 
 
@@ -93,6 +96,11 @@ class Projection(_Part):
     variance_ratio: list[float]
 
 
+class ContextSpan(_Part):
+    start: int = Field(description="position of the first token")
+    tokens: list[int] = Field(description="token ids (vocab.json has their text)")
+
+
 class PCAPoint(_Part):
     sequence: int
     q_pos: int
@@ -101,6 +109,10 @@ class PCAPoint(_Part):
     norm: float
     query: str
     key: str
+    context: list[ContextSpan] = Field(
+        default_factory=list,
+        description="tokens around the key, then around the query (one span where they meet)",
+    )
 
 
 class PCA(_Part):

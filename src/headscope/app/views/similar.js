@@ -9,6 +9,7 @@ import { ScatterPlot } from '../lib/canvasplot.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
 import { s, svgRoot } from '../lib/svg.js';
+import { renderAcross } from './across.js';
 
 const THUMB = 112;
 
@@ -120,6 +121,7 @@ export function renderSimilar(el, { payload, ctx, name, metrics }) {
         exportButtons(`${name}_similar`, { svg: thumbsSVG })),
       cards),
     mapBox);
+  const across = renderAcross(el, { ctx, name });
 
   let plot = null;
   let map = null;
@@ -190,9 +192,11 @@ export function renderSimilar(el, { payload, ctx, name, metrics }) {
     update(c) {
       ctx = c;
       if (plot && map) drawMap(c);
+      across.update(c);
     },
     unmount() {
       alive = false;
+      across.unmount();
       hideTip();
     },
   };
