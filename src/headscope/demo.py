@@ -1,28 +1,30 @@
 """``headscope demo``: the whole product on the embedded default model, from nothing.
 
 Builds the default corpus, precomputes the default model on it, precomputes attributions for the
-most distinctive heads, trains residual dictionaries for two layers, then serves the run with the
-live model (and the dictionaries, for feature-basis attributions) and prints the URL to open.
-Every step that takes a while shows a progress bar with an ETA on stderr; a finished step is
-reused. One float32 copy of the model serves steps 3 and 4 and then the server.
+most distinctive heads, then serves the run with the live model and prints the URL to open. The
+server has a residual dictionary per layer for feature-basis attributions: those trained on this
+machine before (in ``$HEADSCOPE_CACHE/dictionaries/``) at once, the others as a background
+process finishes them. Every step that takes a while shows a progress bar with an ETA on stderr;
+a finished step is reused. One float32 copy of the model serves step 3 and then the server.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from headscope.files import atomic_dir, read_json
+from headscope.files import read_json
 from headscope.memory import release_freed_memory
 from headscope.model.loading import cache_dir
 
 if TYPE_CHECKING:
     from headscope.analysis.session import Session
+    from headscope.dictionaries.background import LiveDictionaries
+    from headscope.model import ModelAdapter
 
 DEMO_METRICS = (
     "prev_token_score",
@@ -31,9 +33,6 @@ DEMO_METRICS = (
     "duplicate_token_score",
     "self_attention_score",
 )
-# Dictionary training's stream (train_sites' defaults, spelled out so the progress bar knows
-# how many tokens the forward passes will read).
-DICT_STREAM = {"seq_len": 256, "batch_size": 8, "n_eval": 8192}
 
 
 def default_demo_dir() -> Path:
@@ -62,10 +61,40 @@ def _complete(out: Path, config: dict) -> bool:
     return found.get("status") == "complete" and found.get("config") == config
 
 
-def _forward_tokens(rows: int) -> int:
-    """Tokens the forward passes read to give ``rows`` activation rows (BOS left out)."""
-    per_batch = DICT_STREAM["batch_size"] * (DICT_STREAM["seq_len"] - 1)
-    return math.ceil(rows / per_batch) * DICT_STREAM["batch_size"] * DICT_STREAM["seq_len"]
+def default_dictionary_dir(model: str = "default") -> Path:
+    """Where the demo's dictionaries of ``model`` are kept: once per machine."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return cache_dir() / "dictionaries" / safe
+
+
+def demo_dictionaries(
+    run_dir: Path,
+    adapter: ModelAdapter,
+    folder: Path | None = None,
+    *,
+    model: str = "default",
+    log=print,
+    **settings: Any,
+) -> LiveDictionaries:
+    """The demo's residual dictionaries: one per layer of ``adapter``'s model, those already
+    trained loaded from ``folder`` (default: :func:`default_dictionary_dir`), the rest trained
+    by :meth:`LiveDictionaries.start`. The layers of the run's strongest previous-token and
+    prefix-matching heads come first. ``settings``: :class:`LayerwiseConfig` fields (its
+    defaults are the demo's; docs/dictionaries.md has the table they give on the default
+    model)."""
+    from headscope.dictionaries.background import LiveDictionaries
+    from headscope.dictionaries.layerwise import LayerwiseConfig
+    from headscope.store import open_run
+
+    run = open_run(run_dir)
+    m = run.metrics
+    first = [int(m.nlargest(1, c)["layer"].iloc[0]) for c in DEMO_METRICS[:3]]
+    layers = list(dict.fromkeys([*first, *range(adapter.spec.n_layers)]))
+    cfg = LayerwiseConfig(model=model, data=run.manifest["config"]["data"], **settings)
+    dicts = LiveDictionaries(folder or default_dictionary_dir(model), cfg, layers)
+    n = len(dicts.by_layer)
+    log(f"[4/4] dictionaries: {n} of {len(layers)} layers ready in {dicts.folder}")
+    return dicts
 
 
 def build_demo(
@@ -73,8 +102,6 @@ def build_demo(
     *,
     sequences: int = 64,
     seq_len: int = 256,
-    dict_tokens: int = 100_000,
-    label_tokens: int = 30_000,
     log=print,
     session: Callable[[], Session] | None = None,
     model: str = "default",
@@ -82,14 +109,13 @@ def build_demo(
 ) -> Path:
     """Precompute the demo run (resumes or reuses a finished one); returns its directory.
 
-    The run gets residual dictionaries for two layers (those of its strongest induction and
-    previous-token heads) in ``RUN/dictionaries/``, so feature-basis attributions work.
-    ``session``: returns the live session steps 3 and 4 use (default: :func:`live_session`).
+    Its residual dictionaries are :func:`demo_dictionaries`' (step 4, trained once per
+    machine). ``session``: returns the live session step 3 uses (default: :func:`live_session`).
     ``model`` and ``data`` (default: the default corpus) are for tests."""
     from headscope.data.corpus import ensure_default_corpus
     from headscope.precompute.config import PrecomputeConfig
     from headscope.precompute.runner import run_precompute
-    from headscope.progress import bar, counting_tokens
+    from headscope.progress import bar
     from headscope.store import open_run
 
     out = out or default_demo_dir()
@@ -126,46 +152,6 @@ def build_demo(
                 done.update()
     else:
         log("[3/4] reusing the run's attributions")
-    dict_dir = out / "dictionaries"
-    if dict_tokens > 0 and not dict_dir.is_dir():
-        from tqdm import tqdm
-
-        from headscope.dictionaries.pipeline import train_dictionaries
-
-        m = run.metrics
-        metrics = ("prefix_matching_score", "prev_token_score")
-        layers = sorted({int(m.nlargest(1, c)["layer"].iloc[0]) for c in metrics})
-        if len(layers) == 1:
-            layers.append(max(0, layers[0] - 1))
-        log(f"[4/4] training residual dictionaries for layers {layers} on {dict_tokens} tokens")
-        adapter = live().adapter
-        total = _forward_tokens(dict_tokens + DICT_STREAM["n_eval"])
-        total += _forward_tokens(label_tokens) if label_tokens > 0 else 0
-
-        def log_over_bar(msg: str) -> None:
-            with tqdm.external_write_mode(file=sys.stderr):
-                log(msg)
-
-        with (
-            atomic_dir(dict_dir) as tmp,
-            bar(total, "dictionaries", "tok") as tokens,
-            counting_tokens(adapter, tokens),
-        ):
-            train_dictionaries(
-                adapter,
-                corpus,
-                "resid",
-                sorted(layers),
-                out=tmp,
-                n_features=2048,
-                k=32,
-                n_tokens=dict_tokens,
-                label_tokens=label_tokens,
-                log=log_over_bar,
-                **DICT_STREAM,
-            )
-    elif dict_dir.is_dir():
-        log(f"[4/4] reusing the dictionaries in {dict_dir}")
     # Memory the steps freed (training buffers, forward-pass temporaries) goes back to the
     # operating system before the server starts.
     release_freed_memory(collect=True)
@@ -182,28 +168,38 @@ def demo(
     sequences: int = 96,
     seq_len: int = 256,
 ) -> Path:
-    """Build the demo run and serve it with the live default model until Ctrl-C."""
+    """Build the demo run and serve it with the live default model until Ctrl-C.
+
+    The server starts with the residual dictionaries already trained on this machine; the
+    missing layers train in a low-priority child process (progress on stderr, in the app via
+    ``/api/health``) and each is swapped into the live server when it is done. Without
+    ``serve`` they train in the foreground, then the command returns."""
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     live = live_session()
-    run_dir = build_demo(
-        out,
-        sequences=sequences,
-        seq_len=seq_len,
-        log=lambda m: print(m, file=sys.stderr),
-        session=live,
-    )
+    run_dir = build_demo(out, sequences=sequences, seq_len=seq_len, log=log, session=live)
+    dicts = demo_dictionaries(run_dir, live().adapter, log=log)
+    n = len(dicts.layers)
     if not serve:
+        if dicts.start(log=log, nice=0):
+            dicts.wait()
         return run_dir
     from headscope.server.serve import serve as start
 
-    handle = start(run_dir, live(), host=host, port=port)
-    print(
-        f"headscope demo: open {handle.browser_url if hasattr(handle, 'browser_url') else handle.url}",
-        flush=True,
-    )
+    handle = start(run_dir, live(), host=host, port=port, dictionaries=dicts)
+    print(f"headscope demo: open {handle.browser_url}", flush=True)
+    if dicts.start(log=log):
+        log(
+            f"dictionaries: {n - len(dicts.by_layer)} of {n} layers train in the background "
+            f"(low priority) into {dicts.folder}; each is used as soon as it is done"
+        )
     print("(Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        dicts.stop()
         handle.stop()
     return run_dir

@@ -41,27 +41,34 @@ def _train_resid(args):
     from headscope.dictionaries.layerwise import LayerwiseConfig, format_quality, train_layers
 
     set_low_priority(args.nice)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.data is None:
         from headscope.data.corpus import ensure_default_corpus
 
         args.data = str(ensure_default_corpus())
+    settings = {
+        "n_features": args.n_features,
+        "k": args.k,
+        "n_tokens": args.tokens,
+        "epochs": args.epochs,
+        "n_eval": args.n_eval,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "sae_batch_size": args.sae_batch_size,
+        "lr": args.lr,
+        "label_tokens": args.label_tokens,
+        "edges": args.edges,
+        "shard_tokens": args.shard_tokens,
+        "seed": args.seed,
+    }
     cfg = LayerwiseConfig(
         model=args.model,
         data=str(Path(args.data)),
         text_field=args.text_field,
-        n_features=args.n_features,
-        k=args.k,
-        n_tokens=args.tokens,
-        epochs=args.epochs,
-        n_eval=args.n_eval,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        sae_batch_size=args.sae_batch_size,
-        lr=args.lr,
-        label_tokens=args.label_tokens,
-        edges=args.edges,
-        shard_tokens=args.shard_tokens,
-        seed=args.seed,
+        **{k: v for k, v in settings.items() if v is not None},  # unset: LayerwiseConfig's
     )
     rows = train_layers(
         adapter(args),
@@ -322,26 +329,25 @@ def add_research_commands(sub) -> None:
     data_args(sp)
     sp.add_argument("--out", required=True, help="output folder: one SAELens folder per layer")
     sp.add_argument("--layers", type=int, nargs="+", help="layers to train (default: all)")
-    sp.add_argument("--n-features", type=int, default=2048, help="dictionary size")
-    sp.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
-    sp.add_argument("--tokens", type=int, default=100_000, help="training tokens captured")
-    sp.add_argument("--epochs", type=int, default=2, help="passes over the captured tokens")
-    sp.add_argument("--n-eval", type=int, default=4096, help="held-out tokens for the table")
-    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
-    sp.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    sp.add_argument("--sae-batch-size", type=int, default=1024, help="rows per optimiser step")
+    sp.add_argument("--n-features", type=int, help="dictionary size")
+    sp.add_argument("--k", type=int, help="active features per token (TopK)")
+    sp.add_argument("--tokens", type=int, help="training tokens captured")
+    sp.add_argument("--epochs", type=int, help="passes over the captured tokens")
+    sp.add_argument("--n-eval", type=int, help="held-out tokens for the table")
+    sp.add_argument("--seq-len", type=int, help="tokens per packed sequence")
+    sp.add_argument("--batch-size", type=int, help="sequences per forward pass")
+    sp.add_argument("--sae-batch-size", type=int, help="rows per optimiser step")
     sp.add_argument(
         "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
     )
-    sp.add_argument(
-        "--label-tokens", type=int, default=30_000, help="training tokens for feature cards"
-    )
-    sp.add_argument(
-        "--edges", type=int, default=16, help="random QK edges per layer for the error share"
-    )
-    sp.add_argument("--shard-tokens", type=int, default=8192, help="rows per stream file")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--label-tokens", type=int, help="training tokens for feature cards")
+    sp.add_argument("--edges", type=int, help="random QK edges per layer for the error share")
+    sp.add_argument("--shard-tokens", type=int, help="rows per stream file")
+    sp.add_argument("--seed", type=int)
     sp.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    sp.add_argument(
+        "--threads", type=int, help="torch CPU threads (on a busy machine 1 is often faster)"
+    )
     sp.add_argument("--keep-stream", action="store_true", help="keep the captured rows")
 
     sp = command(

@@ -143,6 +143,11 @@ class HealthResponse(BaseModel):
     dictionary_layers: list[int] = Field(
         default_factory=list, description="layers with a residual dictionary (feature basis)"
     )
+    dictionary_training: dict[str, Any] | None = Field(
+        None,
+        description="dictionaries training in the background: phase, running, layers, "
+        "layers_ready, tokens, tokens_total, eta_seconds, elapsed_seconds (null: none)",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -161,6 +166,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _dictionary_layers(dictionaries) -> list[int]:
     return sorted(dictionaries.by_layer) if dictionaries is not None else []
+
+
+def _dictionary_training(dictionaries) -> dict[str, Any] | None:
+    status = getattr(dictionaries, "status", None)  # LiveDictionaries: training in the background
+    return status() if callable(status) else None
 
 
 # Threads answering from the text cache, and how many such calls may wait for one. Their work
@@ -294,6 +304,7 @@ def create_app(
                 "run": run_root.name if run_root is not None else None,
                 "max_tokens": session.max_tokens if session is not None else None,
                 "dictionary_layers": _dictionary_layers(dictionaries),
+                "dictionary_training": _dictionary_training(dictionaries),
             }
         )
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from headscope.analysis.session import Session
+    from headscope.dictionaries.basis import DictionarySet
     from headscope.model import ModelAdapter
 
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
@@ -145,12 +146,13 @@ def serve(
     block: bool = False,
     queue_size: int = 8,
     log_level: str = "warning",
-    dictionaries: str | Path | None = None,
+    dictionaries: str | Path | DictionarySet | None = None,
 ) -> ServerHandle:
     """Serve the browser app, ``run_dir`` (under ``/run/``) and, with ``model``, the live API.
 
     ``model``: a model name (``"default"``, a HF directory, a ``.gguf``), a loaded
     :class:`ModelAdapter` or a :class:`Session`; None serves static files only.
+    ``dictionaries``: residual SAEs for the feature basis, a folder or a loaded set.
     ``port=0`` picks a free port (see ``handle.url``). Returns once the server answers; with
     ``block=True`` serves until Ctrl-C and returns the stopped handle.
 
@@ -173,10 +175,12 @@ def serve(
         )
     session = _session(model)
     dicts = None
-    if dictionaries is not None:
+    if isinstance(dictionaries, (str, Path)):
         from headscope.dictionaries.basis import DictionarySet
 
         dicts = DictionarySet(dictionaries)
+    elif dictionaries is not None:
+        dicts = dictionaries  # a loaded basis, e.g. the demo's LiveDictionaries
     app = create_app(
         run_dir,
         session,
