@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from headscope.analysis.components import Component, Decomposition
+from headscope.dictionaries.labels import feature_label
 from headscope.dictionaries.sae import CFG_FILENAME, SAE, load_sae, parse_hook_name
 from headscope.errors import InputError
 
@@ -159,7 +160,8 @@ class DictionarySet:
             return d, W_enc[head * D : (head + 1) * D], d.sae.encode(z[None])[0]
 
     def cards(self, labels: set[str]) -> dict[str, dict]:
-        """Hover cards (top contexts, density, promoted tokens) of the feature labels given."""
+        """Hover cards (top contexts, density, promoted tokens, a short ``label``) of the feature
+        labels given."""
         out = {}
         for label in labels:
             for prefix, table in (("sae:L", self.by_layer), ("zsae:L", self.z_by_layer)):
@@ -168,5 +170,6 @@ class DictionarySet:
                 layer_s, idx = label[len(prefix) :].split("/", 1)
                 d = table.get(int(layer_s)) if layer_s.isdigit() else None
                 if d is not None and idx in d.features:
-                    out[label] = d.features[idx]
+                    card = d.features[idx]
+                    out[label] = {**card, "label": feature_label(card)}
         return out

@@ -30,6 +30,7 @@ from headscope.analysis.inputs import check_pair
 from headscope.analysis.results import HeadLoadingsResult, VirtualWeightsResult
 from headscope.analysis.session import Session
 from headscope.dictionaries.basis import Dictionary, DictionarySet
+from headscope.dictionaries.labels import feature_label
 from headscope.errors import InputError
 from headscope.model import ModelAdapter
 from headscope.model.spec import head_name, norm_factor, parse_head
@@ -68,6 +69,7 @@ def _ranked(d: Dictionary, scores: torch.Tensor, exclude: int | None, top: int) 
             "index": i,
             "cosine": float(scores[i]),
             **({"card": d.features[str(i)]} if str(i) in d.features else {}),
+            "label": feature_label(d.features.get(str(i))),
         }
         for i in idx
     ]

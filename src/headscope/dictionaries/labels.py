@@ -363,6 +363,30 @@ def marked_token(context: str) -> str:
     return context[start + 1 : end] if 0 <= start < end else ""
 
 
+def feature_label(card: dict[str, Any] | None, n: int = 3) -> str | None:
+    """A short label for a feature from its card: the card's own ``label`` when it has one (a
+    person's or a model's description), else the tokens it fires on most often in its top
+    contexts, then the tokens its decoder promotes (``fires on “integer” “ C” · promotes “ Error”``).
+    None without a card."""
+    if not card:
+        return None
+    if card.get("label"):
+        return str(card["label"])
+    counts: dict[str, int] = {}
+    for c in card.get("top_contexts") or []:
+        tok = marked_token(c)
+        if tok.strip():
+            counts[tok] = counts.get(tok, 0) + 1
+    fires = sorted(counts, key=lambda t: -counts[t])[:n]
+    promoted = [t for t in card.get("promoted") or [] if t.strip()][:n]
+    parts = []
+    if fires:
+        parts.append("fires on " + " ".join(f"“{t}”" for t in fires))
+    if promoted:
+        parts.append("promotes " + " ".join(f"“{t}”" for t in promoted))
+    return " · ".join(parts) or None
+
+
 def _recorded_sequences(path: Path) -> int:
     stats = path / "stats.json"
     if not stats.is_file():
