@@ -36,3 +36,32 @@ def test_probe_pairs_read_as_layers_run_equal_the_stored_patterns(tmp_path):
             assert torch.equal(got[layer], want)  # bit for bit
         else:
             assert not got[layer].any()
+
+
+def _long_prefix_curve_uncut(probe: probes.Probe) -> torch.Tensor:
+    """The long-prefix curve as first defined: whole 2L-token sequences, one pass per m."""
+    adapter, n, length = probe.adapter, probe.n, 2 * probe.length
+    gen = torch.Generator().manual_seed(probe.seed + 1)
+    curves = []
+    for m in probes.PREFIX_LENGTHS:
+        ids = probes._random_tokens(adapter, (n, length), gen)
+        ids[:, 0] = adapter.tokens.bos_id
+        a, b = 3, length // 2 + 2
+        ids[:, b : b + m] = ids[:, a : a + m]
+        same = ids[:, b - 1] == ids[:, a - 1]
+        ids[:, b - 1] = torch.where(same, ids[:, b - 1] + 1, ids[:, b - 1])
+        q, k = torch.full((n, 1), b + m - 1), torch.full((n, 1), a + m)
+        curves.append(probes._edge_attention(adapter, ids, q, k, probe.layers))
+    return torch.stack(curves, -1)
+
+
+def test_long_prefix_probe_cut_after_its_queries_and_batched_equals_the_whole_sequences(
+    tmp_path,
+):
+    adapter = ModelAdapter.load(str(save_tiny("llama", tmp_path / "m")))
+    probe = probes.Probe(adapter, [0, 1, 2], n=5, length=12, seed=3)
+    got = probes.long_prefix_curve(probe)
+    want = _long_prefix_curve_uncut(probe)
+    assert got.shape == want.shape == (3, adapter.spec.n_heads, 4)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert got.abs().sum() > 0

@@ -59,17 +59,23 @@ def _random_tokens(adapter: ModelAdapter, shape: tuple[int, ...], gen: torch.Gen
 
 
 def _edge_attention(
-    adapter: ModelAdapter, ids: Tensor, q: Tensor, k: Tensor, layers: list[int]
+    adapter: ModelAdapter, ids: Tensor, q: Tensor, k: Tensor, layers: list[int], groups: int = 0
 ) -> Tensor:
-    """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H].
+    """Mean attention of every head on the (q[b, j], k[b, j]) pairs of each sequence -> [L, H];
+    with ``groups``: [L, H, groups], the mean over each of ``groups`` equal consecutive parts
+    of the batch (several probes in one forward pass).
 
     Each layer's pairs are read as the layer runs; no pattern outlives its layer."""
     rows = torch.arange(ids.shape[0])[:, None].expand_as(q)
-    out = torch.zeros(adapter.spec.n_layers, adapter.spec.n_heads)
+    L, H = adapter.spec.n_layers, adapter.spec.n_heads
+    out = torch.zeros(L, H, groups) if groups else torch.zeros(L, H)
 
     def on_layer(t: LayerTensors) -> None:
-        pat = t.weights()  # [B, H, T, T]
-        out[t.layer] = pat[rows, :, q, k].mean(dim=(0, 1))  # pat[b, :, q, k] -> [B, J, H]
+        pairs = t.weights()[rows, :, q, k]  # pat[b, :, q, k] -> [B, J, H]
+        if groups:
+            out[t.layer] = pairs.unflatten(0, (groups, -1)).mean(dim=(1, 2)).T
+        else:
+            out[t.layer] = pairs.mean(dim=(0, 1))
 
     adapter.run(
         ids,
@@ -110,25 +116,37 @@ def long_prefix_curve(probe: Probe) -> Tensor:
     sequences of ``2 * probe.length`` random tokens (BOS first) ``... X s_1..s_m t ... Y
     s_1..s_m`` with ``X != Y``, so the match is exactly ``m`` tokens long.
     ``curve[..., m - 1]`` is the mean over the sequences of the attention from the second
-    ``s_m`` to ``t`` (one pair per sequence). Computed once per probe."""
+    ``s_m`` to ``t`` (one pair per sequence). Computed once per probe.
+
+    Attention is causal, so the tokens after the last query change nothing: the sequences are
+    cut there (54 of 96 tokens at the default length) and the four prefix lengths share one
+    forward pass."""
     return probe.memo("long_prefix_curve", lambda: _long_prefix_curve(probe))
 
 
 def _long_prefix_curve(probe: Probe) -> Tensor:
     adapter, n, length = probe.adapter, probe.n, 2 * probe.length
     gen = torch.Generator().manual_seed(probe.seed + 1)
-    curves = []
+    a, b = 3, length // 2 + 2  # first segment at a, second at b
+    end = b + max(PREFIX_LENGTHS)  # one past the last query
+    batches, qs, ks = [], [], []
     for m in PREFIX_LENGTHS:
         ids = _random_tokens(adapter, (n, length), gen)
         ids[:, 0] = adapter.tokens.bos_id
-        a, b = 3, length // 2 + 2  # first segment at a, second at b
         ids[:, b : b + m] = ids[:, a : a + m]
         same = ids[:, b - 1] == ids[:, a - 1]
         ids[:, b - 1] = torch.where(same, ids[:, b - 1] + 1, ids[:, b - 1])
-        q = torch.full((n, 1), b + m - 1)
-        k = torch.full((n, 1), a + m)
-        curves.append(_edge_attention(adapter, ids, q, k, probe.layers))
-    return torch.stack(curves, -1)
+        batches.append(ids[:, :end])
+        qs.append(torch.full((n, 1), b + m - 1))
+        ks.append(torch.full((n, 1), a + m))
+    return _edge_attention(
+        adapter,
+        torch.cat(batches),
+        torch.cat(qs),
+        torch.cat(ks),
+        probe.layers,
+        groups=len(PREFIX_LENGTHS),
+    )
 
 
 @register_metric("long_prefix_score", kind="probe")
