@@ -26,6 +26,8 @@ def env(tmp_path_factory):
         save_sae(SAE(cfg, generator=torch.Generator().manual_seed(layer)), root / f"d/L{layer}")
     (root / "q.txt").write_text("the [[cat]] sat\na [[dog]] ran\n")
     (root / "k.txt").write_text("one [[cat]] here\nsome [[dog]] there\n")
+    prompt = {"text": "the cat sat on the mat and the cat", "key": "sat", "candidates": ["mat"]}
+    (root / "p.jsonl").write_text(json.dumps(prompt) + "\n")
     return root, str(model)
 
 
@@ -51,6 +53,12 @@ def _args(root, model) -> dict[str, list[str]]:
         "knockout": [
             "--text", TEXT, "--head", "L2H1", "--query", "12", "--keys", "4", "3", "--rule", "key: {text: c}",
         ],
+        "intervention-curve": [
+            *pair, "--head", "L2H1", "--component", "L1H0", "--side", "key", "--scale", "0", "1", "2",
+        ],
+        "prompt-set": ["--prompts", str(root / "p.jsonl"), "--head", "L1H0", "L2H1"],
+        # the CLI's own ablate command (the operation serves /api/ablate)
+        "ablate": ["--task", "repeated", "--sequences", "2", "--seq-len", "21", "--heads", "L0H0", "L1H1"],
     }  # fmt: skip
 
 
@@ -69,6 +77,9 @@ TEXT_HAS = {
     "head-loadings": "share",
     "describe-text": "all rules",
     "knockout": "where the attention goes",
+    "intervention-curve": "L2H1 attn",
+    "prompt-set": "heads by accuracy",
+    "ablate": "zero ablation of 2 head(s)",
 }
 
 

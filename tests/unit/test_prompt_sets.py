@@ -132,3 +132,13 @@ def test_grouped_geometry_own_vs_other() -> None:
         qk_geometry(sess, queries, keys, ["L0H0"], key_groups=[0, 1])
     with pytest.raises(InputError, match="query indices"):
         qk_geometry(sess, queries, keys, ["L0H0"], key_groups=[0, 0, 1, 2])
+
+
+def test_geometry_request_takes_a_preset_or_prompts() -> None:
+    op = next(o for o in OPERATIONS if o.name == "geometry")
+    assert op.request.model_validate({"preset": "country-city"}).preset == "country-city"
+    ok = op.request.model_validate({"queries": ["a [[b]]"], "keys": ["c [[d]]"], "key_groups": [0]})
+    assert ok.key_groups == [0]
+    for bad in ({}, {"preset": "country-city", "queries": ["a [[b]]"]}, {"queries": ["a [[b]]"]}):
+        with pytest.raises(ValueError):
+            op.request.model_validate(bad)
