@@ -246,6 +246,7 @@ export const api = {
   sweep: (req) => post('api/sweep', req),
   geometry: (req) => post('api/geometry', req),
   virtualWeights: (req) => post('api/virtual-weights', req),
+  feature: (req) => post('api/feature', req),
   ablate: (req) => post('api/ablate', req),
   interventionCurve: (req) => post('api/intervention-curve', req),
   knockout: (req) => post('api/knockout', req),

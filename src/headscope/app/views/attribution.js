@@ -11,6 +11,7 @@ import { labelToken } from '../lib/tokens.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
 import { circuitDiagram } from './circuit.js';
+import { featureHref } from './feature.js';
 import { curvePanel } from './intervention_curve.js';
 
 function bar(value, maxAbs) {
@@ -24,7 +25,9 @@ function componentCell(name, features, ctx, onFeature = null) {
   const d = describeComponent(name, features);
   const tag = ['bias', 'error'].includes(d.kind) ? h('span', { class: `tag tag-${d.kind}` }, d.kind === 'error' ? 'error' : 'bias') : null;
   const text = d.kind === 'head' && ctx ? h('a', { href: ctx.href(['head', d.head]) }, d.text) : d.text;
-  const cell = h('td', { class: `comp comp-${d.kind}`, title: name }, tag, text);
+  const page = d.kind === 'feature' ? featureHref(ctx, name) : null;
+  const link = page ? h('a', { href: page, class: 'feature-link', title: `${name}: its feature page`, onclick: (ev) => ev.stopPropagation() }, '↗') : null;
+  const cell = h('td', { class: `comp comp-${d.kind}`, title: name }, tag, text, link);
   const f = features && features[name];
   if (d.kind === 'feature' && f) {
     cell.classList.add('has-card');
@@ -51,7 +54,7 @@ function componentCell(name, features, ctx, onFeature = null) {
 }
 
 /** Virtual weights of one feature through a head's W_Q or W_K (live server), explained. */
-function virtualWeightsPanel(panel, head, label, side) {
+function virtualWeightsPanel(panel, head, label, side, ctx = null) {
   const p = parseComponent(label);
   const other = side === 'key' ? 'query' : 'key';
   clear(panel).append(loading(`Virtual weights of ${label} through ${head}…`));
@@ -59,11 +62,16 @@ function virtualWeightsPanel(panel, head, label, side) {
     const list = (rows) => h('table', { class: 'data compact' },
       h('thead', {}, h('tr', {}, h('th', { class: 'num' }, 'cosine'), h('th', {}, 'feature'))),
       h('tbody', {}, rows.slice(0, 10).map((r) => h('tr', {}, h('td', { class: 'num' }, fixed(r.cosine, 3)),
-        h('td', {}, r.feature, r.card && r.card.label ? h('span', { class: 'muted' }, ` · ${r.card.label}`) : null)))));
-    clear(panel).append(h('h4', {}, `Virtual weights · ${vw.feature} through ${vw.head}’s ${side} projection`),
+        h('td', {}, featureHref(ctx, r.feature) ? h('a', { href: featureHref(ctx, r.feature) }, r.feature) : r.feature,
+          r.label || (r.card && r.card.label) ? h('span', { class: 'muted' }, ` · ${r.label || r.card.label}`) : null)))));
+    const self = featureHref(ctx, vw.feature);
+    clear(panel).append(h('h4', {}, 'Virtual weights · ', self ? h('a', { href: self }, vw.feature) : vw.feature, ` through ${vw.head}’s ${side} projection`),
+      h('p', { class: 'muted small vw-explain' },
+        `Every feature’s decoder vector is pushed through ${vw.head}’s frozen pre-norm and W_${side === 'key' ? 'K' : 'Q'} (or W_${side === 'key' ? 'Q' : 'K'} for the other side), positions left out. `,
+        `Same side: which features this head’s ${side} projection maps near ${vw.feature}. Other side: which ${other} features it would meet with a high score.`),
       h('div', { class: 'attr-grid' },
         h('div', { class: 'marg' }, h('h4', {}, 'Same side'),
-          h('p', { class: 'muted small' }, `features whose ${side} projections point the same way: the head can hardly tell them apart as ${side}s`),
+          h('p', { class: 'muted small' }, `features whose ${side} projections point the same way: the head can hardly tell them apart as ${side === 'query' ? 'queries' : 'keys'}`),
           list(vw.same_side)),
         h('div', { class: 'marg' }, h('h4', {}, 'Other side'),
           h('p', { class: 'muted small' }, `${other}-side features this ${side} matches: a high score when they meet`),
@@ -76,8 +84,8 @@ function qkBlock(qk, ctx) {
   const terms = qk.terms || [];
   const maxAbs = Math.max(1e-12, ...terms.map((t) => Math.abs(t.value)));
   const vwPanel = h('div', { class: 'vw-panel', id: 'virtual-weights' });
-  const onQuery = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'query');
-  const onKey = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'key');
+  const onQuery = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'query', ctx);
+  const onKey = (label) => virtualWeightsPanel(vwPanel, qk.head, label, 'key', ctx);
   const termRows = terms.map((t, i) => {
     const a = componentCell(t.query, features, ctx, onQuery);
     const b = componentCell(t.key, features, ctx, onKey);
@@ -162,7 +170,36 @@ function ovBlock(ov, ctx, features) {
             'OV on “', labelToken(ov.key_token), '” alone'),
           h('p', { class: 'muted small' }, 'what the head writes for this token in any context'),
           logitList(ov.key_token_readout, 'pos'))
-        : null));
+        : null),
+    ov.pairs && ov.pairs.length ? ovPairsBlock(ov, ctx, features) : null);
+}
+
+// OV in the feature basis on both sides: value-side rows at the key × output features (of the
+// next layer's residual dictionary, or the layer's z dictionary) at the query.
+function ovPairsBlock(ov, ctx, features) {
+  const feats = { ...(features || {}), ...(ov.features || {}) };
+  const pairs = ov.pairs.slice(0, 40);
+  const mx = Math.max(1e-12, ...pairs.map((p) => Math.abs(p.value)));
+  const worst = Math.max(0, ...(ov.outputs || []).map((o) => Math.abs(o.total - o.model) / Math.max(Math.abs(o.model), 1e-12)));
+  const outRows = (ov.outputs || []).slice(0, 12).map((o) => {
+    const c = componentCell(o.feature, feats, ctx);
+    return h('tr', {}, c.cell, h('td', { class: 'num' }, fixed(o.activation, 3)), h('td', { class: 'num' }, fixed(o.total, 4)), h('td', { class: 'num muted' }, fixed(o.model, 4)));
+  });
+  return h('div', { class: 'ov-pairs' },
+    h('h4', {}, `Feature pairs: value feature at the key × output feature at the query (top ${pairs.length} of ${ov.n_pairs})`),
+    h('p', { class: 'muted small table-doc' }, `Each term is what one value-side row (a feature, the decoder bias, the SAE error or the projection bias) writes through this edge, read by one output feature’s encoder (${ov.output_dictionary}). `,
+      `For every output feature the terms add up to the head’s actual output read by that feature (largest relative difference ${fmt(worst, 2)}).`),
+    h('div', { class: 'attr-grid' },
+      h('div', { class: 'terms' }, h('div', { class: 'table-scroll tall' }, h('table', { class: 'data compact ov-pair-terms' },
+        h('thead', {}, h('tr', {}, h('th', { class: 'num' }, '#'), h('th', {}, 'value side (key)'), h('th', {}, 'output side (query)'), h('th', { class: 'num' }, 'value'), h('th', {}, ''))),
+        h('tbody', {}, pairs.map((p, i) => {
+          const a = componentCell(p.value_feature, feats, ctx);
+          const b = componentCell(p.output_feature, feats, ctx);
+          return h('tr', { class: a.kindClass }, h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(p.value, 4)), h('td', { class: 'barcell' }, bar(p.value, mx)));
+        }))))),
+      h('div', { class: 'marg' }, h('h4', {}, 'Output features'), h('table', { class: 'data compact' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'feature'), h('th', { class: 'num', title: 'its activation at the query' }, 'act'), h('th', { class: 'num', title: 'sum of its pair terms' }, 'total'), h('th', { class: 'num', title: 'the head’s actual output through this edge, read by its encoder' }, 'model'))),
+        h('tbody', {}, outRows)))));
 }
 
 /** SVG summary of the panel (for export): check line, top QK terms and top OV terms. */
@@ -298,12 +335,12 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     const ov = ovR.status === 'fulfilled' && ovR.value.result ? ovR.value.result : null;
     results = { qk, ov };
     if (qk) body.append(qkBlock(qk, ctx));
-    if (qk && text !== null && live) body.append(curvePanel({ text, head, query, key, qk, basis: use }));
     else body.append(errorBox(qkR.status === 'rejected' ? qkR.reason : 'No QK attribution for this pair.'));
+    if (qk && text !== null && live) body.append(curvePanel({ text, head, query, key, qk, basis: use }));
     if (ov) body.append(ovBlock(ov, ctx, qk && qk.features));
     else body.append(errorBox(ovR.status === 'rejected' ? ovR.reason : 'No OV attribution for this pair.'));
     if (qk || ov) {
-      const diagram = () => circuitDiagram({ qk, ov });
+      const diagram = () => circuitDiagram({ qk, ov, ctx });
       body.append(h('section', { class: 'attr-block circuit' },
         h('div', { class: 'panel-head' }, h('h3', {}, 'Circuit'), h('span', { class: 'muted small' }, 'top components by marginal attribution; edge width ∝ |term|, red positive, blue negative'), h('span', { class: 'grow' }),
           exportButtons(`${head}_circuit_${query}_${key}`, { svg: diagram })),
