@@ -13,8 +13,10 @@ import { hideTip } from '../lib/tooltip.js';
 import { renderPCA } from './pca.js';
 import { renderSimilar } from './similar.js';
 import { renderAttribution } from './attribution.js';
+import { renderDescribe } from './describe.js';
+import { renderKnockout } from './knockout.js';
 
-const TABS = [['', 'Examples'], ['pca', 'PCA'], ['similar', 'Similar heads']];
+const TABS = [['', 'Examples'], ['pca', 'PCA'], ['similar', 'Similar heads'], ['describe', 'Describe'], ['knockout', 'Knockout']];
 const label = (c) => c.replace(/_/g, ' ');
 
 function intParam(ctx, name) {
@@ -50,6 +52,8 @@ export function mount(root, ctx) {
     layout.classList.toggle('wide', t !== '');
     if (t === 'pca') tabInstance = renderPCA(tabEl, { payload, ctx: c, name });
     else if (t === 'similar') tabInstance = renderSimilar(tabEl, { payload, ctx: c, name, metrics: m });
+    else if (t === 'describe') tabInstance = renderDescribe(tabEl, { payload, ctx: c, name });
+    else if (t === 'knockout') tabInstance = renderKnockout(tabEl, { payload, ctx: c, name });
     else tabInstance = renderExamples(tabEl, { payload, ctx: c, name });
   }
 
@@ -68,6 +72,7 @@ export function mount(root, ctx) {
         h('a', { class: 'back', href: ctx.href(['heads']) }, '← all heads'),
         h('h1', {}, name),
         h('span', { class: 'muted' }, `layer ${p.layer} · head ${p.index}`),
+        featuresLink(ctx, name),
         h('span', { class: 'grow' }),
         prev ? h('a', { class: 'button-link', href: ctx.href(['head', prev, ...(ctx.parts[2] ? [ctx.parts[2]] : [])]), title: 'previous head' }, `‹ ${prev}`) : null,
         next ? h('a', { class: 'button-link', href: ctx.href(['head', next, ...(ctx.parts[2] ? [ctx.parts[2]] : [])]), title: 'next head' }, `${next} ›`) : null),
@@ -91,12 +96,27 @@ export function mount(root, ctx) {
   };
 }
 
+/** "attention features" link: the run's MTCs / QK dictionaries / splits that load on this head. */
+function featuresLink(ctx, name) {
+  const slot = h('span', { class: 'features-link' });
+  data.decomposeIndex().then((idx) => {
+    const on = (idx ? idx.entries : []).filter((e) => e.loads_on && e.loads_on[name]);
+    if (!on.length) return;
+    const n = on.reduce((a, e) => a + (e.kind === 'mtc' ? e.loads_on[name] : 0), 0);
+    const kinds = [...new Set(on.map((e) => ({ mtc: 'MTC', qk: 'QK', split: 'split' })[e.kind]))].join(', ');
+    slot.append(h('a', { class: 'button-link', href: ctx.href(['features'], { head: name }),
+      title: `decompositions of the run that load on ${name}${n ? ` (${n} MTC features whose largest loading is this head)` : ''}` },
+    `attention features: ${kinds}`));
+  }).catch(() => {});
+  return slot;
+}
+
 /** The left column: metrics (+ rank among all heads), histogram, curves, top tokens. */
 function overview(p, m, name) {
   const i = m.index.get(name);
   const metricRows = Object.entries(p.metrics || {}).map(([k, v]) => {
     let rank = null;
-    if (i !== undefined && m.has(k)) {
+    if (i !== undefined && m.has(k) && Number.isFinite(v)) {
       const col = m.col(k);
       let below = 0;
       for (let j = 0; j < col.length; j++) if (col[j] < v) below++;
@@ -131,6 +151,36 @@ function overview(p, m, name) {
     section('Top tokens', h('div', {},
       h('h4', {}, 'as query'), tokTable(p.top_query_tokens, 'query token', 'mean attention the token pays to anything but the first position'),
       h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token', 'mean total attention the token receives from later queries (can exceed 1)'))));
+}
+
+// Examples longer than this many tokens (long-context runs) show only the spans around their
+// strongest (query, key) pairs; each run of hidden tokens is a button that expands it.
+const LONG_EXAMPLE = 1024;
+const SPAN_CONTEXT = 12; // tokens kept on each side of an attended query or key
+const SPAN_PAIRS = 16; // strongest pairs (key 0 aside) whose spans stay open
+
+function collapseLong(tv, ex) {
+  const n = tv.spans.length;
+  if (n <= LONG_EXAMPLE) return;
+  const keep = new Uint8Array(n);
+  const open = (c) => keep.fill(1, Math.max(0, c - SPAN_CONTEXT), Math.min(n, c + SPAN_CONTEXT + 1));
+  open(0);
+  const pairs = (ex.sparse || []).filter(([, k]) => k > 0).sort((a, b) => b[2] - a[2]).slice(0, SPAN_PAIRS);
+  for (const [q, k] of pairs) { open(q); open(k); }
+  for (let i = 0; i < n;) {
+    if (keep[i]) { i++; continue; }
+    let j = i;
+    while (j < n && !keep[j]) j++;
+    const hidden = [];
+    for (let node = tv.spans[i]; node && node !== tv.spans[j]; node = node.nextSibling) hidden.push(node);
+    for (const node of hidden) node.hidden = true;
+    const gap = h('button', {
+      type: 'button', class: 'token-gap', title: `show positions ${i}–${j - 1}`,
+      onclick: () => { for (const node of hidden) node.hidden = false; gap.remove(); },
+    }, `⋯ ${(j - i).toLocaleString()} tokens`);
+    tv.el.insertBefore(gap, tv.spans[i]);
+    i = j;
+  }
 }
 
 /** Dataset examples grouped by decile bucket; see TokenView for hover/click behaviour. */
@@ -177,6 +227,7 @@ function renderExamples(el, { payload, ctx, name }) {
     });
     tv.el.dataset.example = String(i);
     views.set(i, tv);
+    collapseLong(tv, ex);
     const slot = h('div', { class: 'attr-slot' });
     slots.set(i, slot);
     return h('article', { class: 'example', id: `ex-${i}` },
