@@ -107,6 +107,50 @@ def test_stored_vectors_and_metadata():
     assert pc.norm[0, 0, 0].item() == pytest.approx(pc.o_vec[0, 0, 0].norm().item(), rel=1e-5)
 
 
+def test_every_point_carries_its_context():
+    """Each fitted point has the tokens around its key and its query, read from its own
+    sequence: the app's hover needs no stored example. Spans cover key - 6 .. key + 2 and
+    query - 6 .. query + 2, cut at the sequence's start and its padding, one span where they
+    meet; a merge of two shards keeps the same contexts."""
+    S, T = 5, 24
+    inputs = list(random_inputs(S=S, H=2, T=T, D=3, d_out=4, seed=7))
+    inputs[4] = torch.randint(0, 50_000, (S, T), generator=torch.Generator().manual_seed(3))
+    inputs[5][1, 15:] = False  # padding at the end of sequence 1
+    tokens, valid = inputs[4], inputs[5]
+    pc = PairCollector(1, 2, d_head=3, d_out=4, n_pairs=40, dtype=torch.float32)
+    feed(pc, inputs, torch.arange(S), batch=2)
+    fits = pc.fit()
+    kinds = set()
+    for head in range(2):
+        points = fits[(0, head)]["points"]
+        assert len(points) == 40
+        for p in points:
+            s, qp, kp = p["sequence"], p["q_pos"], p["k_pos"]
+            end = int(valid[s].sum())  # first padding position
+            want = {
+                pos
+                for centre in (qp, kp)
+                for pos in range(centre - 6, centre + 3)
+                if 0 <= pos < end
+            }
+            spans = p["context"]
+            got = {}
+            for span in spans:
+                for i, t in enumerate(span["tokens"]):
+                    got[span["start"] + i] = t
+            assert set(got) == want, (s, qp, kp, spans)
+            assert all(got[pos] == int(tokens[s, pos]) for pos in got)
+            assert len(spans) == (1 if qp - kp <= 9 else 2)
+            kinds.add(len(spans))
+    assert kinds == {1, 2}  # both shapes occur
+    a = PairCollector(1, 2, d_head=3, d_out=4, n_pairs=40, dtype=torch.float32)
+    b = PairCollector(1, 2, d_head=3, d_out=4, n_pairs=40, dtype=torch.float32)
+    feed(a, inputs, torch.tensor([3, 0]), batch=2)
+    feed(b, inputs, torch.tensor([4, 1, 2]), batch=3)
+    a.merge(b)
+    assert a.fit() == fits
+
+
 def test_ties_are_broken_by_sequence_then_positions():
     """Previous-token pattern with unit value norms: every pair has norm 1."""
     S, T = 5, 6

@@ -36,6 +36,29 @@ def test_a_precompute_writes_the_format(tiny_run):
     _check_run(tiny_run())
 
 
+def test_every_pca_point_has_its_context(tiny_run):
+    """The PCA hover needs no stored example: every point of every head carries the tokens
+    around its key and its query (ids vocab.json can show), and where its sequence is among
+    the head's examples they are that sequence's tokens."""
+    run = tiny_run()
+    vocab = read_json(run / "vocab.json")
+    n_points = n_checked = 0
+    for f in sorted((run / "heads").glob("L*H*.json")):
+        payload = HeadPayload.model_validate(read_json(f))
+        assert payload.pca is not None and payload.pca.points
+        examples = {ex.sequence: ex.tokens for ex in payload.examples}
+        for point in payload.pca.points:
+            n_points += 1
+            at = {s.start + i: t for s in point.context for i, t in enumerate(s.tokens)}
+            assert point.q_pos in at and point.k_pos in at
+            assert all(str(t) in vocab for t in at.values())
+            if point.sequence in examples:
+                n_checked += 1
+                seq = examples[point.sequence]
+                assert all(seq[pos] == t for pos, t in at.items())
+    assert n_points > 0 and n_checked > 0
+
+
 def test_a_headvis_import_writes_the_format(tiny_run, tmp_path):
     from headscope.store.headvis import export_headvis, import_headvis
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +24,7 @@ from headscope.progress import bar, counting_tokens
 from headscope.store.run_format import SCHEMA_VERSION
 
 N_SIMILAR = 10
+_WRITERS = 4  # threads writing head files
 
 
 def _metric_table(
@@ -78,6 +82,13 @@ def _similar(
     return similar
 
 
+def _defined(value: torch.Tensor | float) -> float | None:
+    """A metric's value, or None (null in JSON, missing in Parquet) where it is undefined: a mean
+    over no eligible (query, key) pair, e.g. induction on data without a repeated token."""
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
 def _round(x):
     """Floats to 4 significant digits (PCA coordinates need no more; keeps payloads small)."""
     if isinstance(x, float):
@@ -91,9 +102,20 @@ def _round(x):
 
 def _probe_tokens(cfg: PrecomputeConfig) -> int:
     """Tokens the probes' forward passes read (for the progress bar): prefix matching on
-    sequences of 2L + 1 tokens, then four long-prefix passes on sequences of 2L."""
+    sequences of 2L + 1 tokens, then the long-prefix pass: four probes on sequences cut after
+    their last query, L + 6 tokens."""
     n, length = cfg.probe_sequences, cfg.probe_length
-    return n * (2 * length + 1) + 4 * n * 2 * length
+    return n * (2 * length + 1) + 4 * n * (length + 6)
+
+
+@contextmanager
+def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``phases[name]`` (seconds)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 def finalize(
@@ -111,77 +133,87 @@ def finalize(
     s = adapter.spec
     toks = adapter.tokens
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     probe_bar = bar(_probe_tokens(cfg), "finalize: probes", "tok", enabled=progress)
-    with probe_bar, counting_tokens(adapter, probe_bar):
+    with _phase(phases, "probes"), probe_bar, counting_tokens(adapter, probe_bar):
         table, curve = _metric_table(adapter, cfg, state, layers)
-    names = list(table)
-    rows = []
-    for layer in layers:
-        for h in range(s.n_heads):
-            values = [float(table[n][layer, h]) for n in names]
-            rows.append([layer, h, *[v if math.isfinite(v) else 0.0 for v in values]])
-    df = pd.DataFrame(rows, columns=["layer", "head", *names])
-    df.insert(2, "name", [head_name(int(r[0]), int(r[1])) for r in rows])
-    write_with(out / "metrics.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-    docs = {n: METRICS[n].doc if n in METRICS else "" for n in names}
-    write_json(
-        out / "metrics.json", {"columns": ["layer", "head", *names], "rows": rows, "docs": docs}
-    )
+    with _phase(phases, "metrics_files"):
+        names = list(table)
+        rows = []
+        for layer in layers:
+            for h in range(s.n_heads):
+                rows.append([layer, h, *[_defined(table[n][layer, h]) for n in names]])
+        df = pd.DataFrame(rows, columns=["layer", "head", *names]).astype({n: float for n in names})
+        df.insert(2, "name", [head_name(layer, h) for layer in layers for h in range(s.n_heads)])
+        write_with(out / "metrics.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+        docs = {n: METRICS[n].doc if n in METRICS else "" for n in names}
+        write_json(
+            out / "metrics.json", {"columns": ["layer", "head", *names], "rows": rows, "docs": docs}
+        )
 
     steps = bar(3, "finalize: motifs, PCA, top tokens", "step", enabled=progress)
-    similar = _similar(state, layers, s.n_heads, out)
+    with _phase(phases, "motifs"):
+        similar = _similar(state, layers, s.n_heads, out)
     steps.update()
-    pca = state.pairs.fit(n_components=3)
+    with _phase(phases, "pca"):
+        pca = state.pairs.fit(n_components=3)
     steps.update()
-    top = state.top_tokens.top_tokens(min_count=3, k=20)
+    with _phase(phases, "top_tokens"):
+        top = state.top_tokens.top_tokens(min_count=3, k=20)
     steps.update()
     steps.close()
-    heads_bar = bar(len(layers) * s.n_heads, "finalize: heads", "head", enabled=progress)
-    selected = state.examples.selector.selected()
-    hist = state.examples.selector.histograms()
-    edges = [round(i / hist.shape[-1], 4) for i in range(hist.shape[-1] + 1)]
-    vocab_ids: set[int] = set()
-    for layer in layers:
-        for h in range(s.n_heads):
-            examples: list[dict] = []
-            buckets: list[dict] = []
-            for lo, hi, items in selected[(layer, h)]:
-                idx = []
-                for seq, score in items:
-                    ids, starts = state.examples.payloads.sequences[seq]
-                    vocab_ids.update(ids.tolist())
-                    idx.append(len(examples))
-                    examples.append(
-                        {
-                            "sequence": seq,
-                            "max_attention": round(score, 4),
-                            "tokens": ids.tolist(),
-                            # first tokens of documents (position 0 is the BOS sink, not a document)
-                            "doc_starts": (starts[1:].nonzero().flatten() + 1).tolist(),
-                            **state.examples.payloads.example(layer, h, seq),
-                        }
-                    )
-                buckets.append({"lo": lo, "hi": hi, "examples": idx})
-            tt = top[(layer, h)]
+    with _phase(phases, "head_files"):
+        heads_bar = bar(len(layers) * s.n_heads, "finalize: heads", "head", enabled=progress)
+        selected = state.examples.selector.selected()
+        hist = state.examples.selector.histograms()
+        edges = [round(i / hist.shape[-1], 4) for i in range(hist.shape[-1] + 1)]
+        vocab_ids: set[int] = set()
+        # tokens and document starts of each example sequence, as lists once (heads share them)
+        sequences: dict[int, tuple[list[int], list[int]]] = {}
+        for seq, (ids, starts) in state.examples.payloads.sequences.items():
+            # first tokens of documents (position 0 is the BOS sink, not a document)
+            sequences[seq] = (ids.tolist(), (starts[1:].nonzero().flatten() + 1).tolist())
+            vocab_ids.update(sequences[seq][0])
+        writer = ThreadPoolExecutor(_WRITERS)  # encoding, writing and fsync overlap the next head
+        written: list[Future] = []
+        for layer in layers:
+            for h in range(s.n_heads):
+                examples: list[dict] = []
+                buckets: list[dict] = []
+                for lo, hi, items in selected[(layer, h)]:
+                    idx = []
+                    for seq, score in items:
+                        idx.append(len(examples))
+                        examples.append(
+                            {
+                                "sequence": seq,
+                                "max_attention": round(score, 4),
+                                "tokens": sequences[seq][0],
+                                "doc_starts": sequences[seq][1],
+                                **state.examples.payloads.example(layer, h, seq),
+                            }
+                        )
+                    buckets.append({"lo": lo, "hi": hi, "examples": idx})
+                tt = top[(layer, h)]
 
-            def tok_rows(rows_):
-                return [
-                    {"token": toks.display(t), "id": t, "mass": round(m, 5), "count": c}
-                    for t, m, c in rows_
-                ]
+                def tok_rows(rows_):
+                    return [
+                        {"token": toks.display(t), "id": t, "mass": round(m, 5), "count": c}
+                        for t, m, c in rows_
+                    ]
 
-            p = _round(pca[(layer, h)])
-            for point in p.get("points", []):
-                point["query"] = toks.display(point.pop("query_token"))
-                point["key"] = toks.display(point.pop("key_token"))
-            name = head_name(layer, h)
-            write_json(
-                out / "heads" / f"{name}.json",
-                {
+                p = _round(pca[(layer, h)])
+                for point in p.get("points", []):
+                    point["query"] = toks.display(point.pop("query_token"))
+                    point["key"] = toks.display(point.pop("key_token"))
+                    vocab_ids.update(t for span in point["context"] for t in span["tokens"])
+                name = head_name(layer, h)
+                (out / "heads").mkdir(exist_ok=True)
+                payload = {
                     "head": name,
                     "layer": layer,
                     "index": h,
-                    "metrics": {n: float(table[n][layer, h]) for n in names},
+                    "metrics": {n: _defined(table[n][layer, h]) for n in names},
                     "curves": {
                         "long_prefix_induction": [round(float(x), 5) for x in curve[layer, h]]
                     },
@@ -192,10 +224,13 @@ def finalize(
                     "top_key_tokens": tok_rows(tt["key"]),
                     "pca": p,
                     "similar": similar.get(name, []),
-                },
-            )
-            heads_bar.update()
-    heads_bar.close()
+                }
+                written.append(writer.submit(write_json, out / "heads" / f"{name}.json", payload))
+                written[-1].add_done_callback(lambda _: heads_bar.update())
+        writer.shutdown(wait=True)
+        for done in written:
+            done.result()  # a failed write raises here
+        heads_bar.close()
     write_json(out / "vocab.json", {str(i): toks.display(i) for i in sorted(vocab_ids)})
     info = adapter.info()
     write_json(
@@ -225,6 +260,7 @@ def finalize(
             "timings": {
                 **timings,
                 "finalize_s": round(time.perf_counter() - t0, 3),
+                **{f"{name}_s": seconds for name, seconds in phases.items()},
                 "total_s": round(timings["total_s"] + time.perf_counter() - t0, 3),
             },
             "metrics": {**docs, **{n: METRICS[n].doc for n in metric_docs() if n not in docs}},

@@ -11,7 +11,11 @@ Pairs are restricted to queries q >= 1 and keys ``1 <= k <= q`` (key 0, the atte
 is left out) at valid positions. Ties in norm are broken by (sequence, q_pos, k_pos), so the
 selection does not depend on batch size or shard order, and shards merge exactly.
 
-Memory: ``L * H * n_pairs * (2 * d_head + d_out)`` values in ``dtype`` (float16 by default).
+Each pair also keeps its context, so a point can be read without its sequence: the tokens from
+``CONTEXT_BEFORE`` positions before to ``CONTEXT_AFTER`` after the query and the key.
+
+Memory: ``L * H * n_pairs * (2 * d_head + d_out)`` values in ``dtype`` (float16 by default),
+plus ``2 * CONTEXT`` token ids per pair.
 ``v_o`` may be given in any orthonormal basis of W_O[h]'s row space (``d_out = d_head``) instead
 of the model basis: norms, PCA coordinates and variance ratios are unchanged (up to sign), and
 the O table shrinks by ``d_model / d_head`` (9x for SmolLM2: 53 MB instead of 195 MB in all).
@@ -29,6 +33,8 @@ from headscope.metrics.registry import LayerBatch
 from headscope.metrics.rows import KEY_GROUP
 
 _META = ("sequence", "q_pos", "k_pos", "query_token", "key_token")
+CONTEXT_BEFORE, CONTEXT_AFTER = 6, 2  # tokens kept around each pair's query and key
+CONTEXT = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
 _SEQ_BITS, _POS_BITS = 23, 20
 _TINY = torch.finfo(torch.float32).tiny
 # Above this vector width the exact covariance eigendecomposition gets expensive
@@ -109,6 +115,25 @@ def _pca(x: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return coords, ratio
 
 
+def _span(start: int, tokens: list[int]) -> dict:
+    """One stretch of context with the positions outside the sequence (-1) cut off."""
+    first = next((i for i, t in enumerate(tokens) if t >= 0), len(tokens))
+    last = len(tokens)
+    while last > first and tokens[last - 1] < 0:
+        last -= 1
+    return {"start": start + first, "tokens": tokens[first:last]}
+
+
+def context_spans(q_pos: int, k_pos: int, q_window: list[int], k_window: list[int]) -> list[dict]:
+    """The context of a pair as ``[{"start": position, "tokens": [ids]}, ...]``: from
+    ``CONTEXT_BEFORE`` tokens before to ``CONTEXT_AFTER`` after the key, then the same around the
+    query; one span when the two stretches overlap or touch."""
+    k_start, q_start = k_pos - CONTEXT_BEFORE, q_pos - CONTEXT_BEFORE
+    if q_start <= k_pos + CONTEXT_AFTER + 1:
+        return [_span(k_start, k_window[: q_pos - k_pos] + q_window)]
+    return [_span(k_start, k_window), _span(q_start, q_window)]
+
+
 class PairCollector:
     """Streaming top-N (query, key) pairs per head by attention-output norm, with Q/K/O vectors."""
 
@@ -129,6 +154,9 @@ class PairCollector:
         self.q_vec = torch.zeros(L, H, N, d_head, dtype=dtype)  # [L, H, N, D]
         self.k_vec = torch.zeros(L, H, N, d_head, dtype=dtype)  # [L, H, N, D]
         self.o_vec = torch.zeros(L, H, N, d_out, dtype=dtype)  # [L, H, N, d_out]
+        # [L, H, N, 2, C] token ids at q_pos - CONTEXT_BEFORE + j ([..., 0, j]) and at
+        # k_pos - CONTEXT_BEFORE + j ([..., 1, j]); -1 outside the sequence
+        self.window = torch.full((L, H, N, 2, CONTEXT), -1, dtype=torch.int32)
         self._buffer: Tensor | None = None  # scratch for pair norms, not part of the state
 
     def _candidates(
@@ -140,9 +168,11 @@ class PairCollector:
         group_max: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(sequence-in-batch, head, q, k, norm), each [M], of the pairs that can still enter
-        their head's top N. pattern: [B, H, T, T] causal; v_norm: [B, H, T] (0 at key 0);
-        group_max: [B, H, T, T // KEY_GROUP] row maxima per key group, if already computed."""
-        B, H, T, _ = pattern.shape
+        their head's top N. pattern: [B, H, T, T] causal, or a block of its rows [B, H, r, S]
+        (q is then the row in the block); v_norm: [B, H, S] (0 at key 0); valid: [B, r] the
+        valid queries among the rows; group_max: [B, H, r, S // KEY_GROUP] row maxima per key
+        group, if already computed."""
+        B, H, T, S = pattern.shape
         N = self.n_pairs
         floor = self.norm[layer, :, -1].to(pattern.device)  # [H] N-th best so far, -inf until full
         if bool(torch.isfinite(floor).all()):
@@ -150,8 +180,8 @@ class PairCollector:
             # the floor are read: A[q, k] * ||v_o[k]|| <= (max over the group of A[q, .]) *
             # (max over the group of ||v_o||). Groups of keys make the bound tight: one large
             # value norm anywhere in the sequence no longer lets every row through.
-            W = KEY_GROUP if T % KEY_GROUP == 0 else T
-            G = T // W
+            W = KEY_GROUP if S % KEY_GROUP == 0 else S
+            G = S // W
             floor = floor.clamp_min(_TINY)  # zero pairs never count
             tiles_a = pattern.reshape(B, H, T, G, W)
             tiles_v = v_norm.reshape(B, H, G, W)
@@ -187,11 +217,12 @@ class PairCollector:
         return b, h, q, k, pair[b, h, q, k]
 
     def _scratch_like(self, pattern: Tensor) -> Tensor:
-        """A [B, H, T, T] buffer kept between calls: fresh 40 MB allocations are slow."""
-        buf = self._buffer
-        if buf is None or buf.shape != pattern.shape or buf.device != pattern.device:
-            buf = self._buffer = torch.empty(pattern.shape, device=pattern.device)
-        return buf
+        """A [B, H, T, T] buffer kept between calls: fresh 40 MB allocations are slow (blocks of
+        rows of growing width share it)."""
+        buf, n = self._buffer, pattern.numel()
+        if buf is None or buf.numel() < n or buf.device != pattern.device:
+            buf = self._buffer = torch.empty(n, device=pattern.device)
+        return buf[:n].view(pattern.shape)
 
     def _best(self, norm: Tensor, meta: Tensor) -> Tensor:
         """norm: [..., M], meta: [..., M, 5] -> indices [..., N] of the best pairs, best first."""
@@ -205,11 +236,16 @@ class PairCollector:
         order = order.gather(-1, primary.gather(-1, order).argsort(dim=-1, stable=True))
         return order[..., : self.n_pairs]
 
-    def _keep(self, layers: slice | int, norm: Tensor, meta: Tensor, vecs: list[Tensor]) -> None:
+    def _keep(
+        self, layers: slice | int, norm: Tensor, meta: Tensor, window: Tensor, vecs: list[Tensor]
+    ) -> None:
         """Keep the best n_pairs of the given candidates (already including the current ones)."""
         order = self._best(norm, meta)  # [..., N]
         self.norm[layers] = norm.gather(-1, order)
         self.meta[layers] = meta.gather(-2, order[..., None].expand(*order.shape, meta.shape[-1]))
+        self.window[layers] = window.gather(
+            -3, order[..., None, None].expand(*order.shape, 2, CONTEXT)
+        )
         for name, v in zip(("q_vec", "k_vec", "o_vec"), vecs, strict=True):
             idx = order[..., None].expand(*order.shape, v.shape[-1])
             getattr(self, name)[layers] = v.gather(-2, idx)
@@ -228,16 +264,26 @@ class PairCollector:
         group_max = batch.rows.group_max
         H = pattern.shape[1]
         dev = pattern.device
-        v_norm = v_o.float().norm(dim=-1)  # [B, H, T]
+        s, S = batch.row_start, batch.row_stop  # a block of query rows sees keys < S
+        v_norm = v_o[:, :, :S].float().norm(dim=-1)  # [B, H, S]
         v_norm[:, :, 0] = 0.0  # key 0, the attention sink, never forms a pair
-        b, h, qi, ki, norms = self._candidates(layer, pattern, v_norm, valid, group_max)
+        b, h, qi, ki, norms = self._candidates(layer, pattern, v_norm, valid[:, s:S], group_max)
         M = b.numel()
         if M == 0:
             return
+        qi = qi + s  # query positions (the candidates' q are rows of the block)
         meta = torch.stack(
             [seq_indices.to(dev)[b], qi, ki, tokens[b, qi], tokens[b, ki]], -1
         ).cpu()  # [M, 5]
-        weight = pattern[b, h, qi, ki]  # [M]
+        # each sequence padded with -1 on both sides, so every window is one slice of it
+        T = tokens.shape[1]
+        padded_tokens = tokens.new_full((tokens.shape[0], T + CONTEXT), -1)
+        padded_tokens[:, CONTEXT_BEFORE : CONTEXT_BEFORE + T] = tokens.masked_fill(~valid, -1)
+        offsets = torch.arange(CONTEXT, device=dev)  # [C]
+        window = torch.stack(
+            [padded_tokens[b[:, None], pos[:, None] + offsets] for pos in (qi, ki)], 1
+        ).to(device="cpu", dtype=torch.int32)  # [M, 2, C]
+        weight = pattern[b, h, qi - s, ki]  # [M]
         cand_vecs = [q[b, h, qi], k[b, h, ki], weight[:, None] * v_o[b, h, ki]]
         norms = norms.float().cpu()
 
@@ -252,6 +298,8 @@ class PairCollector:
         c_norm[hs, rank] = norms[order]
         c_meta = torch.full((H, mmax, len(_META)), -1, dtype=torch.int64)
         c_meta[hs, rank] = meta[order]
+        c_window = torch.full((H, mmax, 2, CONTEXT), -1, dtype=torch.int32)
+        c_window[hs, rank] = window[order]
         vecs = []
         for current, v in zip((self.q_vec, self.k_vec, self.o_vec), cand_vecs, strict=True):
             padded = torch.zeros(H, mmax, v.shape[-1], dtype=self.dtype)
@@ -261,6 +309,7 @@ class PairCollector:
             layer,
             torch.cat([self.norm[layer], c_norm], 1),
             torch.cat([self.meta[layer], c_meta], 1),
+            torch.cat([self.window[layer], c_window], 1),
             vecs,
         )
 
@@ -273,17 +322,19 @@ class PairCollector:
             slice(None),
             torch.cat([self.norm, other.norm], -1),
             torch.cat([self.meta, other.meta], -2),
+            torch.cat([self.window, other.window], -3),
             [
                 torch.cat([getattr(self, n), getattr(other, n).to(self.dtype)], -2)
                 for n in ("q_vec", "k_vec", "o_vec")
             ],
         )
 
-    _STATE = ("norm", "meta", "q_vec", "k_vec", "o_vec")
+    _STATE = ("norm", "meta", "window", "q_vec", "k_vec", "o_vec")
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only: ``norm`` [L, H, N], ``meta`` [L, H, N, 5] (sequence, q_pos, k_pos,
-        query token, key token; -1 = empty), ``q_vec``/``k_vec`` [L, H, N, D], ``o_vec``."""
+        query token, key token; -1 = empty), ``window`` [L, H, N, 2, C] (token ids around the
+        query and the key), ``q_vec``/``k_vec`` [L, H, N, D], ``o_vec``."""
         return {name: getattr(self, name).clone() for name in self._STATE}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -296,7 +347,9 @@ class PairCollector:
     def fit(self, n_components: int = 3) -> dict[tuple[int, int], dict]:
         """(layer, head) -> ``{"q"|"k"|"o": {"coords": [[x, y, z], ...], "variance_ratio": [..]},
         "points": [{"sequence", "q_pos", "k_pos", "distance", "query_token", "key_token",
-        "norm"}, ...]}``; points best first, one per coordinate row. JSON-ready lists."""
+        "norm", "context"}, ...]}``; points best first, one per coordinate row. ``context``:
+        spans ``{"start": position, "tokens": [ids]}`` around the key and the query (one span
+        when they overlap), see :func:`context_spans`. JSON-ready lists."""
         L, H, N = self.norm.shape
         mask = (self.meta[..., 0] >= 0).view(L * H, N)
         fits = {}
@@ -312,6 +365,7 @@ class PairCollector:
             fits[name] = (coords.tolist(), ratio.tolist())
         meta = self.meta.tolist()
         norms = self.norm.tolist()
+        windows = self.window.tolist()
         counts = mask.view(L, H, N).sum(-1).tolist()
         out = {}
         for layer in range(L):
@@ -333,9 +387,13 @@ class PairCollector:
                         "query_token": qt,
                         "key_token": kt,
                         "norm": nv,
+                        "context": context_spans(qp, kp, qw, kw),
                     }
-                    for (s, qp, kp, qt, kt), nv in zip(
-                        meta[layer][head][:n], norms[layer][head][:n], strict=True
+                    for (s, qp, kp, qt, kt), nv, (qw, kw) in zip(
+                        meta[layer][head][:n],
+                        norms[layer][head][:n],
+                        windows[layer][head][:n],
+                        strict=True,
                     )
                 ]
                 out[(layer, head)] = entry

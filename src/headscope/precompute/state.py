@@ -24,7 +24,7 @@ from headscope.precompute.toptokens import TopTokens
 
 # Bumped whenever the checkpoint's tensor names or meanings change, so a run resumed by another
 # headscope version fails with a message instead of a KeyError.
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: the Q/K/O pairs keep their token context (pairs.window)
 
 
 class StreamState:

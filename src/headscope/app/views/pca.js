@@ -1,8 +1,9 @@
 // PCA tab of the head page: Q, K and O activations of the head on its top (query, key) pairs,
 // projected on two chosen principal components. Points are coloured by a user rule: a regex on
 // the query or key token (matches highlighted), or the query–key distance. Hovering a point
-// rings the same pair in all three plots; clicking it opens that pair in the examples tab when
-// the sequence is one of the stored examples. URL params: px, py, rule, re.
+// rings the same pair in all three plots and shows the tokens around its key and query (stored
+// with every point); clicking it opens that pair in the examples tab when the sequence is one
+// of the stored examples. URL params: px, py, rule, re.
 
 import { h, clear, fmt } from '../lib/dom.js';
 import { viridis, gradient, HIGHLIGHT, MUTED } from '../lib/color.js';
@@ -54,6 +55,23 @@ export function renderPCA(el, { payload, ctx, name }) {
     return { key, lab, p, title, wrap: h('div', { class: 'pca-cell' }, title, p.el) };
   });
 
+  // The stored context of a point: its spans of tokens with the key and the query marked,
+  // "…" where the sequence goes on (or between the key's and the query's stretches).
+  function contextLine(pt) {
+    const spans = pt.context || [];
+    if (!spans.length) return null;
+    const parts = [];
+    spans.forEach((span, j) => {
+      if (j > 0 || span.start > 0) parts.push(h('span', { class: 'ctx-gap' }, j > 0 ? ` …${span.start - spans[j - 1].start - spans[j - 1].tokens.length} tokens… ` : '… '));
+      (span.strs || span.tokens.map(String)).forEach((str, k) => {
+        const pos = span.start + k;
+        const role = pos === pt.q_pos && pos === pt.k_pos ? 'ctx-query ctx-key' : pos === pt.q_pos ? 'ctx-query' : pos === pt.k_pos ? 'ctx-key' : '';
+        parts.push(h('span', { class: `ctx-tok ${role}`, title: `position ${pos}` }, labelToken(str)));
+      });
+    });
+    return h('div', { class: 'pca-context' }, parts);
+  }
+
   function hover(i, ev) {
     for (const pl of plots) pl.p.setHover(i, true);
     if (i < 0) { hideTip(); return; }
@@ -62,7 +80,8 @@ export function renderPCA(el, { payload, ctx, name }) {
       h('div', { class: 'tip-title' }, `“${labelToken(pt.query)}” → “${labelToken(pt.key)}”`),
       h('div', {}, `distance ${pt.distance} · sequence ${pt.sequence} · positions ${pt.q_pos} → ${pt.k_pos}`),
       pt.norm !== undefined ? h('div', {}, `output norm ${fmt(pt.norm, 3)}`) : null,
-      h('div', { class: 'muted small' }, seqToExample.has(pt.sequence) ? 'click to open this pair in its example' : 'sequence not among the stored examples'),
+      contextLine(pt),
+      h('div', { class: 'muted small' }, (pt.context && pt.context.length ? 'key in orange, query in blue · ' : '') + (seqToExample.has(pt.sequence) ? 'click to open this pair in its example' : 'this sequence is not among the head’s stored examples')),
     ], ev.clientX, ev.clientY);
   }
 
@@ -128,6 +147,7 @@ export function renderPCA(el, { payload, ctx, name }) {
       });
     }
     ctx.hooks.pcaPoints = pts.length;
+    ctx.hooks.pcaPositions = () => plots[0].p.clientPositions().map(([x, y], i) => ({ i, x, y }));
   }
 
   function svgAll() {

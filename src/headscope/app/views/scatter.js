@@ -4,7 +4,7 @@
 
 import * as data from '../data.js';
 import { h, clear, fmt, errorBox, loading, select, parseHead } from '../lib/dom.js';
-import { viridis } from '../lib/color.js';
+import { viridis, MUTED } from '../lib/color.js';
 import { ScatterPlot } from '../lib/canvasplot.js';
 import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
@@ -87,9 +87,10 @@ export function mount(root, ctx) {
     const cv = m.col(st.c);
     let lo = Infinity;
     let hi = -Infinity;
-    for (const i of shown) { lo = Math.min(lo, cv[i]); hi = Math.max(hi, cv[i]); }
+    for (const i of shown) if (Number.isFinite(cv[i])) { lo = Math.min(lo, cv[i]); hi = Math.max(hi, cv[i]); }
+    if (!Number.isFinite(lo)) lo = 0;
     if (!(hi > lo)) { hi = lo + 1; }
-    const colors = shown.map((i) => viridis((cv[i] - lo) / (hi - lo)));
+    const colors = shown.map((i) => (Number.isFinite(cv[i]) ? viridis((cv[i] - lo) / (hi - lo)) : MUTED));
     plot.setData({
       x: shown.map((i) => coord(st.x, i)),
       y: shown.map((i) => coord(st.y, i)),
@@ -115,7 +116,8 @@ export function mount(root, ctx) {
 
   function drawTop(st) {
     const yv = m.col(st.y);
-    const top = [...shown].sort((a, b) => yv[b] - yv[a]).slice(0, 15);
+    const key = (i) => (Number.isFinite(yv[i]) ? yv[i] : -Infinity); // undefined values last
+    const top = [...shown].sort((a, b) => key(b) - key(a)).slice(0, 15);
     clear(els.top).append(
       h('h3', {}, `Highest ${label(st.y)}`),
       h('table', { class: 'data compact' },
