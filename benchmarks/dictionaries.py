@@ -7,7 +7,7 @@ shares, and the same for the options that change them (model dtype, SAE batch si
 Both wall and CPU time: the process's CPU time is the steadier measure on a shared machine.
 
     .venv/bin/python benchmarks/dictionaries.py                      # 8 x 256 tokens, all layers
-    .venv/bin/python benchmarks/dictionaries.py --sequences 16 --sae-batch 1024 4096
+    .venv/bin/python benchmarks/dictionaries.py --threads 1 --dtypes fp32 --sae-batch 1024
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ def main() -> None:
     p.add_argument("--sae-batch", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--n-features", type=int, default=2048)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch CPU threads to time (on a busy machine 1 is often faster than 2)",
+    )
     args = p.parse_args()
 
     print(
@@ -70,7 +76,11 @@ def main() -> None:
             t = _clock()
             chunks = list(iter_activations(ad, corpus, sites, **stream_kw))
             forward[(dtype_name, threads)] = _since(t)
-            print(f"forward pass {dtype_name}, {threads} thread(s): {forward[(dtype_name, threads)]}", flush=True)
+            wall, cpu = forward[(dtype_name, threads)]
+            print(
+                f"forward pass {dtype_name}, {threads} thread(s): {wall:.1f} s wall, {cpu:.1f} s CPU",
+                flush=True,
+            )
             got = sum(next(iter(c.values())).shape[0] for c in chunks)
             if rows is None:
                 n_rows = got
@@ -114,7 +124,9 @@ def main() -> None:
             sae_time[(threads, sae_batch)] = (wall * n_rows / n_train, cpu * n_rows / n_train)
 
     per_k = 1000 / n_rows
-    print(f"\nseconds per 1k tokens (wall / CPU), {len(rows)} layers, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"\nseconds per 1k tokens (wall / CPU), {len(rows)} layers, load {os.getloadavg()[0]:.2f}"
+    )
     for (dtype_name, threads), (wall, cpu) in forward.items():
         print(
             f"  forward pass {dtype_name:>4}, {threads} thread(s): "
