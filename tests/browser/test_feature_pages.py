@@ -116,6 +116,19 @@ def test_the_circuit_has_features_on_all_four_corners(page, dict_live_url, shot)
     assert any(c.startswith("sae:L1/") for c in corners)  # the output corner: next layer
     panel.locator(".circuit").scroll_into_view_if_needed()
     shot(panel.locator(".circuit"), "circuit_four_corners")
+    # a feature pair is an edge between adjacent layers: which heads carry it
+    panel.locator(".ov-pair-terms tbody tr.clickable").first.click()
+    line = panel.locator(".head-loadings .loadings-sum")
+    line.wait_for(timeout=LIVE_TIMEOUT)
+    num = r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+    m = re.search(rf"edge {num} = heads {num} \+ residual {num} \+ MLP {num}", line.inner_text())
+    assert m, line.inner_text()
+    edge, heads_, resid, mlp = map(float, m.groups())
+    assert abs(edge - (heads_ + resid + mlp)) <= 1e-2 * max(
+        abs(edge), abs(heads_), abs(mlp)
+    )  # 3 digits shown
+    assert panel.locator(".head-loadings tbody tr").count() == 4  # every head of the layer
+    shot(panel.locator(".ov-pairs"), "ov_pairs_head_loadings")
     # every feature row of the attribution tables links to its page; so do the circuit's boxes
     row_link = panel.locator(".terms a.feature-link").first
     assert re.fullmatch(r"#/feature/L[01]/\d+", row_link.get_attribute("href"))

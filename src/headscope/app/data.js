@@ -247,6 +247,7 @@ export const api = {
   geometry: (req) => post('api/geometry', req),
   virtualWeights: (req) => post('api/virtual-weights', req),
   feature: (req) => post('api/feature', req),
+  headLoadings: (req) => post('api/head-loadings', req),
   ablate: (req) => post('api/ablate', req),
   interventionCurve: (req) => post('api/intervention-curve', req),
   knockout: (req) => post('api/knockout', req),
@@ -338,6 +339,15 @@ export async function exampleAttribution(kind, { head: name, sequence, query, ke
   }
   const req = { text, head: name, query: map[query], key: map[key], basis: basis || 'components' };
   return { source: 'live', result: await attribute(kind, req) };
+}
+
+/**
+ * The live server's text and positions for a run example's (query, key): what a live request
+ * about that pair sends (null positions when the server tokenises the example differently).
+ */
+export async function exampleLiveText(sequence, strs, query, key) {
+  const { text, map } = await cached(`align:${sequence}`, () => alignExample(strs));
+  return { text, query: map ? map[query] : null, key: map ? map[key] : null };
 }
 
 /** Attribution for free text (custom view): always live. */

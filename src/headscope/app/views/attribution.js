@@ -125,7 +125,7 @@ function qkBlock(qk, ctx) {
 const OV_PROJECTION_DOC = 'the component’s output projected on the direction of the head’s total output: signed, the projections sum to the total ‖output‖; rows are sorted by its size';
 const OV_NORM_DOC = 'the length of the component’s own output vector, whatever its direction';
 
-function ovBlock(ov, ctx, features) {
+function ovBlock(ov, ctx, features, liveText = null) {
   const terms = ov.terms || [];
   // Older precomputed files and imported runs may lack the signed projection.
   const signed = terms.length > 0 && terms.every((t) => Number.isFinite(t.value));
@@ -171,12 +171,36 @@ function ovBlock(ov, ctx, features) {
           h('p', { class: 'muted small' }, 'what the head writes for this token in any context'),
           logitList(ov.key_token_readout, 'pos'))
         : null),
-    ov.pairs && ov.pairs.length ? ovPairsBlock(ov, ctx, features) : null);
+    ov.pairs && ov.pairs.length ? ovPairsBlock(ov, ctx, features, liveText) : null);
+}
+
+/** Which heads carry the edge from a value feature (layer L, at the key) to an output feature
+ * (layer L+1, at the query): head loadings, with the residual and MLP bypass (live server). */
+function loadingsPanel(panel, pair, ov, liveText) {
+  const a = parseComponent(pair.value_feature);
+  const b = parseComponent(pair.output_feature);
+  clear(panel).append(loading(`Head loadings of ${pair.value_feature} → ${pair.output_feature}…`));
+  liveText().then(({ text, query, key }) => {
+    if (query === null || key === null) throw new Error('the live server tokenises this example differently; paste its text into Custom text');
+    return data.api.headLoadings({ text, layer: a.layer, source_feature: a.index, source_pos: key, target_feature: b.index, target_pos: query });
+  }).then((r) => {
+    const heads = r.heads.slice(0, 9);
+    const sum = r.heads.reduce((acc, x) => acc + x.loading, 0);
+    clear(panel).append(
+      h('h4', {}, `Which heads carry ${r.source.feature} (key, position ${r.source.position}) → ${r.target.feature} (query, position ${r.target.position})`),
+      h('p', { class: 'muted small loadings-sum' }, `edge ${fmt(r.edge, 4)} = heads ${fmt(sum, 4)} + residual ${fmt(r.residual, 4)} + MLP ${fmt(r.mlp, 4)} `,
+        `(attention patterns and norm scales frozen, the MLP linearised; the target is read by its ${r.target_vector}, as “Tracing Attention Computation Through Feature Interactions” defines head loadings with the source’s decoder vector)`),
+      h('table', { class: 'data compact' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'head'), h('th', { class: 'num' }, 'loading'), h('th', { class: 'num' }, 'share'), h('th', { class: 'num' }, 'attention'))),
+        h('tbody', {}, heads.map((x) => h('tr', { class: x.head === ov.head ? 'current' : '' }, h('td', {}, x.head), h('td', { class: 'num' }, fmt(x.loading, 4)),
+          h('td', { class: 'num' }, `${fmt(100 * x.share, 3)}%`), h('td', { class: 'num' }, fixed(x.attention, 3)))))));
+  }).catch((err) => clear(panel).append(errorBox(err)));
 }
 
 // OV in the feature basis on both sides: value-side rows at the key × output features (of the
 // next layer's residual dictionary, or the layer's z dictionary) at the query.
-function ovPairsBlock(ov, ctx, features) {
+function ovPairsBlock(ov, ctx, features, liveText = null) {
+  const loadPanel = h('div', { class: 'vw-panel head-loadings' });
   const feats = { ...(features || {}), ...(ov.features || {}) };
   const pairs = ov.pairs.slice(0, 40);
   const mx = Math.max(1e-12, ...pairs.map((p) => Math.abs(p.value)));
@@ -195,11 +219,20 @@ function ovPairsBlock(ov, ctx, features) {
         h('tbody', {}, pairs.map((p, i) => {
           const a = componentCell(p.value_feature, feats, ctx);
           const b = componentCell(p.output_feature, feats, ctx);
-          return h('tr', { class: a.kindClass }, h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(p.value, 4)), h('td', { class: 'barcell' }, bar(p.value, mx)));
+          const pa = parseComponent(p.value_feature);
+          const pb = parseComponent(p.output_feature);
+          const edge = liveText && pa && pb && pa.kind === 'feature' && pb.kind === 'feature' && pb.layer === pa.layer + 1;
+          const tr = h('tr', { class: [a.kindClass, edge ? 'clickable' : ''].filter(Boolean).join(' ') }, h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(p.value, 4)), h('td', { class: 'barcell' }, bar(p.value, mx)));
+          if (edge) {
+            tr.title = 'click: which heads carry this edge (head loadings)';
+            tr.addEventListener('click', () => loadingsPanel(loadPanel, p, ov, liveText));
+          }
+          return tr;
         }))))),
       h('div', { class: 'marg' }, h('h4', {}, 'Output features'), h('table', { class: 'data compact' },
         h('thead', {}, h('tr', {}, h('th', {}, 'feature'), h('th', { class: 'num', title: 'its activation at the query' }, 'act'), h('th', { class: 'num', title: 'sum of its pair terms' }, 'total'), h('th', { class: 'num', title: 'the head’s actual output through this edge, read by its encoder' }, 'model'))),
-        h('tbody', {}, outRows)))));
+        h('tbody', {}, outRows)))),
+    loadPanel);
 }
 
 /** SVG summary of the panel (for export): check line, top QK terms and top OV terms. */
@@ -337,7 +370,8 @@ export function renderAttribution(el, { ctx, head, query, key, strs = null, sequ
     if (qk) body.append(qkBlock(qk, ctx));
     else body.append(errorBox(qkR.status === 'rejected' ? qkR.reason : 'No QK attribution for this pair.'));
     if (qk && text !== null && live) body.append(curvePanel({ text, head, query, key, qk, basis: use }));
-    if (ov) body.append(ovBlock(ov, ctx, qk && qk.features));
+    const liveText = () => (text !== null ? Promise.resolve({ text, query, key }) : data.exampleLiveText(sequence, strs, query, key));
+    if (ov) body.append(ovBlock(ov, ctx, qk && qk.features, live ? liveText : null));
     else body.append(errorBox(ovR.status === 'rejected' ? ovR.reason : 'No OV attribution for this pair.'));
     if (qk || ov) {
       const diagram = () => circuitDiagram({ qk, ov, ctx });
