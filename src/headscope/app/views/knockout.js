@@ -33,9 +33,19 @@ function defaultPair(ex) {
   return best ? { q: best[0], k: best[1] } : { q: ex.strs.length - 1, k: null };
 }
 
-/** Score profile (top) and attention before / after (bottom) over keys 0..query. */
-export function profileChart(r, width = 900) {
-  const n = r.before.length;
+const NEAR = 48; // keys shown before the query when the chart is zoomed (key 0 always)
+
+/** The key positions the chart draws: all, or key 0 and the NEAR keys up to the query. */
+export function chartKeys(r, all) {
+  const q = r.before.length - 1;
+  if (all || q < NEAR + 8) return Array.from({ length: q + 1 }, (_, k) => k);
+  return [0, ...Array.from({ length: NEAR }, (_, j) => q - NEAR + 1 + j)];
+}
+
+/** Score profile (top) and attention before / after (bottom) over `keys` (default 0..query). */
+export function profileChart(r, keys = null, width = 900) {
+  keys = keys || chartKeys(r, true);
+  const n = keys.length;
   const knocked = new Set(r.knocked);
   const h1 = 110;
   const h2 = 150;
@@ -43,20 +53,20 @@ export function profileChart(r, width = 900) {
   const area2 = { x0: 52, x1: width - 12, y0: h1 + 34, y1: h1 + 34 + h2 };
   const xs = linear([-0.5, n - 0.5], [area1.x0, area1.x1]);
   const band = (area1.x1 - area1.x0) / n;
-  const finite = r.scores.filter((v) => v !== null);
+  const finite = keys.map((k) => r.scores[k]).filter((v) => v !== null);
   const lo = Math.min(0, ...finite);
   const hi = Math.max(1e-9, ...finite);
   const ys1 = linear([lo, hi], [area1.y1, area1.y0]);
   const after = r.exact || r.cheap;
-  const top = Math.max(1e-6, ...r.before, ...r.cheap, ...(r.exact || []));
+  const top = Math.max(1e-6, ...keys.flatMap((k) => [r.before[k], r.cheap[k], r.exact ? r.exact[k] : 0]));
   const ys2 = linear([0, top * 1.05], [area2.y1, area2.y0]);
   const g = s('g', {});
   const tip = (k) => h('div', {},
     h('div', {}, h('strong', {}, `key ${k}`), ' ', h('code', {}, labelToken(r.tokens[k])), knocked.has(k) ? h('span', { class: 'badge warn' }, 'knocked out') : null),
     h('div', {}, `score ${r.scores[k] === null ? 'masked' : fmt(r.scores[k], 4)}`),
     h('div', {}, `attention ${fmt(r.before[k], 4)} → cheap ${fmt(r.cheap[k], 4)}`, r.exact ? `, exact ${fmt(r.exact[k], 4)}` : ''));
-  for (let k = 0; k < n; k++) {
-    const x = xs(k) - band / 2;
+  keys.forEach((k, i) => {
+    const x = xs(i) - band / 2;
     const sc = r.scores[k];
     const hit = s('rect', { x, y: area1.y0, width: Math.max(band, 1), height: area2.y1 - area1.y0, fill: 'transparent', 'data-key': k, class: 'ko-hit' });
     if (sc !== null) {
@@ -69,10 +79,13 @@ export function profileChart(r, width = 900) {
     hit.addEventListener('mousemove', (ev) => showTip(tip(k), ev.clientX, ev.clientY));
     hit.addEventListener('mouseleave', hideTip);
     g.append(hit);
-  }
+  });
   const ticks = niceTicks(0, n - 1, Math.min(12, n)).filter((t) => Number.isInteger(t));
+  if (n > 1 && keys[1] !== 1) { // zoomed: key 0, then a gap
+    g.append(s('line', { x1: (xs(0) + xs(1)) / 2, x2: (xs(0) + xs(1)) / 2, y1: area1.y0, y2: area2.y1, stroke: '#9aa1ad', 'stroke-dasharray': '3 3' }));
+  }
   const ax1 = axes(area1, xs, ys1, { yLabel: 'score', xTicks: [] });
-  const ax2 = axes(area2, xs, ys2, { xLabel: 'key position', yLabel: 'attention', xTicks: ticks });
+  const ax2 = axes(area2, xs, ys2, { xLabel: 'key position', yLabel: 'attention', xTicks: ticks, xFormat: (t) => String(keys[t]) });
   const legend = s('g', {});
   let lx = area2.x0;
   const items = [['before', COLORS.before], ['after (cheap)', COLORS.cheap], ...(r.exact ? [['after (exact)', COLORS.exact]] : []), ['knocked out', COLORS.knocked]];
@@ -144,7 +157,7 @@ export function renderKnockout(el, { payload, ctx, name }) {
     const rule = c.get('rule');
     let ko = intList(c.get('ko'));
     if (!c.get('ko') && !rule && c.get('q') === null && dflt.k !== null) ko = [dflt.k];
-    return { i, ex, q, ko, rule, cheap: c.get('cheap') === '1' };
+    return { i, ex, q, ko, rule, cheap: c.get('cheap') === '1', all: c.get('all') === '1' };
   }
 
   async function draw(c) {
@@ -180,16 +193,22 @@ export function renderKnockout(el, { payload, ctx, name }) {
         if (set.has(k)) set.delete(k); else set.add(k);
         ctx.set({ ko: [...set].sort((a, b) => a - b).join(',') || null, rule: null, q: st.q }, { replace: true });
       };
-      const chart = profileChart(r);
-      for (const hit of chart.querySelectorAll('.ko-hit')) hit.addEventListener('click', () => toggle(Number(hit.dataset.key)));
       const after = r.exact || r.cheap;
+      const keys = chartKeys(r, st.all);
+      const chart = profileChart(r, keys);
+      const zoom = r.before.length > keys.length
+        ? h('button', { type: 'button', class: 'linkish', onclick: () => ctx.set({ all: 1 }, { replace: true }) }, `show all ${r.before.length} keys`)
+        : st.all && chartKeys(r, false).length < r.before.length
+          ? h('button', { type: 'button', class: 'linkish', onclick: () => ctx.set({ all: null }, { replace: true }) }, 'zoom in near the query') : null;
+      for (const hit of chart.querySelectorAll('.ko-hit')) hit.addEventListener('click', () => toggle(Number(hit.dataset.key)));
       const gone = r.moves[0];
       clear(body).append(
         h('p', { class: 'ko-summary' },
           h('strong', {}, `query ${st.q} `), h('code', {}, labelToken(r.tokens[r.query])), ': ',
           `knocked out ${r.knocked.length} key${r.knocked.length === 1 ? '' : 's'}${r.rule ? ` (rule "${r.rule}")` : ''} holding ${fmt(r.knocked_mass, 3)} of the attention`,
           gone ? [' · most moves to key ', h('strong', {}, String(gone.key)), ' ', h('code', {}, labelToken(gone.token)), ` (${fmt(gone.before, 3)} → ${fmt(after[gone.key], 3)})`] : ''),
-        h('div', { class: 'ko-chart' }, chart, exportButtons(`${name}_knockout_q${st.q}`, { svg: () => profileChart(r) })),
+        h('div', { class: 'ko-chart' }, chart, exportButtons(`${name}_knockout_q${st.q}`, { svg: () => profileChart(r, keys) })),
+        keys.length < r.before.length ? h('p', { class: 'muted small' }, `Keys 0 and ${keys[1]}..${r.query} shown (the keys in between hold ${fmt(r.before.slice(1, keys[1]).reduce((a, b) => a + b, 0), 3)} of the attention before, ${fmt(after.slice(1, keys[1]).reduce((a, b) => a + b, 0), 3)} after); `, zoom) : h('p', { class: 'muted small' }, zoom),
         h('p', { class: 'muted small' }, 'Click a bar or a token to knock that key out (or back in). Blue: attention before; orange: the head\'s own scores renormalised without the keys (cheap); green: a forward pass with no head of layers 0..L attending to them (exact).'),
         tokenStrip(r, { onKey: toggle, before: r.before }),
         h('h4', {}, 'Keys whose attention changes most'), movesTable(r));
