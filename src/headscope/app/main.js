@@ -11,6 +11,9 @@ import * as headView from './views/head.js';
 import * as custom from './views/custom.js';
 import * as sweep from './views/sweep.js';
 import * as geometry from './views/geometry.js';
+import * as features from './views/features.js';
+import * as featureView from './views/feature.js';
+import * as ablate from './views/ablate.js';
 
 /** Test and debugging hooks (read by tests/browser). */
 const hooks = {
@@ -29,6 +32,9 @@ const ROUTES = [
   { name: 'custom', nav: 'custom', match: (p) => p[0] === 'custom', key: () => 'custom', view: custom },
   { name: 'sweep', nav: 'sweep', match: (p) => p[0] === 'sweep', key: () => 'sweep', view: sweep },
   { name: 'geometry', nav: 'geometry', match: (p) => p[0] === 'geometry', key: () => 'geometry', view: geometry },
+  { name: 'features', nav: 'features', match: (p) => p[0] === 'features', key: () => 'features', view: features },
+  { name: 'feature', nav: 'features', match: (p) => p[0] === 'feature', key: (p) => `feature/${p.slice(1).join('/')}`, view: featureView },
+  { name: 'ablate', nav: 'ablate', match: (p) => p[0] === 'ablate', key: () => 'ablate', view: ablate },
 ];
 
 function parseHash() {
@@ -152,6 +158,32 @@ async function header() {
   if (st.live) badge = h('span', { class: 'badge live', title: `live server: ${JSON.stringify(st.health)}` }, `live · ${st.health.model}`);
   else if (st.server) badge = h('span', { class: 'badge', title: 'the server has no model: live views are off' }, 'server · no model');
   statusEl.append(badge);
+  if (st.live && st.health.dictionary_training) trainingBadge(statusEl, st.health.dictionary_training);
+}
+
+/**
+ * Residual dictionaries training in the background (`headscope demo`): layers ready of all and
+ * the time left, polled from `api/health` until the training ends. The server uses each layer as
+ * soon as it is done; a reload shows every ready layer in the app's basis menus.
+ */
+function trainingBadge(statusEl, first) {
+  if (!first.running && first.layers_ready.length === first.layers.length) return;
+  const el = h('span', { class: 'badge', title: 'feature dictionaries training in the background; each layer is used as soon as it is done' });
+  statusEl.append(' ', el);
+  const show = (t) => {
+    const left = t.running && t.eta_seconds ? ` · ~${Math.max(1, Math.round(t.eta_seconds / 60))} min left` : '';
+    el.textContent = `dictionaries ${t.layers_ready.length}/${t.layers.length}${left}`;
+  };
+  show(first);
+  if (!first.running) return;
+  const timer = setInterval(async () => {
+    try {
+      const resp = await fetch('api/health', { headers: { accept: 'application/json' } });
+      const t = (await resp.json()).dictionary_training;
+      if (t) show(t);
+      if (!t || !t.running) clearInterval(timer);
+    } catch { /* the server is gone: keep the last state */ }
+  }, 10000);
 }
 
 window.addEventListener('hashchange', () => {
