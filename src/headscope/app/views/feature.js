@@ -1,4 +1,4 @@
-// Feature page (#/feature/L16/123): one residual dictionary feature, from the live server's
+// Feature page (#/feature/L16/123[?n=tokens]): one residual dictionary feature, from the live server's
 // `feature` operation: its label, top contexts (tokens shaded by the feature's activation), an
 // activation histogram, the heads that read it on the query and key side and the earlier heads
 // that write it, and its nearest features by virtual weight through its top readers.
@@ -122,7 +122,9 @@ export function mount(root, ctx) {
     }
     clear(el).append(loading(`Reading feature L${id.layer}/${id.index} (the first page of a layer streams its text once)…`));
     try {
-      const f = await data.api.feature({ layer: id.layer, feature: id.index });
+      const n = Number(ctx.get('n'));
+      const req = { layer: id.layer, feature: id.index, ...(Number.isInteger(n) && n > 0 ? { n_tokens: n } : {}) };
+      const f = await data.api.feature(req);
       if (!alive) return;
       render(el, f, ctx);
     } catch (err) {
