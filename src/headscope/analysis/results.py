@@ -93,9 +93,7 @@ class TokenLogit(Result):
 
 
 class OVPairTerm(Result):
-    value_feature: str = Field(
-        description="value-side row at the key (a feature, b_dec, error, bias)"
-    )
+    value_feature: str = Field(description="value-side row at the key (feature, b_dec, error)")
     output_feature: str = Field(description="output-side feature (read at the query)")
     value: float = Field(
         description="the row's output through this edge, read by the output feature's encoder"
