@@ -213,3 +213,20 @@ def test_features_area_lists_decompositions_and_their_pages(page, features_run, 
     )
     assert subs == split["examples"][0]["top"]
     shot(page, "features_split")
+
+
+def test_features_work_from_a_static_export(page, features_run, tmp_path):
+    """The features area reads only files, so a static export shows it; the describe tab says
+    it needs a server."""
+    from headscope.store.static import export_static
+    from tests.browser.static_server import StaticServer
+
+    site = export_static(features_run.run_dir, tmp_path / "site")
+    with StaticServer(site) as server:
+        page.goto(f"{server.url}index.html#/features?d=split-L1H0")
+        page.wait_for_selector(".split-example")
+        page.goto(f"{server.url}index.html#/features?d=qk-L1H0")
+        page.wait_for_selector(".qk-pairs .fx")
+        page.goto(f"{server.url}index.html#/head/{HEAD}/describe")
+        page.wait_for_selector(".note.needs-server")
+        assert "needs a live server" in page.inner_text(".note.needs-server")
