@@ -15,6 +15,7 @@ live model, on the model queue like every other model call.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,8 +104,8 @@ def add_run_routes(app: FastAPI, run_root: Path | None, ctx: Any, queue: Any) ->
         return describe_examples(payload, rules, ad.tokens.display, adapter=ad, counterexamples=n)
 
     async def run_describe(head: str, rules: RuleSet, on: str, n: int) -> DescribeResult:
-        if on == "stored":
-            return describe(head, rules, on, n)
+        if on == "stored":  # no model: a thread of its own, never behind a forward pass
+            return await asyncio.to_thread(describe, head, rules, on, n)
         return await queue.run(lambda: describe(head, rules, on, n))
 
     @app.post("/api/run/describe", response_model=DescribeResult)
