@@ -316,7 +316,7 @@ def add_research_commands(sub) -> None:
     sp.add_argument(
         "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
     )
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
 
     sp = command(
         sub,
@@ -343,7 +343,7 @@ def add_research_commands(sub) -> None:
     sp.add_argument("--label-tokens", type=int, help="training tokens for feature cards")
     sp.add_argument("--edges", type=int, help="random QK edges per layer for the error share")
     sp.add_argument("--shard-tokens", type=int, help="rows per stream file")
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--seed", type=int, help="random seed")
     sp.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
     sp.add_argument(
         "--threads", type=int, help="torch CPU threads (on a busy machine 1 is often faster)"
@@ -372,7 +372,9 @@ def add_research_commands(sub) -> None:
     sp.add_argument("--counterexamples", type=int, default=10, help="counterexamples to list")
     sp.add_argument("--model", help="the model to run; none given: the run's model")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations"
+    )
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     dec = sub.add_parser(
@@ -387,32 +389,43 @@ def add_research_commands(sub) -> None:
         sp.set_defaults(handler=_decompose)
         model_args(sp, dtype=False)
         data_args(sp)
-        sp.add_argument("--layer", type=int, required=True)
+        sp.add_argument("--layer", type=int, required=True, help="the attention layer")
         sp.add_argument("--out", required=True, help="output folder (see docs/decompose.md)")
         sp.add_argument("--contexts", type=int, default=96, help="packed contexts to read")
         sp.add_argument("--seq-len", type=int, default=128, help="tokens per context")
         sp.add_argument("--eval", dest="n_eval", type=int, default=16, help="held-out contexts")
         sp.add_argument("--epochs", type=int, default=8, help="passes over the training contexts")
         sp.add_argument("--lr", type=float, help="Adam learning rate (default: the method's)")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0, help="random seed")
         if name == "mtc":
             sp.add_argument(
                 "--variants",
                 nargs="+",
                 choices=["mtc", "single_head", "sae_mtc"],
                 default=["mtc", "single_head", "sae_mtc"],
+                help="what to train: the transcoder, the one-head baseline, SAE features + MTC",
             )
-            sp.add_argument("--target", choices=["attn_out", "resid_post"], default="attn_out")
-            sp.add_argument("--n-features", type=int, default=512)
+            sp.add_argument(
+                "--target",
+                choices=["attn_out", "resid_post"],
+                default="attn_out",
+                help="what the transcoder reconstructs: the attention output or the residual",
+            )
+            sp.add_argument("--n-features", type=int, default=512, help="dictionary size")
             sp.add_argument("--k-moved", type=int, default=128, help="features moved per context")
-            sp.add_argument("--l1", type=float, default=2e-3)
+            sp.add_argument("--l1", type=float, default=2e-3, help="sparsity penalty")
         else:
             sp.add_argument("--head", type=int, required=True, help="query head in the layer")
         if name == "qk":
-            sp.add_argument("--n-features", type=int, default=64)
+            sp.add_argument("--n-features", type=int, default=64, help="query/key features")
             sp.add_argument("--rank", type=int, default=1, help="1: scalar features; r: r-dim")
-            sp.add_argument("--variant", choices=["softmax", "linear"], default="softmax")
-            sp.add_argument("--l1", type=float, default=1e-3)
+            sp.add_argument(
+                "--variant",
+                choices=["softmax", "linear"],
+                default="softmax",
+                help="softmax: the features' scores form the pattern; linear: they are the pattern",
+            )
+            sp.add_argument("--l1", type=float, default=1e-3, help="sparsity penalty")
         if name == "split":
             sp.add_argument("--k", dest="k", type=int, default=2, help="sub-heads")
             sp.add_argument("--d-head", type=int, help="sub-head dim (default: the head's)")
@@ -435,7 +448,9 @@ def add_research_commands(sub) -> None:
     sp.add_argument("run", nargs="?", help="run folder: its model and dataset (optional)")
     sp.add_argument("--model", help="the model to run (default: the run's, else default)")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations"
+    )
     data_args(sp)
     sp.add_argument(
         "--heads",
@@ -443,7 +458,12 @@ def add_research_commands(sub) -> None:
         default=["all"],
         help="heads to ablate, each alone, or L0H0+L1H0 together; all: every head",
     )
-    sp.add_argument("--method", choices=["zero", "mean", "resample"], default="zero")
+    sp.add_argument(
+        "--method",
+        choices=["zero", "mean", "resample"],
+        default="zero",
+        help="replace the head's output by zero, its mean, or its output on another sequence",
+    )
     sp.add_argument(
         "--task",
         choices=["data", "repeated"],
@@ -477,13 +497,15 @@ def add_research_commands(sub) -> None:
     sp.add_argument("run", nargs="?", help="run folder: its model, and where --add-column writes")
     sp.add_argument("--model", help="the model to run (default: the run's, else default)")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations"
+    )
     sp.add_argument(
         "--prefix-lengths", type=int, nargs="+", default=list(range(1, 9)), help="m values"
     )
     sp.add_argument("--sequences", type=int, default=32, help="random sequences per m")
     sp.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
     sp.add_argument(
         "--min-attention", type=float, default=0.3, help="induction head: peak attention"
     )

@@ -7,6 +7,12 @@ from pathlib import Path
 from headscope.cli.common import adapter, command, data_args, emit, model_args
 from headscope.errors import InputError
 
+_POSITIONAL_HELP = {
+    "run": "run folder",
+    "out": "output folder (absent or empty)",
+    "tree": "HeadVis data tree (a folder)",
+}
+
 
 def info(args):
     info = adapter(args).info()
@@ -193,7 +199,7 @@ def add_run_commands(sub) -> None:
     sp.add_argument(
         "--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)"
     )
-    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--port", type=int, default=8765, help="port to serve on")
     sp.add_argument("--token", help="access token (generated when --host is not local)")
     sp.add_argument(
         "--dictionaries", help="residual SAEs for the feature basis (default: RUN/dictionaries)"
@@ -204,7 +210,7 @@ def add_run_commands(sub) -> None:
     )
     sp.add_argument("--out", help="run folder (default: in $HEADSCOPE_CACHE)")
     sp.add_argument("--host", default="127.0.0.1", help="bind address")
-    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--port", type=int, default=8765, help="port to serve on")
     sp.add_argument("--sequences", type=int, default=64, help="packed sequences to precompute")
     sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
     sp.add_argument("--no-serve", action="store_true", help="build the demo run and exit")
@@ -221,8 +227,8 @@ def add_run_commands(sub) -> None:
         ),
     ):
         sp = command(sub, name, handler, help_)
-        sp.add_argument(first)
-        sp.add_argument(second)
+        for arg in (first, second):
+            sp.add_argument(arg, help=_POSITIONAL_HELP[arg])
         sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = command(
@@ -248,7 +254,12 @@ def add_run_commands(sub) -> None:
     sp = command(sub, "motifs map", _motifs_map, "every head of several runs on one 2-D map")
     sp.add_argument("runs", nargs="+", help="run folders (any models)")
     sp.add_argument("--space", help="a fitted motif space (default: fitted on these runs)")
-    sp.add_argument("--method", choices=["isomap", "tsne", "umap"], default="isomap")
+    sp.add_argument(
+        "--method",
+        choices=["isomap", "tsne", "umap"],
+        default="isomap",
+        help="2-D embedding (umap needs umap-learn installed)",
+    )
     sp.add_argument("--neighbors", type=int, default=16, help="neighbourhood size / perplexity")
     sp.add_argument("--out", help="write the map as JSON here")
     sp.add_argument(

@@ -256,9 +256,9 @@ class FeatureRequest(Request):
 class HeadLoadingsRequest(Request):
     text: Text
     layer: int = Field(ge=0, description="source layer L (the target feature is in layer L+1)")
-    source_feature: int = Field(ge=0)
+    source_feature: int = Field(ge=0, description="feature index in layer L's dictionary")
     source_pos: Position
-    target_feature: int = Field(ge=0)
+    target_feature: int = Field(ge=0, description="feature index in layer L+1's dictionary")
     target_pos: Position
     target_vector: Literal["encoder", "decoder"] = Field(
         "encoder",
