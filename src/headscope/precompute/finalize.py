@@ -176,58 +176,62 @@ def finalize(
             vocab_ids.update(sequences[seq][0])
         writer = ThreadPoolExecutor(_WRITERS)  # encoding, writing and fsync overlap the next head
         written: list[Future] = []
-        for layer in layers:
-            for h in range(s.n_heads):
-                examples: list[dict] = []
-                buckets: list[dict] = []
-                for lo, hi, items in selected[(layer, h)]:
-                    idx = []
-                    for seq, score in items:
-                        idx.append(len(examples))
-                        examples.append(
-                            {
-                                "sequence": seq,
-                                "max_attention": round(score, 4),
-                                "tokens": sequences[seq][0],
-                                "doc_starts": sequences[seq][1],
-                                **state.examples.payloads.example(layer, h, seq),
-                            }
-                        )
-                    buckets.append({"lo": lo, "hi": hi, "examples": idx})
-                tt = top[(layer, h)]
+        try:
+            for layer in layers:
+                for h in range(s.n_heads):
+                    examples: list[dict] = []
+                    buckets: list[dict] = []
+                    for lo, hi, items in selected[(layer, h)]:
+                        idx = []
+                        for seq, score in items:
+                            idx.append(len(examples))
+                            examples.append(
+                                {
+                                    "sequence": seq,
+                                    "max_attention": round(score, 4),
+                                    "tokens": sequences[seq][0],
+                                    "doc_starts": sequences[seq][1],
+                                    **state.examples.payloads.example(layer, h, seq),
+                                }
+                            )
+                        buckets.append({"lo": lo, "hi": hi, "examples": idx})
+                    tt = top[(layer, h)]
 
-                def tok_rows(rows_):
-                    return [
-                        {"token": toks.display(t), "id": t, "mass": round(m, 5), "count": c}
-                        for t, m, c in rows_
-                    ]
+                    def tok_rows(rows_):
+                        return [
+                            {"token": toks.display(t), "id": t, "mass": round(m, 5), "count": c}
+                            for t, m, c in rows_
+                        ]
 
-                p = _round(pca[(layer, h)])
-                for point in p.get("points", []):
-                    point["query"] = toks.display(point.pop("query_token"))
-                    point["key"] = toks.display(point.pop("key_token"))
-                    vocab_ids.update(t for span in point["context"] for t in span["tokens"])
-                name = head_name(layer, h)
-                (out / "heads").mkdir(exist_ok=True)
-                payload = {
-                    "head": name,
-                    "layer": layer,
-                    "index": h,
-                    "metrics": {n: _defined(table[n][layer, h]) for n in names},
-                    "curves": {
-                        "long_prefix_induction": [round(float(x), 5) for x in curve[layer, h]]
-                    },
-                    "histogram": {"edges": edges, "counts": hist[layer, h].tolist()},
-                    "buckets": buckets,
-                    "examples": examples,
-                    "top_query_tokens": tok_rows(tt["query"]),
-                    "top_key_tokens": tok_rows(tt["key"]),
-                    "pca": p,
-                    "similar": similar.get(name, []),
-                }
-                written.append(writer.submit(write_json, out / "heads" / f"{name}.json", payload))
-                written[-1].add_done_callback(lambda _: heads_bar.update())
-        writer.shutdown(wait=True)
+                    p = _round(pca[(layer, h)])
+                    for point in p.get("points", []):
+                        point["query"] = toks.display(point.pop("query_token"))
+                        point["key"] = toks.display(point.pop("key_token"))
+                        vocab_ids.update(t for span in point["context"] for t in span["tokens"])
+                    name = head_name(layer, h)
+                    (out / "heads").mkdir(exist_ok=True)
+                    payload = {
+                        "head": name,
+                        "layer": layer,
+                        "index": h,
+                        "metrics": {n: _defined(table[n][layer, h]) for n in names},
+                        "curves": {
+                            "long_prefix_induction": [round(float(x), 5) for x in curve[layer, h]]
+                        },
+                        "histogram": {"edges": edges, "counts": hist[layer, h].tolist()},
+                        "buckets": buckets,
+                        "examples": examples,
+                        "top_query_tokens": tok_rows(tt["query"]),
+                        "top_key_tokens": tok_rows(tt["key"]),
+                        "pca": p,
+                        "similar": similar.get(name, []),
+                    }
+                    written.append(
+                        writer.submit(write_json, out / "heads" / f"{name}.json", payload)
+                    )
+                    written[-1].add_done_callback(lambda _: heads_bar.update())
+        finally:
+            writer.shutdown(wait=True)  # also when building a head failed
         for done in written:
             done.result()  # a failed write raises here
         heads_bar.close()
