@@ -75,12 +75,21 @@ function nearTable(vw, ctx) {
     list(vw.other_side, `other side: ${other}-side features this ${vw.side} matches (a high score when they meet)`));
 }
 
+/** The tokens the feature fires on most often among the page's own top contexts. */
+function firesOn(contexts, n = 5) {
+  const count = new Map();
+  for (const c of contexts) count.set(c.tokens[c.at], (count.get(c.tokens[c.at]) || 0) + 1);
+  return [...count.keys()].sort((a, b) => count.get(b) - count.get(a)).slice(0, n).map((t) => `“${labelToken(t)}”`).join(' ');
+}
+
 function render(el, f, ctx) {
   const maxAct = Math.max(1e-9, ...f.contexts.map((c) => c.activation));
   const card = f.card || {};
   clear(el).append(
     h('h1', {}, `Feature ${f.feature}`),
-    h('p', { class: 'feature-label' }, f.label ? f.label : h('span', { class: 'muted' }, 'no card for this feature (features.json)')),
+    h('p', { class: 'feature-label', title: 'from its card (features.json), measured when the dictionary was labelled' },
+      f.label ? f.label : h('span', { class: 'muted' }, 'no card for this feature (features.json)')),
+    f.contexts.length ? h('p', { class: 'small fires-here' }, `on this page’s text it fires most on ${firesOn(f.contexts)}`) : null,
     h('p', { class: 'muted small' },
       `fires on ${fmt(100 * f.density, 3)}% of ${f.n_tokens.toLocaleString('en-US')} tokens · mean activation ${fixed(f.mean_activation, 3)} · `,
       `text: ${f.data.split('/').pop()}${f.skipped_sequences ? ` after the ${f.skipped_sequences} sequences the dictionary trained on` : ''} · `,
