@@ -259,17 +259,25 @@ def evaluate_prompts(
     right = torch.zeros(N, L, H, dtype=torch.bool)
 
     def handle(idx: list[int], cap: Any) -> None:
+        B, T = len(idx), len(seqs[idx[0]])
+        rows = torch.arange(B)
+        q = torch.tensor([pos[i].query for i in idx])  # [B]
+        k = torch.tensor([pos[i].key for i in idx])  # [B]
+        pool = torch.arange(T)[None, :] <= q[:, None]  # [B, T] keys the marked key competes with
+        for r, i in enumerate(idx):
+            if pos[i].candidates:
+                pool[r] = False
+                pool[r, pos[i].candidates] = True
         for layer in layers:
             t = cap.layers[layer]
-            for row, i in enumerate(idx):  # one row per prompt: a query row [H, q + 1]
-                p = pos[i]
-                w = t.pattern[row, :, p.query, : p.query + 1].double()  # [H, q+1]
-                sc = t.scores[row, :, p.query, : p.query + 1].double()
-                att[i, layer] = w[:, p.key]
-                score[i, layer] = sc[:, p.key]
-                rank[i, layer] = (w > w[:, p.key : p.key + 1]).sum(1) + 1
-                pool = w[:, p.candidates] if p.candidates else w
-                right[i, layer] = w[:, p.key] >= pool.max(1).values
+            w = t.pattern[rows, :, q].double()  # [B, H, T] the query rows (later keys are 0)
+            sc = t.scores[rows, :, q].double()  # [B, H, T]
+            a = w[rows, :, k]  # [B, H]
+            att[idx, layer] = a
+            score[idx, layer] = sc[rows, :, k]
+            rank[idx, layer] = (w > a[..., None]).sum(-1) + 1
+            best = w.masked_fill(~pool[:, None, :], -1.0).max(-1).values  # [B, H]
+            right[idx, layer] = a >= best
 
     run_grouped(ad, seqs, handle, layers=layers, patterns=True)
     rows = []
