@@ -45,6 +45,7 @@ def _args(root, model) -> dict[str, list[str]]:
         "geometry": ["--queries", str(root / "q.txt"), "--keys", str(root / "k.txt"), "--head", "L1H0"],
         "intervene": [*pair, "--head", "L2H1", "--component", "L1H0", "--side", "key", "--at", "4"],
         "virtual-weights": ["--dictionaries", str(root / "d"), "--head", "L1H0", "--feature", "3"],
+        "feature": ["--dictionaries", str(root / "d"), "--layer", "1", "--feature", "3", "--n-tokens", "256"],
         "head-loadings": [
             "--dictionaries", str(root / "d"), "--text", TEXT, "--layer", "0",
             "--source-feature", "1", "--source-pos", "4", "--target-feature", "2", "--target-pos", "12",
@@ -74,6 +75,7 @@ TEXT_HAS = {
     "geometry": "mean own-pair cosine",
     "intervene": "score",
     "virtual-weights": "same side:",
+    "feature": "read on the query side",
     "head-loadings": "share",
     "describe-text": "all rules",
     "knockout": "where the attention goes",
