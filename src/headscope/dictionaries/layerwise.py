@@ -77,14 +77,14 @@ class LayerwiseConfig:
     text_field: str = "text"
     n_features: int = 2048
     k: int = 64
-    n_tokens: int = 100_000
+    n_tokens: int = 50_000
     epochs: int = 2
     n_eval: int = 4096
     seq_len: int = 256
     batch_size: int = 8
     sae_batch_size: int = 1024
     lr: float | None = None
-    label_tokens: int = 30_000
+    label_tokens: int = 20_000
     edges: int = 16
     shard_tokens: int = 8192
     seed: int = 0
