@@ -65,3 +65,34 @@ def test_long_prefix_probe_cut_after_its_queries_and_batched_equals_the_whole_se
     assert got.shape == want.shape == (3, adapter.spec.n_heads, 4)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
     assert got.abs().sum() > 0
+
+
+def test_probe_metrics_are_read_back_for_the_same_weights_and_recomputed_for_others(
+    tmp_path, monkeypatch
+):
+    from headscope.precompute import probe_cache
+
+    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path / "cache"))
+    adapter = ModelAdapter.load(str(save_tiny("llama", tmp_path / "m")))
+
+    def probe():
+        return probes.Probe(adapter, [0, 1, 2], n=3, length=8, seed=0)
+
+    table, curve = probe_cache.probe_metrics(probe())
+    assert set(table) >= {"prefix_matching_score", "long_prefix_score", "copying_score"}
+    assert len(list((tmp_path / "cache" / "probes").iterdir())) == 1
+
+    calls = []
+    real = probes._edge_attention
+    monkeypatch.setattr(probes, "_edge_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, curve_again = probe_cache.probe_metrics(probe())
+    assert not calls  # read from the cache: no forward pass
+    assert torch.equal(curve_again, curve)
+    assert all(torch.equal(again[n], table[n]) for n in table)
+
+    with torch.no_grad():  # other weights: another key, computed afresh
+        next(adapter.model.parameters()).mul_(1.5)
+    changed, _ = probe_cache.probe_metrics(probe())
+    assert calls
+    assert len(list((tmp_path / "cache" / "probes").iterdir())) == 2
+    assert not torch.equal(changed["copying_score"], table["copying_score"])

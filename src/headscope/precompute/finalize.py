@@ -20,6 +20,7 @@ from headscope.model.spec import head_name
 from headscope.precompute import probes
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.motifs import MotifEmbedder, head_distances, head_map, nearest_heads
+from headscope.precompute.probe_cache import probe_metrics
 from headscope.precompute.state import StreamState
 from headscope.progress import bar, counting_tokens
 from headscope.store.run_format import SCHEMA_VERSION
@@ -35,8 +36,9 @@ def _metric_table(
     registration order), plus the long-prefix curves [L, H, 4]."""
     table = {name: value.float() for name, value in state.metrics.result().items()}
     probe = probes.Probe(adapter, layers, cfg.probe_sequences, cfg.probe_length, cfg.seed)
-    table.update(probes.run_probes(probe))
-    return table, probes.long_prefix_curve(probe)
+    model_metrics, curve = probe_metrics(probe)  # from the cache when this model ran them
+    table.update(model_metrics)
+    return table, curve
 
 
 def _similar(
