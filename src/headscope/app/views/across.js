@@ -54,7 +54,7 @@ export function renderAcross(el, { ctx, name }) {
       x: xy.map((p) => p[0]), y: xy.map((p) => p[1]),
       colors: runOf.map((r) => RUN_COLORS[r % RUN_COLORS.length]),
       order, emphasis: new Set(selfIdx >= 0 ? [selfIdx] : []),
-      xLabel: `${kind} 1`, yLabel: `${kind} 2`,
+      xLabel: `${kind.split(':')[0]} 1`, yLabel: `${kind.split(':')[0]} 2`,
       legend: across.runs.map((run, r) => ({ label: r === across.this_run ? `${run} (this run)` : run, color: RUN_COLORS[r % RUN_COLORS.length] })),
       labels,
     });
