@@ -76,9 +76,9 @@ def tiny(tmp_path_factory):
     return save_tiny("llama", root / "model"), write_texts(root / "data.jsonl", n_docs=60)
 
 
-def _states(model, data, blocks, *, seq_len=96, n=6, layers=None):
-    """StreamStates of the same batches, whole layers and each block size; the last sequence
-    is cut short so its batch holds padding."""
+def _states(model, data, blocks, *, seq_len=96, n=6, layers=None, whole=True):
+    """StreamStates of the same batches, whole layers (key None, unless ``whole`` is False)
+    and each block size; the last sequence is cut short so its batch holds padding."""
     torch.manual_seed(0)
     adapter = ModelAdapter.load(str(model))
     cfg = PrecomputeConfig(
@@ -89,7 +89,7 @@ def _states(model, data, blocks, *, seq_len=96, n=6, layers=None):
     seqs[-1] = Sequence(last.index, last.ids[:-11], last.doc_starts[:-11], last.continued, ())
     layers = layers or list(range(adapter.spec.n_layers))
     out = {}
-    for block in (None, *blocks):
+    for block in ((None,) if whole else ()) + tuple(blocks):
         state = StreamState(adapter.spec, cfg)
         for i in range(0, n, 4):
             process_batch(adapter, state, layers, seqs[i : i + 4], block)
@@ -194,3 +194,34 @@ def test_the_block_size_follows_the_memory_budget():
     assert rows is not None and rows % 32 == 0 and rows < 8192
     assert 1 * 9 * rows * 8192 * 4 <= 256 << 20
     assert query_block_for(1, 9, 1 << 20) == 32  # never fewer than 32 rows
+
+
+def test_a_blocked_stream_never_holds_a_whole_pattern(tiny, monkeypatch):
+    """Every pattern-sized buffer of a blocked stream (the capture's scores, pattern and
+    weights, the pair search's scratch) holds at most ``B x H x block x T`` values."""
+    from headscope.model import capture
+
+    sizes: list[int] = []
+    real_flat, real_get = capture.Workspace.flat, capture.Workspace.get
+
+    def flat(self, name, shape, dtype, device, capacity):
+        out = real_flat(self, name, shape, dtype, device, capacity)
+        sizes.append(self._buffers[name].numel())
+        return out
+
+    def get(self, name, shape, dtype, device):
+        sizes.append(math.prod(shape))
+        return real_get(self, name, shape, dtype, device)
+
+    monkeypatch.setattr(capture.Workspace, "flat", flat)
+    monkeypatch.setattr(capture.Workspace, "get", get)
+    model, data = tiny
+    B, T = 4, 96
+    whole = _states(model, data, blocks=(), n=4)[None]
+    H = whole.metrics.n_heads
+    assert max(sizes) == B * H * T * T  # whole layers: [B, H, T, T] buffers
+    sizes.clear()
+    blocked = _states(model, data, blocks=(16,), n=4, whole=False)[16]
+    assert sizes and max(sizes) <= B * H * 16 * T
+    assert blocked.pairs._buffer is not None
+    assert blocked.pairs._buffer.numel() <= B * H * 16 * T
