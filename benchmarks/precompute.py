@@ -33,7 +33,7 @@ import torch
 from headscope.data.corpus import ensure_default_corpus
 from headscope.model import ModelAdapter
 from headscope.precompute.config import PrecomputeConfig
-from headscope.precompute.runner import process_batch
+from headscope.precompute.runner import process_batch, query_block_for
 from headscope.precompute.sequences import batched, iter_sequences
 from headscope.precompute.state import StreamState
 
@@ -97,6 +97,8 @@ def main() -> None:
         model=args.model, dtype=args.dtype, seq_len=args.seq_len, batch_size=args.batch_size
     )
     layers = list(range(ad.spec.n_layers))
+    # as the command does: whole layers, or blocks of query rows for long sequences
+    block = query_block_for(args.batch_size, ad.spec.n_heads, args.seq_len)
     cuda = args.device.startswith("cuda")
 
     def ids(b):
@@ -118,12 +120,12 @@ def main() -> None:
     state = StreamState(ad.spec, cfg)
 
     def pre(b):
-        process_batch(ad, state, layers, b)
+        process_batch(ad, state, layers, b, block)
 
     with torch.no_grad():  # warm-up on the first batch, not counted (a throwaway state)
         full(batches[0])
         base(batches[0])
-        process_batch(ad, StreamState(ad.spec, cfg), layers, batches[0])
+        process_batch(ad, StreamState(ad.spec, cfg), layers, batches[0], block)
     rows = []  # (tokens, plain s, base s, precompute s) per batch
     with torch.no_grad():
         for b in batches:
