@@ -225,3 +225,15 @@ def test_a_blocked_stream_never_holds_a_whole_pattern(tiny, monkeypatch):
     assert sizes and max(sizes) <= B * H * 16 * T
     assert blocked.pairs._buffer is not None
     assert blocked.pairs._buffer.numel() <= B * H * 16 * T
+
+
+def test_a_run_made_before_query_blocks_existed_is_still_recognised(tmp_path):
+    from headscope.files import write_json
+    from headscope.precompute.runner import _check_existing
+
+    cfg = PrecomputeConfig(model="m", seq_len=64)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "query_block"}
+    write_json(tmp_path / "manifest.json", {"status": "complete", "config": old})
+    assert _check_existing(tmp_path, cfg)  # the new setting at its default: the same run
+    with pytest.raises(FileExistsError, match="different configuration"):
+        _check_existing(tmp_path, PrecomputeConfig(model="m", seq_len=64, query_block=32))

@@ -154,7 +154,11 @@ def _check_existing(out: Path, cfg: PrecomputeConfig) -> bool:
             raise FileExistsError(f"{out} exists and is not a headscope run; choose another --out")
         return False
     found = read_json(manifest)
-    if found.get("config") != cfg.to_dict():
+    try:  # settings added since the run was made take their defaults
+        same = PrecomputeConfig.from_dict(found.get("config") or {}).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):
+        same = False
+    if not same:
         raise FileExistsError(
             f"{out} holds a run with a different configuration; choose another --out or delete it"
         )
