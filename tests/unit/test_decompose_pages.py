@@ -79,6 +79,11 @@ def test_mtc_page_names_the_source_a_feature_was_moved_from(tmp_path, one_thread
         assert d["source"] == d["position"] - 1, d
         assert toks[d["context"]][d["source"]] in MOVED
 
+    # on one head's example sequences only
+    assert write_pages(adapter, run, heads=["L0H0"]).sequences == 6
+    pages = json.loads((run / "decompose" / "mtc-L0" / "mtc" / "pages.json").read_text())
+    assert [c["sequence"] % 2 for c in pages["contexts"]] == [0] * 6
+
 
 def test_qk_and_split_pages(tmp_path, one_thread):
     adapter = planted_adapter(two_match_model())

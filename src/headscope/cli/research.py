@@ -222,7 +222,8 @@ def _ablate(args):
 def _decompose_pages(args):
     from headscope.decompose.pages import format_index, write_pages
 
-    index = write_pages(adapter(args), args.run, log=lambda msg: print(msg, file=sys.stderr))
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    index = write_pages(adapter(args), args.run, heads=args.heads, log=log)
     emit(args, index, format_index(index))
 
 
@@ -436,6 +437,11 @@ def add_research_commands(sub) -> None:
     sp = dec.add_parser("pages", help=help_, description=help_, formatter_class=Help)
     sp.set_defaults(handler=_decompose_pages)
     sp.add_argument("run", help="run folder with a decompose/ subfolder")
+    sp.add_argument(
+        "--heads",
+        nargs="+",
+        help="show each layer on these heads' example sequences only (default: all its heads)",
+    )
     model_args(sp, dtype=False)
 
     sp = command(

@@ -129,12 +129,18 @@ def find_folders(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def _layer_data(adapter: ModelAdapter, run: Path, layer: int) -> tuple[LayerData, list[dict]]:
-    """The layer captured on the run's example sequences of the layer's heads (deduplicated,
-    one length), with the examples' ``(sequence, tokens)`` in the order captured."""
+def _layer_data(
+    adapter: ModelAdapter, run: Path, layer: int, heads: list[str] | None = None
+) -> tuple[LayerData, list[dict]]:
+    """The layer captured on the run's example sequences of the layer's heads (only those in
+    ``heads`` when it names any of them; deduplicated, one length), with the examples'
+    ``(sequence, tokens)`` in the order captured."""
     seen: dict[int, dict] = {}
-    for h in range(adapter.spec.n_heads):
-        path = run / "heads" / f"{head_name(layer, h)}.json"
+    names = [head_name(layer, h) for h in range(adapter.spec.n_heads)]
+    if heads and any(n in heads for n in names):
+        names = [n for n in names if n in heads]
+    for name in names:
+        path = run / "heads" / f"{name}.json"
         if path.is_file():
             for ex in read_json(path).get("examples") or []:
                 seen.setdefault(int(ex["sequence"]), ex)
@@ -279,10 +285,15 @@ def _entry(root: Path, folder: Path, cfg: dict[str, Any], pages: bool) -> IndexE
 
 
 def write_pages(
-    adapter: ModelAdapter, run: str | Path, *, log: Callable[[str], None] = lambda _: None
+    adapter: ModelAdapter,
+    run: str | Path,
+    *,
+    heads: list[str] | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> DecomposeIndex:
     """Write ``pages.json`` for every decomposition under ``RUN/decompose/`` and the index;
-    list the index in the run manifest."""
+    list the index in the run manifest. ``heads``: show each layer on the example sequences of
+    these heads only (fewer sequences, a cheaper capture); default: all the layer's heads."""
     run = Path(run)
     root = run / "decompose"
     folders = find_folders(root) if root.is_dir() else []
@@ -298,7 +309,7 @@ def write_pages(
                 f"{items[0][0]} is for layer {layer}; the model has {adapter.spec.n_layers}"
             )
         log(f"layer {layer}: capturing the run's example sequences")
-        data, examples = _layer_data(adapter, run, layer)
+        data, examples = _layer_data(adapter, run, layer, heads)
         contexts = _contexts(examples)
         n_seq = max(n_seq, len(contexts))
         for folder, cfg in items:
