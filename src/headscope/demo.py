@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from headscope.files import read_json
 from headscope.memory import release_freed_memory
-from headscope.model.loading import cache_dir
+from headscope.model.loading import cache_dir, fast_dtype
 
 if TYPE_CHECKING:
     from headscope.analysis.session import Session
@@ -129,7 +129,7 @@ def build_demo(
         sequences=sequences,
         seq_len=seq_len,
         batch_size=4,
-        dtype="bf16",
+        dtype=fast_dtype("cpu"),  # bf16 only where the CPU computes it natively
     )
     if _complete(out, cfg.to_dict()):
         log(f"[2/4] reusing the run at {out}")

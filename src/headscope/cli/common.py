@@ -39,8 +39,18 @@ def adapter(args: argparse.Namespace):
 
     from headscope.model import ModelAdapter
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(args, "dtype", "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name(args)]
     return ModelAdapter.load(args.model, device=getattr(args, "device", "cpu"), dtype=dtype)
+
+
+def dtype_name(args: argparse.Namespace) -> str:
+    """``--dtype`` with ``auto`` resolved: bf16 where the device computes it natively, else fp32."""
+    name = getattr(args, "dtype", "fp32")
+    if name == "auto":
+        from headscope.model.loading import fast_dtype
+
+        return fast_dtype(getattr(args, "device", "cpu"))
+    return name
 
 
 def model_args(sp: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -53,7 +63,11 @@ def model_args(sp: argparse.ArgumentParser, dtype: bool = True) -> None:
     )
     if dtype:
         sp.add_argument(
-            "--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations"
+            "--dtype",
+            choices=["fp32", "bf16", "auto"],
+            default="fp32",
+            help="weights and activations; auto: bf16 where the device computes it natively "
+            "(GPUs, CPUs with AVX512-BF16/AMX), else fp32",
         )
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
 

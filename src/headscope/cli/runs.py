@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headscope.cli.common import adapter, command, data_args, emit, model_args
+from headscope.cli.common import adapter, command, data_args, dtype_name, emit, model_args
 from headscope.errors import InputError
 
 _POSITIONAL_HELP = {
@@ -32,7 +32,7 @@ def _precompute(args):
         tokens=args.tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        dtype=args.dtype,
+        dtype=dtype_name(args),
         device=args.device,
         layers=tuple(args.layers) if args.layers else None,
         seed=args.seed,
