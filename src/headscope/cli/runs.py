@@ -14,9 +14,29 @@ _POSITIONAL_HELP = {
 }
 
 
+def per_layer_text(values: tuple | list) -> str:
+    """A per-layer setting in a line: runs of equal layers, ``None`` as full causal attention,
+    e.g. ``layers 0-4: 512, layer 5: full`` or ``all 30 layers: full``."""
+    shown = ["full" if v is None else str(v) for v in values]
+    if len(set(shown)) == 1 and len(shown) > 1:
+        return f"all {len(shown)} layers: {shown[0]}"
+    runs: list[str] = []
+    start = 0
+    for i in range(1, len(shown) + 1):
+        if i == len(shown) or shown[i] != shown[start]:
+            where = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+            runs.append(f"{where}: {shown[start]}")
+            start = i
+    return ", ".join(runs)
+
+
 def info(args):
     info = adapter(args).info()
-    emit(args, info, "\n".join(f"{k:>18}: {v}" for k, v in info.items()))
+    lines = [
+        f"{k:>18}: {per_layer_text(v) if k == 'sliding_window' and isinstance(v, (list, tuple)) else v}"
+        for k, v in info.items()
+    ]
+    emit(args, info, "\n".join(lines))
 
 
 def _precompute(args):
