@@ -9,13 +9,11 @@ from safetensors.torch import load_file, save_file
 from headscope.metrics import LayerBatch
 from headscope.precompute.examples import (
     BUCKET_EDGES,
-    ExamplePayloads,
     ExampleSelector,
     bucket_of,
-    causal_topk,
-    received_maxima_,
     sequence_max_attention,
 )
+from headscope.precompute.payloads import ExamplePayloads, causal_topk, received_maxima_
 from headscope.precompute.toptokens import TopTokens
 from tests.unit.test_metrics import make_batch
 

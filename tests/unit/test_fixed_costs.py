@@ -7,7 +7,7 @@ import torch
 
 from headscope.model import ModelAdapter
 from headscope.precompute import probes
-from headscope.precompute.examples import _round2
+from headscope.precompute.payloads import _round2
 from tests.tiny_models import save_tiny
 
 

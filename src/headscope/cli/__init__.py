@@ -15,6 +15,7 @@ import os
 import sys
 
 from headscope.cli.common import GROUPS, command, model_args
+from headscope.cli.experiments import add_experiment_commands
 from headscope.cli.live import live_parser
 from headscope.cli.research import add_research_commands
 from headscope.cli.runs import add_run_commands, info
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             live_parser(sub, op)
     add_run_commands(sub)
     add_research_commands(sub)
+    add_experiment_commands(sub)
     return p
 
 
