@@ -301,6 +301,52 @@ class HeadLoadingsResult(Result):
     mlp: float = Field(0.0, description="the part through the layer's MLP, linearised")
 
 
+class GraphNode(Result):
+    """A dictionary feature at one position of the text."""
+
+    id: str = Field(description="'L{layer}/{index}@{position}'")
+    feature: str = Field(description="the feature's label, sae:L{layer}/{index}")
+    layer: int
+    index: int
+    position: int
+    token: str
+    activation: float
+    label: str | None = Field(None, description="a short label from its card")
+
+
+class GraphEdge(Result):
+    """An edge between features of adjacent layers, split over the source layer's heads.
+
+    ``edge`` = sum of the heads' loadings + ``residual`` + ``mlp``, exactly (the same numbers as
+    the ``head-loadings`` operation gives for this pair)."""
+
+    source: str = Field(description="node id of the source (layer L)")
+    target: str = Field(description="node id of the target (layer L+1)")
+    edge: float
+    heads: list[HeadLoading] = Field(description="every head of layer L, largest |loading| first")
+    residual: float = Field(description="the residual connection's part (same position only)")
+    mlp: float = Field(description="the part through layer L's MLP, linearised")
+
+
+class EdgeGraphResult(Result):
+    """The largest attention-mediated edges into one feature, one or more layer pairs back.
+
+    Pair 0 joins every feature active at layer ``target_layer - 1`` (at positions up to the
+    target's) to the target feature; each further pair joins the layer before to the top sources
+    of the pair after it. ``scored`` counts the candidate edges of each pair."""
+
+    tokens: list[str] = Field(description="display string per position, BOS first")
+    target: str = Field(description="node id of the feature the graph explains")
+    target_vector: str = Field(description="how a target feature reads the residual")
+    rank_by: str = Field(description="'edge': |whole edge|; 'heads': |sum of head loadings|")
+    nodes: list[GraphNode]
+    edges: list[GraphEdge] = Field(description="largest first within each layer pair")
+    scored: list[int] = Field(description="candidate (source feature, position) edges per pair")
+    alternatives: list[GraphNode] = Field(
+        description="the most active features of the target's layer at its position"
+    )
+
+
 class FeatureContext(Result):
     tokens: list[str] = Field(description="the tokens around the activating one")
     acts: list[float] = Field(description="the feature's activation at each of those tokens")

@@ -211,13 +211,9 @@ def edge_head_loadings(
     )
 
 
-def _mlp_jvp(
-    session: Session, st, layer: int, pos: int, delta: torch.Tensor
-) -> torch.Tensor:  # [d]
-    """The layer's MLP output change at ``pos`` for a change ``delta [d]`` of the residual it
-    reads (after attention), to first order: its pre-norm (and Gemma's post-MLP norm) frozen at
-    their actual scales, the MLP itself linearised at its actual input (a Jacobian-vector
-    product)."""
+def _mlp_point(session: Session, st, layer: int, pos: int):
+    """Where the layer's MLP is linearised at ``pos``: ``(mlp module, its actual input u [d] in
+    the module's dtype, the frozen pre-norm factor [1], the pre-norm's weights in float64)``."""
     ad, s = session.adapter, session.adapter.spec
     f64 = torch.float64
     if s.parallel_residual:  # the MLP reads the layer's input, beside attention, not after it
@@ -233,13 +229,52 @@ def _mlp_jvp(
     )
     f = norm_factor(mid, s.norm).to(f64)
     u = ad.apply_norm_frozen(mid, f, ln) + (ln.bias if ln.bias is not None else 0.0)
-    du = ad.apply_norm_frozen(delta, f, ln)
     mlp = getattr(block, s.layout.mlp)
-    dt = next(mlp.parameters()).dtype
+    return mlp, u.to(next(mlp.parameters()).dtype), f, ln
+
+
+def _mlp_jvp(
+    session: Session, st, layer: int, pos: int, delta: torch.Tensor
+) -> torch.Tensor:  # [d]
+    """The layer's MLP output change at ``pos`` for a change ``delta [d]`` of the residual it
+    reads (after attention), to first order: its pre-norm (and Gemma's post-MLP norm) frozen at
+    their actual scales, the MLP itself linearised at its actual input (a Jacobian-vector
+    product)."""
+    ad, s = session.adapter, session.adapter.spec
+    mlp, u, f, ln = _mlp_point(session, st, layer, pos)
+    du = ad.apply_norm_frozen(delta, f, ln)
     with torch.no_grad():
-        out = torch.func.jvp(lambda x: mlp(x[None, None])[0, 0], (u.to(dt),), (du.to(dt),))
-    y, dy = out[0], out[1].to(f64)
+        out = torch.func.jvp(lambda x: mlp(x[None, None])[0, 0], (u,), (du.to(u.dtype),))
+    y, dy = out[0], out[1].to(torch.float64)
     post = ad.post_norm(layer, "mlp")
     if post is not None:
-        dy = ad.apply_norm_frozen(dy, norm_factor(y, s.norm).to(f64), post)
+        dy = ad.apply_norm_frozen(dy, norm_factor(y, s.norm).to(torch.float64), post)
     return dy
+
+
+def _frozen_norm_adjoint(ad: ModelAdapter, y: torch.Tensor, factor, norm) -> torch.Tensor:
+    """The transpose of :meth:`ModelAdapter.apply_norm_frozen` (centring is symmetric)."""
+    out = y * factor * norm.weight.to(y.dtype)
+    return out - out.mean(-1, keepdim=True) if ad.spec.norm.kind == "layer" else out
+
+
+def _mlp_read(
+    session: Session, st, layer: int, pos: int, read: torch.Tensor
+) -> torch.Tensor:  # [d] float64
+    """The vector ``w`` with ``read . _mlp_jvp(..., delta) = w . delta`` for every ``delta``:
+    the same linearised MLP, transposed (one vector-Jacobian product instead of one JVP per
+    delta)."""
+    ad, s = session.adapter, session.adapter.spec
+    f64 = torch.float64
+    mlp, u, f, ln = _mlp_point(session, st, layer, pos)
+    with torch.no_grad():
+        out = torch.func.vjp(lambda x: mlp(x[None, None])[0, 0], u)
+    y, back = out[0], out[1]
+    cot = read.to(f64)
+    post = ad.post_norm(layer, "mlp")
+    if post is not None:
+        post = type(post)(post.weight.to(f64), None)
+        cot = _frozen_norm_adjoint(ad, cot, norm_factor(y, s.norm).to(f64), post)
+    with torch.no_grad():
+        (gu,) = back(cot.to(y.dtype))
+    return _frozen_norm_adjoint(ad, gu.to(f64), f, ln)
