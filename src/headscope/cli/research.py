@@ -142,8 +142,11 @@ def _decompose(args):
     skip = {"cmd", "decompose_cmd", "handler", "model", "data", "text_field", "contexts", "json"}
     options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     options["out"] = Path(args.out)
-    if "variants" in options:
-        options["variants"] = tuple(options["variants"])
+    for name in ("variants", "l1s", "ks"):
+        if name in options:
+            options[name] = tuple(options[name])
+    if "mtc" in options:
+        options["mtc"] = Path(options["mtc"])
     result, text = run_command(ad, (s.ids for s in seqs), args.decompose_cmd, **options)
     emit(args, result, text)
 
@@ -255,6 +258,16 @@ def add_research_commands(sub) -> None:
         ("mtc", "multi-token transcoders of a layer, with the single-head and SAE+MTC baselines"),
         ("qk", "QK diagonalisation of one head: sparse query/key features that form its pattern"),
         ("split", "split one head into k heads whose summed output reproduces it"),
+        (
+            "sweep",
+            "(L0, FVE) curves: the MTC, the single-head MTC and SAE + MTC at each L1 on the "
+            "same layer, contexts and width",
+        ),
+        (
+            "value-clusters",
+            "k-means cluster sizes of value-SAE head loadings (one layer and two) beside an "
+            "MTC's",
+        ),
     ):
         sp = dec.add_parser(name, help=help_, description=help_, formatter_class=Help)
         sp.set_defaults(handler=_decompose)
@@ -268,7 +281,7 @@ def add_research_commands(sub) -> None:
         sp.add_argument("--epochs", type=int, default=8, help="passes over the training contexts")
         sp.add_argument("--lr", type=float, help="Adam learning rate (default: the method's)")
         sp.add_argument("--seed", type=int, default=0, help="random seed")
-        if name == "mtc":
+        if name in ("mtc", "sweep"):
             sp.add_argument(
                 "--variants",
                 nargs="+",
@@ -284,8 +297,32 @@ def add_research_commands(sub) -> None:
             )
             sp.add_argument("--n-features", type=int, default=512, help="dictionary size")
             sp.add_argument("--k-moved", type=int, default=128, help="features moved per context")
+        if name == "mtc":
             sp.add_argument("--l1", type=float, default=2e-3, help="sparsity penalty")
-        else:
+        if name == "sweep":
+            sp.add_argument(
+                "--l1s",
+                type=float,
+                nargs="+",
+                default=[3e-4, 1e-3, 3e-3, 1e-2],
+                help="sparsity penalties, one point per variant each (larger: smaller L0)",
+            )
+        if name == "value-clusters":
+            sp.set_defaults(epochs=20)
+            sp.add_argument("--n-features", type=int, default=512, help="value-SAE width")
+            sp.add_argument("--k", type=int, default=16, help="active features per token (TopK)")
+            sp.add_argument(
+                "--ks", type=int, nargs="+", default=[2, 8, 32, 128], help="k-means cluster counts"
+            )
+            sp.add_argument("--mtc", help="an MTC folder (decompose mtc OUT/mtc) to set beside")
+            sp.add_argument(
+                "--one-layer",
+                dest="two_layer",
+                action="store_false",
+                help="only the layer's own value SAE (default: also layers L-1 and L together)",
+            )
+            sp.add_argument("--batch-size", type=int, default=512, help="rows per SAE step")
+        if name in ("qk", "split"):
             sp.add_argument("--head", type=int, required=True, help="query head in the layer")
         if name == "qk":
             sp.add_argument("--n-features", type=int, default=64, help="query/key features")

@@ -29,6 +29,8 @@ from headscope.files import atomic_dir, read_tensors, write_json, write_tensors
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "weights.safetensors"
 STATS_FILENAME = "stats.json"
+SWEEP_FILENAME = "sweep.json"  # decompose sweep: an MTCSweep
+CLUSTERS_FILENAME = "value_clusters.json"  # decompose value-clusters: a LoadingClusterComparison
 FORMAT_VERSION = 1
 
 

@@ -27,11 +27,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from headscope.decompose.data import LayerData, capture_layer, contexts_from_rows
-from headscope.decompose.io import CFG_FILENAME, STATS_FILENAME
+from headscope.decompose.io import (
+    CFG_FILENAME,
+    CLUSTERS_FILENAME,
+    STATS_FILENAME,
+    SWEEP_FILENAME,
+)
 from headscope.decompose.mtc import MTC, load_mtc
 from headscope.decompose.qk import load_qk
 from headscope.decompose.qk_report import qk_report
-from headscope.decompose.results import QKReport, QKStats
+from headscope.decompose.results import LoadingClusterComparison, MTCSweep, QKReport, QKStats
 from headscope.decompose.split import load_split
 from headscope.decompose.split_train import head_target, shares
 from headscope.errors import InputError, NotFound
@@ -113,9 +118,28 @@ class IndexEntry(_Model):
     pages: str | None = Field(description="pages.json relative to RUN/decompose, if written")
 
 
+class SweepEntry(_Model):
+    name: str = Field(description="the folder holding sweep.json, relative to RUN/decompose")
+    sweep: MTCSweep
+
+
+class ClusterEntry(_Model):
+    name: str = Field(
+        description="the folder holding value_clusters.json, relative to RUN/decompose"
+    )
+    comparison: LoadingClusterComparison
+
+
 class DecomposeIndex(_Model):
     sequences: int = Field(description="the run's example sequences the pages are built on")
     entries: list[IndexEntry]
+    sweeps: list[SweepEntry] = Field(
+        default_factory=list, description="(L0, FVE) curves (decompose sweep)"
+    )
+    clusters: list[ClusterEntry] = Field(
+        default_factory=list,
+        description="head-loading cluster sizes of value SAEs and an MTC (decompose value-clusters)",
+    )
 
 
 # ----- finding folders -------------------------------------------------------------------------------
@@ -127,6 +151,12 @@ def find_folders(root: Path) -> list[tuple[Path, dict[str, Any]]]:
         if isinstance(cfg, dict) and cfg.get("kind") in ("mtc", "qk", "split"):
             out.append((cfg_path.parent, cfg))
     return out
+
+
+def find_results(root: Path, filename: str) -> list[tuple[str, Any]]:
+    """(folder relative to ``root``, parsed JSON) of every ``filename`` at depth <= 2, sorted."""
+    paths = sorted([*root.glob(f"*/{filename}"), *root.glob(f"*/*/{filename}")])
+    return [(p.parent.relative_to(root).as_posix(), read_json(p)) for p in paths]
 
 
 def _layer_data(
@@ -297,8 +327,19 @@ def write_pages(
     run = Path(run)
     root = run / "decompose"
     folders = find_folders(root) if root.is_dir() else []
-    if not folders:
-        raise NotFound(f"{root} holds no decomposition folder (a cfg.json of kind mtc, qk, split)")
+    sweeps = [
+        SweepEntry(name=name, sweep=MTCSweep.model_validate(d))
+        for name, d in (find_results(root, SWEEP_FILENAME) if root.is_dir() else [])
+    ]
+    clusters = [
+        ClusterEntry(name=name, comparison=LoadingClusterComparison.model_validate(d))
+        for name, d in (find_results(root, CLUSTERS_FILENAME) if root.is_dir() else [])
+    ]
+    if not folders and not sweeps and not clusters:
+        raise NotFound(
+            f"{root} holds no decomposition folder (a cfg.json of kind mtc, qk, split), "
+            f"{SWEEP_FILENAME} or {CLUSTERS_FILENAME}"
+        )
     by_layer: dict[int, list[tuple[Path, dict[str, Any]]]] = {}
     for folder, cfg in folders:
         by_layer.setdefault(int(cfg["layer"]), []).append((folder, cfg))
@@ -336,7 +377,7 @@ def write_pages(
                 page = split_pages(adapter, split, data, contexts, exs)
             write_json(folder / PAGES_FILENAME, page.model_dump())
             entries.append(_entry(root, folder, cfg, pages=True))
-    index = DecomposeIndex(sequences=n_seq, entries=entries)
+    index = DecomposeIndex(sequences=n_seq, entries=entries, sweeps=sweeps, clusters=clusters)
     write_json(run / INDEX, index.model_dump(), indent=1)
     manifest = read_json(run / "manifest.json")
     if manifest.get("decompose") != INDEX:
@@ -360,4 +401,15 @@ def format_index(index: DecomposeIndex) -> str:
             else ""
         )
         lines.append(f"{e.kind:5s} {e.name}: {', '.join(e.heads[:3])}  {metric}")
+    for sw in index.sweeps:
+        variants = sorted({r.variant for r in sw.sweep.rows})
+        lines.append(
+            f"sweep {sw.name}: layer {sw.sweep.layer}, {len(sw.sweep.values)} L1 values x "
+            f"{', '.join(variants)}"
+        )
+    for cl in index.clusters:
+        lines.append(
+            f"clusters {cl.name}: layer {cl.comparison.layer}, "
+            f"{len(cl.comparison.sets)} sets of head loadings"
+        )
     return "\n".join(lines)

@@ -139,3 +139,45 @@ class SplitReport(Result):
     examples: list[list[SplitExample]] = Field(
         description="for the last split: each sub-head's tokens with the largest share"
     )
+
+
+# ----- curves and cluster comparisons -----------------------------------------------------------
+class MTCSweep(Result):
+    layer: int
+    target: str = Field(description="attn_out | resid_post")
+    setting: str = Field(
+        description="what was swept: the L1 coefficient, which sets L0 in this trainer (the "
+        "moved top-k only caps it)"
+    )
+    values: list[float] = Field(description="the settings, in the order trained")
+    options: dict[str, float | int | str] = Field(
+        description="every other training option, the same for each point"
+    )
+    train_tokens: int = Field(description="destination tokens per epoch (all variants)")
+    eval_tokens: int
+    rows: list[MTCStats] = Field(description="one per (variant, setting); MTCStats.l1 = setting")
+    seconds: float = Field(description="wall time of the whole sweep")
+
+
+class LoadingClusters(Result):
+    name: str = Field(description="what the loadings are of, in words")
+    source: str = Field(description="mtc | value_sae")
+    layers: list[int]
+    columns: list[str] = Field(description="the loading vector's entries")
+    n_features: int
+    n_live: int = Field(description="features active on the held-out data: those clustered")
+    l0: float | None = Field(default=None, description="value SAE: active features per token")
+    fve: float | None = Field(default=None, description="value SAE: FVE of the values")
+    clusters: list[ClusterSizes]
+    loglog_slope: dict[int, float] = Field(
+        description="k -> least-squares slope of log(size) on log(rank) (power law: a line)"
+    )
+
+
+class LoadingClusterComparison(Result):
+    layer: int
+    ks: list[int] = Field(description="k values asked for (each set uses those <= live / 2)")
+    sets: list[LoadingClusters]
+    train_tokens: int
+    eval_tokens: int
+    seconds: float
