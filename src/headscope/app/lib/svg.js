@@ -67,6 +67,28 @@ export function extent(values, pad = 0.05) {
   return [lo - p, hi + p];
 }
 
+/**
+ * A y domain for values read against zero (a curve of attention, of a logit attribution):
+ * the data and 0, padded by `pad` of the span on each side that has data beyond 0, and at least
+ * `minSpan` tall. All-positive data starts at 0, all-negative data ends at 0, data of both signs
+ * puts 0 inside (lineChart then draws a zero line).
+ */
+export function zeroDomain(values, { pad = 0.08, minSpan = 0.05 } = {}) {
+  let lo = 0;
+  let hi = 0;
+  for (const v of values) {
+    if (!Number.isFinite(v)) continue;
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  if (hi - lo < minSpan) {
+    if (hi === 0 && lo < 0) lo = -minSpan;
+    else hi = lo + minSpan;
+  }
+  const p = (hi - lo) * pad;
+  return [lo < 0 ? lo - p : lo, hi > 0 ? hi + p : hi];
+}
+
 export function tickLabel(v) {
   const a = Math.abs(v);
   if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(0);
@@ -161,7 +183,9 @@ export function histogram({ edges, counts, width = 320, height = 170, xLabel = '
 
 /**
  * Line chart of one or more series [{name, x: [], y: [], color}]; a legend is drawn when there
- * is more than one series. `xCategories` replaces numeric x ticks by labels.
+ * is more than one series. A dashed zero line is drawn when 0 lies above the bottom of the y
+ * domain (negative values). The plot box and the zero line carry data-role attributes
+ * ("plot-area", "zero-line") so tests can find them.
  */
 export function lineChart({ series, width = 320, height = 170, xLabel = '', yLabel = '', yDomain, xTicks, xFormat, dots = true }) {
   const legendH = series.length > 1 ? 18 * Math.ceil(series.length / Math.max(1, Math.floor((width - 60) / 110))) : 0;
@@ -169,6 +193,11 @@ export function lineChart({ series, width = 320, height = 170, xLabel = '', yLab
   const xs = linear(extent(series.flatMap((d) => d.x), 0.02), [area.x0, area.x1]);
   const ys = linear(yDomain || extent(series.flatMap((d) => d.y), 0.08), [area.y1, area.y0]);
   const g = s('g', {});
+  g.append(s('rect', { x: area.x0, y: area.y0, width: area.x1 - area.x0, height: area.y1 - area.y0, fill: 'none', 'pointer-events': 'none', 'data-role': 'plot-area' }));
+  if (ys.domain[0] < 0 && ys.domain[1] >= 0) {
+    const y0 = ys(0);
+    g.append(s('line', { x1: area.x0, x2: area.x1, y1: y0, y2: y0, stroke: AXIS, 'stroke-dasharray': '4 3', 'data-role': 'zero-line' }));
+  }
   for (const d of series) {
     const pts = d.x.map((x, i) => [xs(x), ys(d.y[i])]).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
     g.append(s('polyline', { points: pts.map((p) => p.map((v) => v.toFixed(1)).join(',')).join(' '), fill: 'none', stroke: d.color, 'stroke-width': 1.8 }));

@@ -6,7 +6,7 @@
 import * as data from '../data.js';
 import { h, clear, fmt, errorBox, loading, typingTarget } from '../lib/dom.js';
 import { blues, oranges, gradient } from '../lib/color.js';
-import { histogram, lineChart } from '../lib/svg.js';
+import { histogram, lineChart, zeroDomain } from '../lib/svg.js';
 import { TokenView, labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
 import { hideTip } from '../lib/tooltip.js';
@@ -135,10 +135,13 @@ function overview(p, m, name) {
     ? () => histogram({ edges: p.histogram.edges, counts: p.histogram.counts, width: 330, height: 170, xLabel: 'max attention in the sequence' })
     : null;
   const curves = Object.entries(p.curves || {});
+  // A logit attribution can be negative: the y axis spans the data and 0 (a zero line when the
+  // values go below it), not 0 upwards.
   const curveSvg = (cname, ys) => lineChart({
     series: [{ name: label(cname), x: ys.map((_, j) => j + 1), y: ys, color: '#b63b04' }],
-    width: 330, height: 160, xLabel: 'prefix length', yLabel: 'score', xTicks: ys.map((_, j) => j + 1),
-    yDomain: [0, Math.max(0.05, ...ys) * 1.1],
+    width: 330, height: 160, xLabel: 'prefix length', xTicks: ys.map((_, j) => j + 1),
+    yLabel: /dla/.test(cname) ? 'logit' : /attention|induction/.test(cname) ? 'attention' : '',
+    yDomain: zeroDomain(ys),
   });
   const tokTable = (rows, what, massDoc) => h('div', { class: 'table-scroll short' }, h('table', { class: 'data compact' },
     h('thead', {}, h('tr', {}, h('th', {}, what), h('th', { class: 'num', title: massDoc }, 'mass'), h('th', { class: 'num', title: 'occurrences in the run' }, 'count'))),
