@@ -9,6 +9,7 @@ import { h, clear, fmt, errorBox, loading } from '../lib/dom.js';
 import { displayToken, labelToken } from '../lib/tokens.js';
 import { categorical } from '../lib/color.js';
 import { renderMTC, renderQK } from './feature_pages.js';
+import { curvesSection } from './feature_curves.js';
 
 const KIND = { mtc: 'multi-token transcoder', qk: 'QK diagonalisation', split: 'head split' };
 const num = (v, d = 3) => (v === null || v === undefined ? '–' : fmt(v, d));
@@ -39,7 +40,8 @@ function listView(idx, ctx, head) {
       ? h('table', { class: 'data features-table' },
         h('thead', {}, h('tr', {}, h('th', {}, 'folder'), h('th', {}, 'kind'), h('th', {}, 'heads'), h('th', {}, 'loads on'), h('th', { colspan: 4 }, 'metrics (held-out data of its training)'))),
         h('tbody', {}, rows))
-      : h('p', { class: 'note' }, `No decomposition of this run loads on ${head}.`));
+      : h('p', { class: 'note' }, head ? `No decomposition of this run loads on ${head}.` : 'No decomposition folders: only curves.'),
+    head ? null : curvesSection(idx));
 }
 
 function renderSplit(el, { entry, pages, ctx }) {
