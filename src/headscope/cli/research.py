@@ -36,6 +36,43 @@ def _train_sae(args):
     emit(args, out, "\n".join(lines))
 
 
+def _z_heads(args):
+    """Per head of the z dictionaries' layers: its top 10 features by decoder-norm share, its
+    class and how much of its output they explain; --add-column writes them into RUN."""
+    from headscope.dictionaries.z_heads import (
+        add_to_run,
+        format_text,
+        measure_settings,
+        z_folders,
+        z_heads,
+    )
+    from headscope.errors import InputError
+
+    folders = z_folders(args.saes)
+    n_tokens = args.tokens
+    if args.run:
+        if args.data:
+            raise InputError("--data: a RUN is measured on its own data; give one or the other")
+        settings = measure_settings(args.run)
+        args.model = args.model or settings["model"]
+        n_tokens = min(n_tokens, settings["max_tokens"])
+        kw = {k: settings[k] for k in ("data", "seq_len", "text_field", "skip_sequences")}
+    elif args.add_column:
+        raise InputError("--add-column needs a RUN to add the columns to")
+    else:
+        kw = {"data": args.data, "seq_len": args.seq_len, "text_field": args.text_field}
+    args.model = args.model or "default"
+    result = z_heads(folders, adapter(args) if n_tokens > 0 else None, n_tokens=n_tokens, **kw)
+    text = format_text(result)
+    if args.run and args.add_column:
+        cols = add_to_run(args.run, result)
+        text += (
+            f"\nadded {', '.join(cols)} to the run's metrics and a z-dictionary panel to its "
+            "head pages"
+        )
+    emit(args, result, text)
+
+
 def _train_resid(args):
     from headscope.dictionaries.background import set_low_priority
     from headscope.dictionaries.layerwise import LayerwiseConfig, format_quality, train_layers
@@ -191,6 +228,34 @@ def add_research_commands(sub) -> None:
         "--lr", type=float, help="Adam learning rate (default: 2e-3 * sqrt(2048 / n-features))"
     )
     sp.add_argument("--seed", type=int, default=0, help="random seed")
+
+    sp = command(
+        sub,
+        "z-heads",
+        _z_heads,
+        "heads through z dictionaries: each head's top 10 features by decoder-norm share, its "
+        "class (mono-, mostly mono-, bi-, polysemantic) and the fraction of its output they "
+        "explain; --add-column stores them with a run",
+    )
+    sp.add_argument("saes", help="a train-sae output folder (its z_L* folders) or one z_L folder")
+    sp.add_argument("run", nargs="?", help="a run: measure on its data (and its model)")
+    model_args(sp)
+    sp.set_defaults(model=None)
+    data_args(sp)
+    sp.add_argument(
+        "--tokens",
+        type=int,
+        default=16_384,
+        help="tokens to measure the explained fractions on (0: do not load the model); with a "
+        "RUN at most its tokens",
+    )
+    sp.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence")
+    sp.add_argument(
+        "--add-column",
+        action="store_true",
+        help="write zsae_class, zsae_top_feature_share, zsae_explained and zsae_top10_explained "
+        "into RUN's metrics and a z-dictionary panel into its head pages",
+    )
 
     sp = command(
         sub,

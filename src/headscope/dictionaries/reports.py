@@ -34,6 +34,13 @@ from headscope.model.spec import head_name
 HEAD_REPORT_FILENAME = "head_report.json"
 CLUSTERS_FILENAME = "clusters.json"
 CLUSTERS_SVG_FILENAME = "cluster_sizes.svg"
+# The head classes of "We Inspected Every Head in GPT-2 Small Using SAEs", from its top 10
+# features by decoder-norm share: all related; all but one or two; two groups; more.
+SEMANTIC_CLASSES = ("monosemantic", "mostly monosemantic", "bisemantic", "polysemantic")
+EXCEPTIONS_PER_TEN = 2  # "all features ... related with just one or two exceptions"
+# Two of a head's features are related when they share a token (see _group_keys) or when the
+# head writes nearly the same direction for both (cosine of their decoder slices >= this).
+LINK_COSINE = 0.5
 
 
 # ----- z-SAE head attribution ---------------------------------------------------------------------
@@ -61,8 +68,9 @@ def _norm_token(token: str) -> str:
     return token.strip().lower()
 
 
-def _groups(keysets: list[set[str]]) -> list[int]:
-    """Group index of each item: items sharing any key are linked (transitively)."""
+def _groups(keysets: list[set[str]], links: Iterable[tuple[int, int]] = ()) -> list[int]:
+    """Group index of each item: items sharing any key, or joined by a link, are linked
+    (transitively)."""
     parent = list(range(len(keysets)))
 
     def find(i: int) -> int:
@@ -78,6 +86,8 @@ def _groups(keysets: list[set[str]]) -> list[int]:
                 parent[find(i)] = find(owner[key])
             else:
                 owner[key] = i
+    for i, j in links:
+        parent[find(i)] = find(j)
     roots = [find(i) for i in range(len(keysets))]
     index = {r: j for j, r in enumerate(dict.fromkeys(roots))}
     return [index[r] for r in roots]
@@ -102,6 +112,45 @@ def _group_keys(card: Mapping[str, Any] | None) -> set[str]:
     return {t for t in map(_norm_token, tokens) if t}
 
 
+def _cosine_links(slices: np.ndarray, min_cosine: float = LINK_COSINE) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of ``slices [n, D]`` (one head's decoder slices of n features) whose
+    cosine is at least ``min_cosine``: the head writes nearly the same direction for both."""
+    norms = np.linalg.norm(slices, axis=1, keepdims=True)
+    unit = np.divide(slices, norms, out=np.zeros_like(slices), where=norms > 0)
+    cos = unit @ unit.T  # [n, n]
+    i, j = np.nonzero(np.triu(cos >= min_cosine, k=1))
+    return [(int(a), int(b)) for a, b in zip(i, j, strict=True)]
+
+
+def semantic_class(group_sizes: Iterable[int]) -> int | None:
+    """The class of a head whose top features fall into groups of these sizes: 1
+    monosemantic (one group), 2 mostly monosemantic (all but ``EXCEPTIONS_PER_TEN`` in 10, i.e.
+    one or two of the top 10, in one group), 3 bisemantic (two groups), 4 polysemantic (more);
+    None without features. The classes of "We Inspected Every Head in GPT-2 Small Using SAEs",
+    with this module's test of relatedness in place of its annotator."""
+    sizes = sorted((int(x) for x in group_sizes if x > 0), reverse=True)
+    n = sum(sizes)
+    if not n:
+        return None
+    exceptions = n - sizes[0]
+    if exceptions == 0:
+        return 1
+    if exceptions <= EXCEPTIONS_PER_TEN * n // 10:
+        return 2
+    return 3 if len(sizes) == 2 else 4
+
+
+def _feature_groups(
+    order: list[int], cards: Mapping[str, Any], slices: np.ndarray
+) -> tuple[list[int], list[int]]:
+    """Group of each feature in ``order`` (linked: a shared token, or decoder slices of the
+    head with cosine >= ``LINK_COSINE``) and the groups' sizes."""
+    group_of = _groups(
+        [_group_keys(cards.get(str(f))) for f in order], _cosine_links(slices[order])
+    )
+    return group_of, [int(x) for x in np.bincount(group_of)] if group_of else []
+
+
 def z_head_report(
     folder: str | os.PathLike[str], *, n_heads: int | None = None, top: int = 10
 ) -> dict[str, Any]:
@@ -119,9 +168,13 @@ def z_head_report(
       features the head's activity is spread over (1 = one feature);
     - ``n_groups`` / ``effective_groups`` among its top features: features are linked when they
       share an activating token (of their top 3 contexts) or one of their top 3 promoted tokens
-      (case and spaces ignored); ``effective_groups`` = exp(entropy) of the groups' summed scores.
+      (case and spaces ignored), or when the head's slices of their decoder rows have cosine
+      >= ``LINK_COSINE``; ``effective_groups`` = exp(entropy) of the groups' summed scores.
       1 suggests one role; close to ``top`` suggests unrelated features (polysemantic). A
-      heuristic to read with the listed contexts, not a proof either way.
+      heuristic to read with the listed contexts, not a proof either way;
+    - ``group_sizes`` / ``class`` / ``class_index``: the same groups among ``top_by_share`` and
+      the head's class from them (:func:`semantic_class`); the report's ``tally`` counts heads
+      per class.
 
     n_heads: heads of the layer; default the ``n_heads`` that training stored in cfg.json.
     """
@@ -134,6 +187,7 @@ def z_head_report(
     H, D = _head_sizes(cfg, n_heads, "n_heads", 1)
     F = cfg.d_sae
     shares = head_loadings(sae.W_dec, n_heads=H, d_head=D).astype(np.float64)  # [F, H]
+    slices = sae.W_dec.detach().double().numpy().reshape(F, H, D)  # [F, H, D]
     cards = load_cards(folder)
     dens_t = feature_densities(cards, F)
     density = np.ones(F) if dens_t is None else dens_t.numpy().astype(np.float64)  # [F]
@@ -168,13 +222,19 @@ def z_head_report(
         ranked = np.argsort(-score[:, h], kind="stable")[:top]
         order = [int(f) for f in ranked if score[f, h] > 0]
         tops = [entry(f, h) for f in order]
-        by_share = np.argsort(-np.where(live, shares[:, h], -1.0), kind="stable")[:top]
-        group_of = _groups([_group_keys(cards.get(str(f))) for f in order])
+        group_of, _ = _feature_groups(order, cards, slices[:, h])
         group_w = np.zeros(max(group_of, default=-1) + 1)
         for f, g in zip(order, group_of, strict=True):
             group_w[g] += score[f, h]
         for row, g in zip(tops, group_of, strict=True):
             row["group"] = g
+        ranked = np.argsort(-np.where(live, shares[:, h], -1.0), kind="stable")[:top]
+        by_share = [int(f) for f in ranked if live[f] and shares[f, h] > 0]
+        share_group_of, sizes = _feature_groups(by_share, cards, slices[:, h])
+        tops_by_share = [entry(f, h) for f in by_share]
+        for row, g in zip(tops_by_share, share_group_of, strict=True):
+            row["group"] = g
+        cls = semantic_class(sizes)
         head_rows.append(
             {
                 "head": heads[h],
@@ -185,7 +245,10 @@ def z_head_report(
                 "n_groups": len(group_w),
                 "effective_groups": _entropy_exp(group_w),
                 "top_features": tops,
-                "top_by_share": [entry(int(f), h) for f in by_share if live[f]],
+                "top_by_share": tops_by_share,
+                "group_sizes": sorted(sizes, reverse=True),
+                "class": None if cls is None else SEMANTIC_CLASSES[cls - 1],
+                "class_index": cls,
             }
         )
     report = {
@@ -197,6 +260,7 @@ def z_head_report(
         "n_features": F,
         "n_live": int(live.sum()),
         "ranked_by": "share" if dens_t is None else "share × density",
+        "tally": {name: sum(r["class"] == name for r in head_rows) for name in SEMANTIC_CLASSES},
         "heads": head_rows,
         "features": features,
     }
@@ -229,8 +293,12 @@ def _head_report_md(report: dict[str, Any]) -> str:
         f"{len(report['heads'][0]['top_features']) if report['heads'] else 0} features "
         "(1 = one role). See docs/dictionaries.md.",
         "",
-        "| head | dominant | activity | eff. features | groups (eff.) | top features |",
-        "|---|---|---|---|---|---|",
+        "Heads by class (top 10 features by decoder-norm share): "
+        + ", ".join(f"{n} {name}" for name, n in report.get("tally", {}).items())
+        + ".",
+        "",
+        "| head | class | dominant | activity | eff. features | groups (eff.) | top features |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["heads"]:
         tops = "<br>".join(
@@ -239,7 +307,7 @@ def _head_report_md(report: dict[str, Any]) -> str:
             for t in row["top_features"][:3]
         )
         lines.append(
-            f"| {row['head']} | {row['n_dominant']} ({row['n_majority']}) | "
+            f"| {row['head']} | {row.get('class') or ''} | {row['n_dominant']} ({row['n_majority']}) | "
             f"{row['activity']:.1%} | {row['effective_features']:.0f} | "
             f"{row['n_groups']} ({row['effective_groups']:.1f}) | {tops} |"
         )

@@ -19,10 +19,16 @@ from headscope.store.run import open_run
 
 
 def add_head_columns(
-    run_dir: str | Path, values: dict[str, dict[str, float]], docs: dict[str, str]
+    run_dir: str | Path,
+    values: dict[str, dict[str, float]],
+    docs: dict[str, str],
+    *,
+    levels: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """Write ``values[column][head] = value`` into the run's metrics (heads absent from a column
-    get null). ``docs[column]`` is the explanation the app shows. Returns the column names."""
+    get null). ``docs[column]`` is the explanation the app shows. ``levels[column]`` names the
+    values of an ordinal column (``{"1": "monosemantic", ...}``): the app shows the names and
+    counts heads per level. Returns the column names."""
     run = open_run(run_dir)
     m = run.metrics
     names = [head_name(int(lay), int(h)) for lay, h in zip(m["layer"], m["head"], strict=True)]
@@ -42,12 +48,15 @@ def add_head_columns(
         name = head_name(int(row[0]), int(row[1]))
         extra = [_finite(values[c].get(name)) for c in cols]
         rows.append([row[i] for i in keep] + extra)
+    named = {c: v for c, v in js.get("levels", {}).items() if c not in values}
+    named.update({c: v for c, v in (levels or {}).items() if c in values})
     write_json(
         run.path / "metrics.json",
         {
             "columns": [js["columns"][i] for i in keep] + cols,
             "rows": rows,
             "docs": {**js.get("docs", {}), **{c: docs.get(c, "") for c in cols}},
+            **({"levels": named} if named else {}),
         },
     )
     for name in names:
@@ -86,3 +95,23 @@ def add_head_curves(run_dir: str | Path, curves: dict[str, dict[str, list[float]
                 stored[name] = [_finite(y) for y in ys]
         write_json(path, payload)
     return list(curves)
+
+
+def add_head_panels(run_dir: str | Path, key: str, panels: dict[str, dict]) -> int:
+    """Write ``panels[head]`` as ``key`` into each ``heads/L{l}H{h}.json`` (a panel the head
+    page draws), removing ``key`` from heads without one. Returns the heads written."""
+    run = open_run(run_dir)
+    names = {path.stem: path for path in sorted((run.path / "heads").glob("L*H*.json"))}
+    unknown = sorted(set(panels) - set(names))
+    if unknown:
+        raise DataError(f"heads {', '.join(unknown[:5])} are not in the run {run.path}")
+    for name, path in names.items():
+        payload = read_json(path)
+        if name in panels:
+            payload[key] = panels[name]
+        elif key in payload:
+            del payload[key]
+        else:
+            continue
+        write_json(path, payload)
+    return len(panels)
