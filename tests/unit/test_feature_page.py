@@ -10,13 +10,17 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from headscope.analysis.session import Session
 from headscope.dictionaries.basis import DictionarySet
-from headscope.dictionaries.feature_page import feature_page
+from headscope.dictionaries.feature_page import TextSource, feature_page
 from headscope.dictionaries.sae import SAE, SAEConfig, save_sae
 from headscope.errors import InputError
 from headscope.operations.table import OPERATIONS, Context
+from headscope.precompute.config import PrecomputeConfig
+from headscope.precompute.sequences import iter_sequences
+from headscope.server import create_app
 from tests.planted import CODE, POS, induction_adapter
 
 X = "q"  # the planted token
@@ -101,3 +105,49 @@ def test_the_operation_and_its_errors(setup):
         op.run(ctx, op.request(layer=0, feature=0))
     text = op.text(feature_page(ad, dicts, 1, 1, n_tokens=256, data=data, seq_len=24), None)
     assert "written by" in text and "L0H0" in text
+
+
+@pytest.fixture
+def served_run(tmp_path):
+    """A run folder whose manifest names data unlike the default text: another text field, 5
+    sequences of 20 tokens."""
+    other = tmp_path / "run_data.jsonl"
+    with open(other, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"body": f"zz q{i % 7} yy aq {i} q." * 2}) + "\n")
+    run = tmp_path / "myrun"
+    run.mkdir()
+    cfg = PrecomputeConfig(model="x", data=str(other), text_field="body", sequences=5, seq_len=20)
+    manifest = {
+        "config": cfg.to_dict(),
+        "dataset": {"path": str(other)},
+        "tokens": {"sequences": 5, "tokens": 100},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run, other
+
+
+def test_a_served_runs_data(setup, served_run):
+    ad, dicts, _ = setup
+    run, other = served_run
+    source = TextSource.of_run(run)
+    assert source is not None and source.text_field == "body" and source.seq_len == 20
+    page = feature_page(ad, dicts, 1, 0, n_tokens=512, top=5, source=source)
+    assert page.from_run and page.data == str(other) and page.skipped_sequences == 0
+    assert page.data_name == "run myrun's data (run_data.jsonl, 5 sequences of 20 tokens)"
+    assert page.n_tokens == 5 * 19  # the run's 5 sequences and no more, BOS left out
+    seqs = list(iter_sequences(ad.tokens, other, 20, text_field="body", limit=5))
+    assert page.contexts
+    for c in page.contexts:  # every context is the run's tokens at its (sequence, position)
+        ids = seqs[c.sequence].ids
+        lo = c.position - c.at
+        assert c.tokens == [ad.tokens.display(int(t)) for t in ids[lo : lo + len(c.tokens)]]
+        assert c.tokens[c.at] == X
+
+    # the server reads the run it serves; without a run, the default text
+    client = TestClient(create_app(run, Session(ad), dictionaries=dicts))
+    got = client.post("/api/feature", json={"layer": 1, "feature": 0, "n_tokens": 256}).json()
+    assert got["from_run"] and got["data_name"].startswith("run myrun's data")
+    assert got["n_tokens"] == 5 * 19
+    plain = feature_page(ad, dicts, 1, 0, n_tokens=256, data=setup[2], seq_len=24)
+    assert not plain.from_run and plain.data_name == "data.jsonl (24-token sequences)"

@@ -389,6 +389,11 @@ class FeaturePageResult(Result):
     label: str | None = Field(description="a short label from its card (null: no card)")
     card: dict[str, Any] | None = Field(description="its card from features.json")
     data: str = Field(description="the text the contexts and histogram were measured on")
+    data_name: str = Field(
+        description="that text as the page names it, e.g. \"run smol's data (corpus.jsonl, 32 "
+        "sequences of 256 tokens)\""
+    )
+    from_run: bool = Field(description="true: the served run's own data (its sequences)")
     skipped_sequences: int = Field(description="sequences skipped (the dictionary trained on them)")
     n_tokens: int
     density: float = Field(description="fraction of those tokens where the feature fires")

@@ -2,10 +2,11 @@
 heads that read it (query and key side) and write it, and its nearest features by virtual weight.
 
 Contexts and the histogram come from a slice of text the live server streams once per layer and
-keeps (the residual entering the layer at every token; ``n_tokens`` tokens of the dataset after
-the sequences the dictionary was trained on, as ``label_features`` does); a page is then one
-encoder pass over that slice plus a short forward pass over the few sequences holding its top
-contexts.
+keeps (the residual entering the layer at every token): a served run's own data (its sequences,
+sequence length and text field, :meth:`TextSource.of_run`), else ``n_tokens`` tokens of the
+default corpus after the sequences the dictionary was trained on, as ``label_features`` does. A
+page is then one encoder pass over that slice plus a short forward pass over the few sequences
+holding its top contexts.
 
 Readers: where the feature fires, the share of a head's query (key) vector that the feature's
 own row contributes, ``|| a N(d_f) W ||`` / ``|| N(x) W + b ||`` with the norm's scale frozen at
@@ -24,6 +25,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +45,48 @@ READ_TOKENS = 64  # top-activating tokens the head reads/writes are averaged ove
 MAX_SLICES = 4  # layers whose slice a server keeps (~n_tokens x d_model floats each)
 
 
+@dataclass(frozen=True)
+class TextSource:
+    """The text feature pages read: a dataset (None: the default corpus) in packed sequences of
+    ``seq_len`` tokens. ``run``: the name of the run whose data this is; a run's text is read
+    from its first sequence, at most its ``sequences``; other text starts after the sequences
+    the dictionary was trained on."""
+
+    data: Path | None = None
+    seq_len: int = SEQ_LEN
+    text_field: str = "text"
+    sequences: int | None = None
+    run: str | None = None
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> TextSource | None:
+        """The data a precompute read, from its ``manifest.json`` (None: no manifest)."""
+        from headscope.precompute.config import PrecomputeConfig
+
+        manifest_path = Path(run_dir) / "manifest.json"
+        if not manifest_path.is_file():
+            return None
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        cfg = PrecomputeConfig.from_dict(manifest["config"])
+        path = (manifest.get("dataset") or {}).get("path") or cfg.data
+        n = (manifest.get("tokens") or {}).get("sequences") or cfg.n_sequences
+        return cls(
+            data=None if path is None else Path(path),
+            seq_len=cfg.seq_len,
+            text_field=cfg.text_field,
+            sequences=int(n),
+            run=Path(run_dir).resolve().name,
+        )
+
+    def describe(self, path: Path) -> str:
+        """What a page says it read: 'the run's data (corpus.jsonl, 32 sequences of 256
+        tokens)'."""
+        if self.run is None:
+            return f"{path.name} ({self.seq_len}-token sequences)"
+        n = f"{self.sequences} sequences of " if self.sequences else "sequences of "
+        return f"run {self.run}'s data ({path.name}, {n}{self.seq_len} tokens)"
+
+
 @dataclass
 class _Slice:
     ids: torch.Tensor  # [S, T] token ids, BOS at 0
@@ -50,6 +94,7 @@ class _Slice:
     resid: torch.Tensor  # [S, T, d] the residual entering the layer
     data: str
     skipped: int
+    name: str  # what the page says it read
 
 
 _slices: weakref.WeakKeyDictionary[ModelAdapter, OrderedDict] = weakref.WeakKeyDictionary()
@@ -63,30 +108,30 @@ def _recorded_sequences(folder: Path) -> int:
     return int(json.loads(stats.read_text()).get("sequences_seen", 0))
 
 
-def layer_slice(
-    adapter: ModelAdapter,
-    d: Dictionary,
-    n_tokens: int,
-    data: Path | None = None,
-    seq_len: int = SEQ_LEN,
-) -> _Slice:
-    """The residual entering ``d.layer`` on ``n_tokens`` tokens of text, computed once."""
-    key = (d.layer, n_tokens, str(data), seq_len, str(d.path))
+def layer_slice(adapter: ModelAdapter, d: Dictionary, n_tokens: int, source: TextSource) -> _Slice:
+    """The residual entering ``d.layer`` on ``n_tokens`` tokens of ``source``, computed once."""
+    key = (d.layer, n_tokens, source, str(d.path))
     with _lock:
         cache = _slices.setdefault(adapter, OrderedDict())
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
+    data = source.data
     if data is None:
         from headscope.data.corpus import ensure_default_corpus
 
         data = ensure_default_corpus()
-    skip = min(_recorded_sequences(d.path), MAX_SKIP)
-    seqs = iter_sequences(adapter.tokens, Path(data), seq_len)
+    seq_len = source.seq_len
+    skip = 0 if source.run is not None else min(_recorded_sequences(d.path), MAX_SKIP)
+    limit = None if source.sequences is None else skip + source.sequences
+    seqs = iter_sequences(
+        adapter.tokens, Path(data), seq_len, text_field=source.text_field, limit=limit
+    )
     skipped = sum(1 for _ in zip(range(skip), seqs, strict=False))
     ids_l, keep_l, resid_l = [], [], []
     seen = 0
-    for batch in batched(seqs, 8):
+    # ~1k tokens per forward pass (8 sequences of 128; one of a long run's sequences)
+    for batch in batched(seqs, max(1, min(8, 1024 // seq_len))):
         packed = stack(batch, adapter.tokens.bos_id)
         cap = adapter.run(
             packed.ids,
@@ -107,7 +152,14 @@ def layer_slice(
             break
     if not ids_l:
         raise InputError(f"{data} has no text left after {skipped} sequences")
-    out = _Slice(torch.cat(ids_l), torch.cat(keep_l), torch.cat(resid_l), str(data), skipped)
+    out = _Slice(
+        torch.cat(ids_l),
+        torch.cat(keep_l),
+        torch.cat(resid_l),
+        str(data),
+        skipped,
+        source.describe(Path(data)),
+    )
     with _lock:
         cache = _slices.setdefault(adapter, OrderedDict())
         cache[key] = out
@@ -212,9 +264,11 @@ def feature_page(
     n_near: int = 8,
     data: Path | None = None,
     seq_len: int = SEQ_LEN,
+    source: TextSource | None = None,
 ) -> FeaturePageResult:
     """Everything the app's feature page shows for feature ``feature`` of ``layer``'s residual
-    dictionary (see the module docs)."""
+    dictionary (see the module docs). The text: ``source`` (a served run's data), else
+    ``data`` (None: the default corpus) in sequences of ``seq_len`` tokens."""
     d = dictionaries.for_layer(layer)
     if not 0 <= feature < d.n_features:
         raise InputError(f"feature {feature} out of range 0..{d.n_features - 1}")
@@ -222,7 +276,7 @@ def feature_page(
         raise InputError(
             f"layer {layer}: feature pages cover layers 0..{adapter.spec.n_layers - 1}"
         )
-    sl = layer_slice(adapter, d, n_tokens, data, seq_len)
+    sl = layer_slice(adapter, d, n_tokens, source or TextSource(data, seq_len))
     S, T = sl.keep.shape
     flat_keep = sl.keep.flatten()
     resid = sl.resid.reshape(S * T, -1)
@@ -299,6 +353,8 @@ def feature_page(
             "label": feature_label(card),
             "card": card,
             "data": sl.data,
+            "data_name": sl.name,
+            "from_run": source is not None and source.run is not None,
             "skipped_sequences": sl.skipped,
             "n_tokens": n_seen,
             "density": n_fired / max(n_seen, 1),

@@ -26,21 +26,25 @@ from headscope.operations import text as T
 if TYPE_CHECKING:
     from headscope.analysis.session import Session
     from headscope.dictionaries.basis import DictionarySet
+    from headscope.dictionaries.feature_page import TextSource
 
 
 class Context:
     """What an operation runs against: the model's session and the residual dictionaries.
 
     Both are loaded on first use (a CLI command that needs no dictionaries never reads them).
+    ``text``: the served run's data, which feature pages read (None: the default corpus).
     """
 
     def __init__(
         self,
         session: Callable[[], Session] | Session | None,
         dictionaries: Callable[[], DictionarySet] | DictionarySet | None = None,
+        text: TextSource | None = None,
     ):
         self._session = session
         self._dictionaries = dictionaries
+        self.text = text
 
     @property
     def session(self) -> Session:
@@ -189,7 +193,13 @@ def _feature(ctx: Context, r: Q.FeatureRequest) -> R.FeaturePageResult:
     from headscope.dictionaries.feature_page import feature_page
 
     return feature_page(
-        ctx.session.adapter, ctx.dictionaries, r.layer, r.feature, n_tokens=r.n_tokens, top=r.top
+        ctx.session.adapter,
+        ctx.dictionaries,
+        r.layer,
+        r.feature,
+        n_tokens=r.n_tokens,
+        top=r.top,
+        source=ctx.text,
     )
 
 

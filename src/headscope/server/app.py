@@ -290,7 +290,12 @@ def create_app(
             err.status_code, str(err.detail), headers=getattr(err, "headers", None)
         )
 
-    ctx = Context(session, dictionaries)
+    text = None
+    if run_root is not None:
+        from headscope.dictionaries.feature_page import TextSource
+
+        text = TextSource.of_run(run_root)  # feature pages read the run's own data
+    ctx = Context(session, dictionaries, text)
 
     @app.get("/api/health", response_model=HealthResponse, responses=_ERRORS)
     async def health():

@@ -1,5 +1,6 @@
 // Feature page (#/feature/L16/123[?n=tokens]): one residual dictionary feature, from the live server's
-// `feature` operation: its label, top contexts (tokens shaded by the feature's activation), an
+// `feature` operation (on the served run's data, else the default corpus; the page names which,
+// and how many tokens): its label, top contexts (tokens shaded by the feature's activation), an
 // activation histogram, the heads that read it on the query and key side and the earlier heads
 // that write it, and its nearest features by virtual weight through its top readers.
 
@@ -92,7 +93,7 @@ function render(el, f, ctx) {
     f.contexts.length ? h('p', { class: 'small fires-here' }, `on this page’s text it fires most on ${firesOn(f.contexts)}`) : null,
     h('p', { class: 'muted small' },
       `fires on ${fmt(100 * f.density, 3)}% of ${f.n_tokens.toLocaleString('en-US')} tokens · mean activation ${fixed(f.mean_activation, 3)} · `,
-      `text: ${f.data.split('/').pop()}${f.skipped_sequences ? ` after the ${f.skipped_sequences} sequences the dictionary trained on` : ''} · `,
+      h('span', { class: 'feature-data', title: f.data }, `text: ${f.data_name || f.data.split('/').pop()}${f.skipped_sequences ? ` after the ${f.skipped_sequences} sequences the dictionary trained on` : ''}`), ' · ',
       `${f.n_features} features in layer ${f.layer}’s dictionary`),
     h('div', { class: 'attr-grid feature-top' },
       h('section', { class: 'panel feature-contexts' }, h('h3', {}, 'Top activating contexts'),
