@@ -83,9 +83,9 @@ function cached(key, load, cap = 0) {
 export const manifest = () => cached('manifest', () => fetchJSON(runUrl('manifest.json')));
 
 /**
- * metrics.json, normalised: {columns, metricNames, docs, names, layer, head, nLayers, nHeads,
- * index: Map(name → row), col(name) → Float64Array (NaN where undefined)}. `layer` and `head`
- * are columns too.
+ * metrics.json, normalised: {columns, metricNames, docs, levels, names, layer, head, nLayers,
+ * nHeads, index: Map(name → row), col(name) → Float64Array (NaN where undefined)}. `layer` and
+ * `head` are columns too. levels[col] names the values of an ordinal column ({"1": "monosemantic"}).
  */
 export const metrics = () => cached('metrics', async () => {
   const raw = await fetchJSON(runUrl('metrics.json'));
@@ -110,6 +110,7 @@ export const metrics = () => cached('metrics', async () => {
     columns,
     metricNames: columns.filter((c) => c !== 'layer' && c !== 'head' && c !== 'name'),
     docs: raw.docs || {},
+    levels: raw.levels || {},
     names,
     layer,
     head,

@@ -15,6 +15,7 @@ import { renderSimilar } from './similar.js';
 import { renderAttribution } from './attribution.js';
 import { renderDescribe } from './describe.js';
 import { renderKnockout } from './knockout.js';
+import { zsaePanel } from './zsae.js';
 
 const TABS = [['', 'Examples'], ['pca', 'PCA'], ['similar', 'Similar heads'], ['describe', 'Describe'], ['knockout', 'Knockout']];
 const label = (c) => c.replace(/_/g, ' ');
@@ -124,7 +125,7 @@ function overview(p, m, name) {
     }
     return h('tr', {},
       h('td', {}, h('div', { class: 'metric-name' }, label(k)), m.docs[k] ? h('div', { class: 'metric-doc' }, m.docs[k]) : null),
-      h('td', { class: 'num' }, fmt(v)),
+      h('td', { class: 'num' }, fmt(v), m.levels[k] && m.levels[k][String(v)] ? h('div', { class: 'metric-level' }, m.levels[k][String(v)]) : null),
       h('td', { class: 'rank', title: rank === null ? '' : `higher than ${Math.round(rank * 100)}% of heads` },
         rank === null ? '' : h('div', { class: 'rankcell' },
           h('div', { class: 'rankbar', 'aria-hidden': 'true' }, h('div', { style: { width: `${Math.round(rank * 100)}%` } })),
@@ -149,6 +150,7 @@ function overview(p, m, name) {
   return h('aside', { class: 'head-overview' },
     section('Metrics', h('table', { class: 'data metrics' },
       h('thead', {}, h('tr', {}, h('th', {}, 'metric'), h('th', { class: 'num' }, 'value'), h('th', { title: 'percentile among all heads: the share of heads with a lower value' }, 'rank'))), h('tbody', {}, metricRows))),
+    zsaePanel(p.zsae),
     hist ? section('Max attention per sequence', hist(), exportButtons(`${name}_histogram`, { svg: hist })) : null,
     curves.map(([cname, ys]) => section(label(cname), curveSvg(cname, ys), exportButtons(`${name}_${cname}`, { svg: () => curveSvg(cname, ys) }))),
     section('Top tokens', h('div', {},

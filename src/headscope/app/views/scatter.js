@@ -15,6 +15,19 @@ function label(col) {
   return col === 'layer' ? 'layer' : col === 'head' ? 'head index' : col.replace(/_/g, ' ');
 }
 
+/** One line per ordinal column with named levels (metrics.json `levels`): heads per level,
+ * model-wide (e.g. the z-dictionary classes: "3 monosemantic · 1 bisemantic · …"). */
+function levelTallies(m) {
+  return Object.entries(m.levels).filter(([col]) => m.has(col)).map(([col, names]) => {
+    const v = m.col(col);
+    const counts = Object.keys(names).map((k) => [names[k], v.filter((x) => x === Number(k)).length]);
+    const n = counts.reduce((s, [, c]) => s + c, 0);
+    return h('div', { class: 'level-tally', 'data-column': col },
+      h('strong', {}, label(col)), ` — ${n} of ${m.names.length} heads: `,
+      counts.map(([name, c]) => `${c} ${name}`).join(' · '));
+  });
+}
+
 export function mount(root, ctx) {
   let m = null;
   let plot = null;
@@ -40,27 +53,35 @@ export function mount(root, ctx) {
     return { cols, x: pick('x', 'layer'), y, c: col, l0: Math.min(a, b), l1: Math.max(a, b) };
   }
 
+  // an ordinal column with named levels (e.g. zsae_class 1..4) is discrete too
+  const discrete = (col) => DISCRETE.has(col) || m.levels[col] !== undefined;
+
   /** Value of column `col` for row i, spreading discrete columns so marks don't stack. */
   function coord(col, i) {
     const v = m.col(col)[i];
     if (col === 'layer') return v + ((m.head[i] + 0.5) / m.nHeads - 0.5) * 0.72;
     if (col === 'head') return v + ((m.layer[i] + 0.5) / Math.max(1, m.nLayers) - 0.5) * 0.72;
+    if (m.levels[col]) return v + ((m.head[i] + 0.5) / m.nHeads - 0.5) * 0.72;
     return v;
   }
 
   /** Visible integer range of a discrete column (the layer filter narrows `layer`). */
   function range(col, st) {
+    if (m.levels[col]) {
+      const keys = Object.keys(m.levels[col]).map(Number);
+      return [Math.min(...keys), Math.max(...keys)];
+    }
     return col === 'layer' ? [st.l0, st.l1] : [0, m.nHeads - 1];
   }
 
   function domain(col, st) {
-    if (!DISCRETE.has(col)) return null;
+    if (!discrete(col)) return null;
     const [lo, hi] = range(col, st);
     return [lo - 0.6, hi + 0.6];
   }
 
   function integerTicks(col, st) {
-    if (!DISCRETE.has(col)) return null;
+    if (!discrete(col)) return null;
     const [lo, hi] = range(col, st);
     const step = Math.max(1, Math.ceil((hi - lo + 1) / 16));
     const t = [];
@@ -74,6 +95,7 @@ export function mount(root, ctx) {
       h('td', {}, label(name)), h('td', { class: 'num' }, fmt(m.col(name)[i]))));
     return [h('div', { class: 'tip-title' }, m.names[i], h('span', { class: 'muted' }, `  layer ${m.layer[i]} · head ${m.head[i]}`)),
       h('table', { class: 'tip-table' }, rows),
+      Object.keys(m.levels).filter((c) => m.has(c) && m.levels[c][String(m.col(c)[i])]).map((c) => h('div', { class: 'small' }, `${label(c)}: ${m.levels[c][String(m.col(c)[i])]}`)),
       h('div', { class: 'muted small' }, 'click to open')];
   }
 
@@ -187,7 +209,7 @@ export function mount(root, ctx) {
         h('span', { class: 'grow' }),
         count,
         exportButtons('heads', { svg: () => plot.toSVG(`Heads: ${label(settings(ctx).y)} vs ${label(settings(ctx).x)}`), png: () => plot.canvas })),
-      h('div', { class: 'split' }, h('div', { class: 'panel plot-panel' }, plot.el, doc), top));
+      h('div', { class: 'split' }, h('div', { class: 'panel plot-panel' }, plot.el, levelTallies(m), doc), top));
     draw(ctx);
     onResize = () => {
       const w = Math.max(480, container.clientWidth - 300);
