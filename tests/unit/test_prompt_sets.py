@@ -1,7 +1,8 @@
 """Prompt-set experiments (headscope.analysis.prompt_sets) on planted models: the induction head
-wins every induction prompt and the previous-token head none; the shipped country/city sets have
-the paper's shape; grouped QK geometry reports own-vs-other means that a planted head makes +1
-and -1."""
+wins every induction prompt and the previous-token head none, and "least" prompts and per-group
+numbers score them the other way round; the shipped country/city, country-swap and year sets
+have the paper's shape and mark the tokens they mean on a real tokenizer; grouped QK geometry
+reports own-vs-other means that a planted head makes +1 and -1."""
 
 from __future__ import annotations
 
@@ -12,18 +13,26 @@ import pytest
 
 from headscope.analysis.geometry import qk_geometry
 from headscope.analysis.prompt_sets import (
+    PRESETS,
+    YearSet,
+    _locate,
     country_city_geometry,
+    country_swap,
     evaluate_prompts,
     load_countries,
+    load_years,
     odd_one_out,
+    preset,
+    prompt_set_text,
     read_prompts,
+    year_sweep,
 )
 from headscope.analysis.session import Session
 from headscope.errors import InputError
 from headscope.model import ModelAdapter
 from headscope.operations import OPERATIONS, Context
 from tests.planted import induction_model, planted_adapter, two_match_model
-from tests.tiny_models import tiny_tokenizer
+from tests.tiny_models import tiny_adapter, tiny_tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -71,6 +80,33 @@ def test_induction_head_wins_every_prompt(sess: Session, tmp_path) -> None:
     assert [h.head for h in out.heads] == ["L0H0"] and out.heads[0].attention is not None
 
 
+def test_least_prompts_and_groups(sess: Session) -> None:
+    """The same induction prompts marked "most" and "least": the induction head gets every "most"
+    prompt and no "least" one; with the previous token as the only other candidate the
+    previous-token head gets the "least" ones (it attends to that token, not the target)."""
+    base = _induction_prompts(12, seed=3)
+    prompts = [{**p, "group": "most"} for p in base]
+    for p in base:
+        text = p["text"]
+        prev = text[-2]  # the token before the query: where the previous-token head looks
+        prompts.append({"text": text, "key": p["key"], "candidates": [p["key"], prev],
+                        "expect": "least", "group": "least"})  # fmt: skip
+    r = evaluate_prompts(sess, prompts)
+    by = {h.head: h for h in r.heads}
+    ind, prev_head = by["L1H0"], by["L0H0"]
+    assert ind.accuracy == pytest.approx(0.5)
+    assert ind.groups is not None and list(ind.groups) == ["most", "least"]
+    assert ind.groups["most"].accuracy == 1.0 and ind.groups["least"].accuracy == 0.0
+    assert ind.groups["most"].n == ind.groups["least"].n == 12
+    assert ind.groups["least"].attention_mean == pytest.approx(ind.groups["most"].attention_mean)
+    assert ind.correct == [True] * 12 + [False] * 12
+    assert prev_head.groups is not None and prev_head.groups["least"].accuracy == 1.0
+    assert prev_head.groups["most"].accuracy == 0.0
+    assert [p.expect for p in r.prompts] == ["most"] * 12 + ["least"] * 12
+    text = prompt_set_text(r)
+    assert "least on 12 prompts" in text and "by group" in text
+
+
 def test_bad_prompts(sess: Session) -> None:
     with pytest.raises(InputError, match="not in the prompt"):
         evaluate_prompts(sess, [{"text": "abcdefa", "key": "z"}])
@@ -103,6 +139,72 @@ def test_country_city_sets() -> None:
     assert queries[0] == f"The country [[{next(iter(countries))}]]"
     with pytest.raises(InputError, match=">= 2 cities"):
         load_countries_from({"France": ["Paris"]})
+
+
+@pytest.fixture(scope="module")
+def tiny_sess() -> Session:
+    return Session(tiny_adapter("llama"))
+
+
+def test_country_swap_set(tiny_sess: Session) -> None:
+    countries = load_countries()
+    owner = {city: c for c, cities in countries.items() for city in cities}
+    prompts = country_swap(countries)
+    odd = odd_one_out(countries)
+    assert len(prompts) == 2 * len(odd) == 10 * len(countries)
+    for i, base in enumerate(odd):
+        a, b = prompts[2 * i], prompts[2 * i + 1]
+        # the same cities and marked city; the country is the original, then the city's own
+        assert a.text == base.text and a.key == b.key == base.key
+        assert a.candidates == b.candidates == base.candidates
+        assert (a.group, a.expect, b.group, b.expect) == ("odd", "most", "own", "least")
+        assert b.text == a.text.removesuffix(base.group or "") + owner[b.key]
+        assert owner[b.key] != base.group
+    # every prompt marks the country's last token as the query and the marked city's last token
+    # as the key, on a real tokenizer
+    tok = tiny_sess.adapter.tokens
+    for p in prompts[:40]:
+        ids, pos = _locate(tiny_sess, p)
+        _, offsets = tok.encode_with_offsets(p.text)
+        country = p.text.rsplit(" in ", 1)[1]
+        assert pos.query == len(ids) - 1 and offsets[pos.query][1] == len(p.text)
+        start = p.text.index(p.key)
+        assert offsets[pos.key][1] == start + len(p.key) and pos.group in ("odd", "own")
+        assert len(pos.candidates) == 5 and pos.key in pos.candidates
+        assert p.text.endswith(country)
+
+
+def test_year_sweep_set(tiny_sess: Session) -> None:
+    years = load_years()
+    prompts = year_sweep(years)
+    assert [t.name for t in years.templates] == ["plain", "after 1914"]
+    assert len(prompts) == 2 * 1000 and prompts[0].text.endswith(" 1000")
+    groups = {p.group for p in prompts}
+    assert len(groups) == 20 and "plain 1900s" in groups and "after 1914 1000s" in groups
+    tok = tiny_sess.adapter.tokens
+    for p in prompts[::97]:
+        year = p.text.rsplit(" ", 1)[1]
+        ids, pos = _locate(tiny_sess, p)
+        _, offsets = tok.encode_with_offsets(p.text)
+        # the query is the year's last digit, the key the token holding its first digit: in the
+        # "after 1914" template not the 1 of 1914
+        assert pos.query == len(ids) - 1 and pos.query_token == year[-1]
+        assert pos.key_token == year[0] and offsets[pos.key][0] == len(p.text) - len(year)
+        assert p.candidates is None and p.expect == "most"
+    ys = YearSet.model_validate(
+        {"templates": [{"name": "x", "text": "In {year} it rained"}], "start": 5, "stop": 7}
+    )
+    with pytest.raises(InputError, match="ends in its one"):
+        year_sweep(ys)
+    ys = YearSet.model_validate(
+        {"templates": [{"name": "x", "text": "In {year}"}], "start": 9, "stop": 5}
+    )
+    with pytest.raises(InputError, match="empty"):
+        year_sweep(ys)
+    assert set(PRESETS) == {"country-odd-one-out", "country-swap", "year-sweep"}
+    assert len(preset("country-swap")) == 370 and len(preset("year-sweep")) == 2000
+    with pytest.raises(InputError, match="presets: "):
+        preset("nope")
 
 
 def load_countries_from(data: dict):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from headscope.analysis.prompt_sets import PromptSpec, prompt_spec
+from headscope.analysis.prompt_sets import PRESET_HELP, PresetName, PromptSpec, prompt_spec
 from headscope.analysis.rules import Rule, RuleSet, rule_input
 from headscope.limits import (
     MAX_GEOMETRY_PROMPTS,
@@ -359,9 +359,7 @@ class PromptSetRequest(Request):
         max_length=2000,
         description="prompts: JSON objects {text, key, query ('last' or a substring), candidates}",
     )
-    preset: Literal["country-odd-one-out"] | None = Field(
-        None, description="a shipped set instead: '{five cities} are all cities in {country}'"
-    )
+    preset: PresetName | None = Field(None, description=PRESET_HELP)
     heads: list[HeadName] | None = Field(
         None, max_length=MAX_HEADS, description="heads (default: every head)"
     )
