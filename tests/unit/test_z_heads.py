@@ -184,3 +184,19 @@ def test_columns_and_panels_in_a_run(tmp_path) -> None:
 def test_folders_must_hold_a_z_dictionary(tmp_path) -> None:
     with pytest.raises(InputError, match="no z dictionary"):
         z_folders(tmp_path)
+
+
+def test_the_command(tmp_path, capsys) -> None:
+    from headscope.cli import main
+
+    planted_sae(tmp_path / "saes" / "z_L3")
+    assert main(["z-heads", str(tmp_path / "saes"), "--tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "L3H2     bisemantic" in out and "not measured" in out
+    assert main(["z-heads", str(tmp_path / "saes"), "--tokens", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tally"]["polysemantic"] == 1
+    # bad input: one line, exit 2, no traceback
+    assert main(["z-heads", str(tmp_path / "saes"), "--tokens", "0", "--add-column"]) == 2
+    assert main(["z-heads", str(tmp_path / "nothing"), "--tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a RUN" in err and "is not a folder" in err and "Traceback" not in err
