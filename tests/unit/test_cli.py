@@ -60,6 +60,8 @@ def _args(root, model) -> dict[str, list[str]]:
         "prompt-set": ["--prompts", str(root / "p.jsonl"), "--head", "L1H0", "L2H1"],
         # the CLI's own ablate command (the operation serves /api/ablate)
         "ablate": ["--task", "repeated", "--sequences", "2", "--seq-len", "21", "--heads", "L0H0", "L1H1"],
+        # the CLI's own long-prefix command (the operation serves /api/long-prefix)
+        "long-prefix": ["--prefix-lengths", "1", "2", "--sequences", "2", "--seq-len", "16"],
     }  # fmt: skip
 
 
@@ -82,6 +84,7 @@ TEXT_HAS = {
     "intervention-curve": "L2H1 attn",
     "prompt-set": "heads by accuracy",
     "ablate": "zero ablation of 2 head(s)",
+    "long-prefix": "long-prefix induction test of",
 }
 
 

@@ -129,3 +129,44 @@ def test_stored_with_a_run(tmp_path, capsys) -> None:
     assert head["curves"]["long_prefix_dla"][1] > head["curves"]["long_prefix_dla"][0]
     assert head["metrics"]["long_prefix_kind"] == 2.0
     assert "long-prefix induction" in read_json(run / "metrics.json")["docs"]["long_prefix_kind"]
+
+
+def test_served_for_chosen_heads_and_bounded(adapter) -> None:
+    """POST /api/long-prefix: the chosen heads' curves, equal to the library call (one
+    implementation); a request over the token budget, an unknown head or a bad prefix length is
+    refused with a message, never a traceback."""
+    from fastapi.testclient import TestClient
+
+    from headscope.analysis.long_prefix import LongPrefixResult
+    from headscope.analysis.session import Session
+    from headscope.limits import MAX_LONG_PREFIX_TOKENS
+    from headscope.server import create_app
+
+    client = TestClient(create_app(None, Session(adapter)), raise_server_exceptions=False)
+    body = {"heads": ["L1H1", "L1H0"], "prefix_lengths": [3, 1, 2], "n_sequences": 12,
+            "seq_len": 24}  # fmt: skip
+    resp = client.post("/api/long-prefix", json=body)
+    assert resp.status_code == 200, resp.text
+    r = LongPrefixResult.model_validate(resp.json())
+    assert [h.head for h in r.heads] == ["L1H1", "L1H0"] and r.prefix_lengths == [1, 2, 3]
+    assert [h.kind for h in r.heads] == ["long", "short"]
+    direct = long_prefix_test(adapter, [1, 2, 3], n_sequences=12, seq_len=24)
+    by = {h.head: h for h in direct.heads}
+    for h in r.heads:
+        assert h.attention == pytest.approx(by[h.head].attention, abs=1e-6)
+        assert h.dla == pytest.approx(by[h.head].dla, abs=1e-5)
+    assert len(client.post("/api/long-prefix", json={"seq_len": 24}).json()["heads"]) == 4
+
+    too_big = {"n_sequences": 256, "seq_len": 30}  # 8 lengths x 2 x 256 x 30 tokens
+    resp = client.post("/api/long-prefix", json=too_big)
+    assert resp.status_code == 422 and "Traceback" not in resp.text
+    assert f"the limit is {MAX_LONG_PREFIX_TOKENS}" in resp.json()["detail"], resp.text
+    for bad, needle in (
+        ({"heads": ["L9H0"], "seq_len": 24}, "L9H0"),
+        ({"prefix_lengths": [0]}, "prefix_lengths"),
+        ({"prefix_lengths": [12], "seq_len": 24}, "too short"),
+        ({"n_sequences": 2, "seq_len": 64}, "positions"),
+    ):
+        resp = client.post("/api/long-prefix", json=bad)
+        assert resp.status_code == 422, (bad, resp.text)
+        assert needle in resp.text and "Traceback" not in resp.text, resp.text

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from headscope.analysis.inputs import parse_heads
 from headscope.errors import InputError
 from headscope.model import ModelAdapter
 from headscope.model.spec import head_name, norm_factor
@@ -118,9 +119,13 @@ def long_prefix_test(
     min_attention: float = 0.3,
     long_ratio: float = 0.5,
     batch_size: int = 32,
+    heads: Sequence[str] | None = None,
+    max_tokens: int | None = None,
 ) -> LongPrefixResult:
-    """Attention and DLA curves over ``prefix_lengths`` for every head, the corrupted-prefix
-    control, and each head's class (``none``, ``short``, ``long``; see the module docstring)."""
+    """Attention and DLA curves over ``prefix_lengths`` for every head (or ``heads``: only their
+    layers are captured), the corrupted-prefix control, and each head's class (``none``,
+    ``short``, ``long``; see the module docstring). ``max_tokens`` bounds the tokens run
+    (prefix lengths x 2 x ``n_sequences`` x ``seq_len``): a live request over it is refused."""
     ms = sorted({int(m) for m in prefix_lengths})
     if not ms or ms[0] < 1:
         raise InputError("prefix lengths must be positive integers")
@@ -129,7 +134,17 @@ def long_prefix_test(
     limit = adapter.spec.max_positions
     if limit is not None and seq_len > limit:
         raise InputError(f"seq_len {seq_len} exceeds the model's {limit} positions")
-    layers = list(range(adapter.spec.n_layers))
+    total = len(ms) * 2 * n_sequences * seq_len
+    if max_tokens is not None and total > max_tokens:
+        raise InputError(
+            f"{len(ms)} prefix lengths x 2 (clean and corrupted) x {n_sequences} sequences x "
+            f"{seq_len} tokens = {total} tokens; the limit is {max_tokens}: use fewer prefix "
+            "lengths, sequences or tokens (or the CLI's long-prefix command, which has no limit)"
+        )
+    if seq_len <= 2 * ms[-1] + 3:
+        raise InputError(f"sequences of {seq_len} tokens are too short for a prefix of {ms[-1]}")
+    pairs = parse_heads(adapter, list(heads)) if heads else None
+    layers = sorted({lay for lay, _ in pairs}) if pairs else list(range(adapter.spec.n_layers))
     curves, dlas, controls = [], [], []
     for m in ms:
         ids, q, k = prefix_sequences(adapter, m, n_sequences, seq_len, seed)
@@ -140,24 +155,23 @@ def long_prefix_test(
         dlas.append(dla)
         controls.append(ctrl)
     A, D, C = torch.stack(curves, -1), torch.stack(dlas, -1), torch.stack(controls, -1)
-    heads = []
-    for layer in layers:
-        for h in range(adapter.spec.n_heads):
-            a = A[layer, h]
-            peak = float(a.max())
-            if peak < min_attention:
-                kind = "none"
-            else:
-                kind = "long" if float(a[0]) < long_ratio * peak else "short"
-            heads.append(
-                PrefixHead(
-                    head=head_name(layer, h),
-                    attention=a.tolist(),
-                    dla=D[layer, h].tolist(),
-                    corrupted_attention=C[layer, h].tolist(),
-                    kind=kind,
-                )
+    out = []
+    for layer, h in pairs or [(lay, h) for lay in layers for h in range(adapter.spec.n_heads)]:
+        a = A[layer, h]
+        peak = float(a.max())
+        if peak < min_attention:
+            kind = "none"
+        else:
+            kind = "long" if float(a[0]) < long_ratio * peak else "short"
+        out.append(
+            PrefixHead(
+                head=head_name(layer, h),
+                attention=a.tolist(),
+                dla=D[layer, h].tolist(),
+                corrupted_attention=C[layer, h].tolist(),
+                kind=kind,
             )
+        )
     return LongPrefixResult(
         model=adapter.name,
         prefix_lengths=ms,
@@ -165,11 +179,11 @@ def long_prefix_test(
         seq_len=seq_len,
         min_attention=min_attention,
         long_ratio=long_ratio,
-        heads=heads,
+        heads=out,
     )
 
 
-def format_text(r: LongPrefixResult) -> str:
+def format_text(r: LongPrefixResult, _req: object = None) -> str:
     """The induction heads (short and long prefix) with their curves."""
     ms = " ".join(f"{m:>6}" for m in r.prefix_lengths)
     lines = [

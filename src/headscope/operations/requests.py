@@ -24,6 +24,7 @@ from headscope.limits import (
     MAX_POSITION,
     MAX_SWEEP_VALUES,
     MAX_TEXT_CHARS,
+    MAX_TOKENS,
 )
 
 
@@ -370,3 +371,21 @@ class PromptSetRequest(Request):
         if bool(self.prompts) == bool(self.preset):
             raise ValueError("give prompts or a preset (one of them)")
         return self
+
+
+class LongPrefixRequest(Request):
+    heads: list[HeadName] | None = Field(
+        None, max_length=MAX_HEADS, description="heads to report (default: every head)"
+    )
+    prefix_lengths: list[Annotated[int, Field(ge=1, le=256)]] = Field(
+        list(range(1, 9)), min_length=1, max_length=64, description="matched prefix lengths m"
+    )
+    n_sequences: int = Field(8, ge=1, le=256, description="random sequences per prefix length")
+    seq_len: int = Field(64, ge=8, le=MAX_TOKENS, description="tokens per sequence")
+    seed: int = Field(0, ge=0, description="random tokens")
+    min_attention: float = Field(
+        0.3, ge=0, le=1, description="an induction head reaches this attention at some m"
+    )
+    long_ratio: float = Field(
+        0.5, ge=0, le=1, description="long-prefix head: attention at m=1 below this x its peak"
+    )

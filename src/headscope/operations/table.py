@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from headscope.analysis import results as R
 from headscope.analysis.ablate import AblationResult
 from headscope.analysis.intervene import InterventionCurve, curve_text
+from headscope.analysis.long_prefix import LongPrefixResult
+from headscope.analysis.long_prefix import format_text as long_prefix_text
 from headscope.analysis.prompt_sets import PromptSetResult, prompt_set_text
 from headscope.errors import InputError, NoModel
 from headscope.operations import requests as Q
@@ -275,6 +277,23 @@ def _ablate(ctx: Context, r: Q.AblateRequest) -> AblationResult:
     )
 
 
+def _long_prefix(ctx: Context, r: Q.LongPrefixRequest) -> LongPrefixResult:
+    from headscope.analysis.long_prefix import long_prefix_test
+    from headscope.limits import MAX_LONG_PREFIX_TOKENS
+
+    return long_prefix_test(
+        ctx.session.adapter,
+        r.prefix_lengths,
+        n_sequences=r.n_sequences,
+        seq_len=r.seq_len,
+        seed=r.seed,
+        min_attention=r.min_attention,
+        long_ratio=r.long_ratio,
+        heads=r.heads,
+        max_tokens=MAX_LONG_PREFIX_TOKENS,
+    )
+
+
 OPERATIONS: list[Operation] = [
     Operation(
         "tokenize",
@@ -381,7 +400,7 @@ OPERATIONS: list[Operation] = [
     Operation(
         "prompt-set",
         "every head over a prompt set marking query and key tokens: attention, score and rank "
-        "of the marked key, accuracy of 'the head attends most to it'",
+        "of the marked key, accuracy of 'the head attends most (or least) to it', per group",
         _prompt_set,
         prompt_set_text,
         flags={"heads": "--head"},
@@ -393,6 +412,15 @@ OPERATIONS: list[Operation] = [
         "change in next-token loss",
         _ablate,
         T.ablate_text,
+        cli=False,
+    ),
+    Operation(
+        "long-prefix",
+        "the long-prefix induction test on random tokens: per matched prefix length, each head's "
+        "attention and direct logit attribution to the induction target, a corrupted-prefix "
+        "control, and its class (short- or long-prefix induction)",
+        _long_prefix,
+        long_prefix_text,
         cli=False,
     ),
 ]
