@@ -138,7 +138,9 @@ def model_forward(session, text: str) -> float:
     ids = encode_text(ad, text, session.max_tokens)
     with torch.no_grad():
         t0 = time.perf_counter()
-        ad.model(input_ids=ids, use_cache=False)
+        ad.model(input_ids=ids.to(ad.device), use_cache=False)
+        if ad.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = ap.parse_args(argv)
 
     import os
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from headscope.server import serve
 
     t0 = time.perf_counter()
-    session = Session(ModelAdapter.load(args.model))
+    session = Session(ModelAdapter.load(args.model, device=args.device))
     handle = serve(model=session)
     print(
         f"model {args.model} loaded and serving at {handle.url} in {time.perf_counter() - t0:.1f} s"

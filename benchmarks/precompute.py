@@ -41,12 +41,11 @@ from headscope.precompute.state import StreamState
 def run_command(args: argparse.Namespace) -> dict:
     """Run ``headscope precompute`` in a child process; wall time, peak RSS and the manifest's
     timings."""
-    script = Path(sys.executable).with_name("headscope")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [
-            str(script),
-            "precompute",
+            sys.executable,
+            *("-m", "headscope", "precompute"),
             "--json",
             *("--model", args.model, "--dtype", args.dtype, "--device", args.device),
             *("--sequences", str(args.sequences), "--seq-len", str(args.seq_len)),
