@@ -129,6 +129,10 @@ def test_stored_with_a_run(tmp_path, capsys) -> None:
     assert head["curves"]["long_prefix_dla"][1] > head["curves"]["long_prefix_dla"][0]
     assert head["metrics"]["long_prefix_kind"] == 2.0
     assert "long-prefix induction" in read_json(run / "metrics.json")["docs"]["long_prefix_kind"]
+    # the head page draws a stored curve against 1..n: other prefix lengths are not stored
+    gaps = ["long-prefix", str(run), "--prefix-lengths", "1", "3", "--add-column"]
+    assert main(gaps) == 2
+    assert "1 2 ... n (not 1 3)" in capsys.readouterr().err
 
 
 def test_served_for_chosen_heads_and_bounded(adapter) -> None:

@@ -104,6 +104,12 @@ def _long_prefix(args):
         args.model = args.model or run.manifest["config"].get("model", "default")
     elif args.add_column:
         raise InputError("--add-column needs a RUN to add the column to")
+    ms = sorted(set(args.prefix_lengths))
+    if args.add_column and ms != list(range(1, len(ms) + 1)):
+        raise InputError(
+            "--add-column stores curves that the head page draws against prefix lengths 1..n: "
+            f"give --prefix-lengths 1 2 ... n (not {' '.join(map(str, ms))})"
+        )
     args.model = args.model or "default"
     result = long_prefix_test(
         adapter(args),
