@@ -28,8 +28,10 @@ from headscope.decompose.qk import QKConfig, QKDiagonal, load_qk, save_qk
 from headscope.decompose.qk_report import format_qk_features, qk_report
 from headscope.decompose.qk_train import evaluate_qk, format_qk_table, qk_sweep, train_qk
 from headscope.decompose.results import (
+    LoadingClusterComparison,
     MTCComparison,
     MTCStats,
+    MTCSweep,
     QKReport,
     QKStats,
     SplitReport,
@@ -45,15 +47,18 @@ from headscope.decompose.split_train import (
     split_sweep,
     train_split,
 )
+from headscope.decompose.sweep import format_sweep, mtc_sweep
 
 __all__ = [
     "MTC",
     "DecomposeFormatError",
     "HeadSplit",
     "LayerData",
+    "LoadingClusterComparison",
     "MTCComparison",
     "MTCConfig",
     "MTCStats",
+    "MTCSweep",
     "QKConfig",
     "QKDiagonal",
     "QKReport",
@@ -71,6 +76,7 @@ __all__ = [
     "format_qk_features",
     "format_qk_table",
     "format_split",
+    "format_sweep",
     "head_target",
     "init_split",
     "load_layer_data",
@@ -78,6 +84,7 @@ __all__ = [
     "load_qk",
     "load_split",
     "loading_clusters",
+    "mtc_sweep",
     "qk_report",
     "qk_sweep",
     "save_layer_data",
