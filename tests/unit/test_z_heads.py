@@ -49,7 +49,7 @@ def planted_sae(folder: Path) -> Path:
     """A z SAE whose features each write one head only; head h's 10 features point along as many
     orthogonal directions as PLANTED[h] has groups (features of a group differ by small noise)."""
     g = torch.Generator().manual_seed(0)
-    F = 10 * H
+    F = 10 * H + 560  # and 560 features that no head writes (a realistic count for the cards)
     cfg = SAEConfig(d_in=H * D, d_sae=F, k=4, site="z", layers=(3,), extra={"n_heads": H})
     sae = SAE(cfg, generator=g)
     basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0]  # orthonormal columns
@@ -98,12 +98,17 @@ def test_shared_tokens_relate_features(tmp_path) -> None:
             "top_acts": [1.0],
             "promoted": [" same"] if 30 <= f < 40 else [f" p{f}"],
         }
-        for f in range(10 * H)
+        for f in range(10 * H + 560)
     }
     (folder / "features.json").write_text(json.dumps(cards))
     report = z_head_report(folder)
     assert [r["class"] for r in report["heads"]] == [*EXPECTED[:3], "monosemantic"]
     assert report["heads"][3]["top_by_share"][0]["context"] == "a⟦t30⟧b"
+    # a token in the cards of over 2% of the layer's features relates nothing
+    for f in range(40, 70):
+        cards[str(f)]["promoted"] = [" same"]
+    (folder / "features.json").write_text(json.dumps(cards))
+    assert z_head_report(folder)["heads"][3]["class"] == "polysemantic"
 
 
 def exact_sae(folder: Path, layer: int, n_heads: int, d_head: int) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ EXCEPTIONS_PER_TEN = 2  # "all features ... related with just one or two excepti
 # Two of a head's features are related when they share a token (see _group_keys) or when the
 # head writes nearly the same direction for both (cosine of their decoder slices >= this).
 LINK_COSINE = 0.5
+# A token among the cards of more than this share of the layer's live features (and more than
+# COMMON_MIN of them) relates nothing: ",", " the", and the few tokens an early layer's decoder
+# directions all promote (in the default model's layer 0, one token is among 36% of the cards).
+COMMON_SHARE = 0.02
+COMMON_MIN = 5
 
 
 # ----- z-SAE head attribution ---------------------------------------------------------------------
@@ -140,13 +146,21 @@ def semantic_class(group_sizes: Iterable[int]) -> int | None:
     return 3 if len(sizes) == 2 else 4
 
 
+def _common_keys(cards: Mapping[str, Any]) -> set[str]:
+    """Tokens in the keys of more than COMMON_SHARE of the live features (and > COMMON_MIN)."""
+    live = [c for c in cards.values() if c.get("density", 1) > 0]
+    counts = Counter(k for c in live for k in _group_keys(c))
+    most = max(COMMON_MIN, COMMON_SHARE * len(live))
+    return {k for k, n in counts.items() if n > most}
+
+
 def _feature_groups(
-    order: list[int], cards: Mapping[str, Any], slices: np.ndarray
+    order: list[int], cards: Mapping[str, Any], slices: np.ndarray, common: set[str]
 ) -> tuple[list[int], list[int]]:
-    """Group of each feature in ``order`` (linked: a shared token, or decoder slices of the
-    head with cosine >= ``LINK_COSINE``) and the groups' sizes."""
+    """Group of each feature in ``order`` (linked: a shared token that is not ``common``, or
+    decoder slices of the head with cosine >= ``LINK_COSINE``) and the groups' sizes."""
     group_of = _groups(
-        [_group_keys(cards.get(str(f))) for f in order], _cosine_links(slices[order])
+        [_group_keys(cards.get(str(f))) - common for f in order], _cosine_links(slices[order])
     )
     return group_of, [int(x) for x in np.bincount(group_of)] if group_of else []
 
@@ -168,8 +182,8 @@ def z_head_report(
       features the head's activity is spread over (1 = one feature);
     - ``n_groups`` / ``effective_groups`` among its top features: features are linked when they
       share an activating token (of their top 3 contexts) or one of their top 3 promoted tokens
-      (case and spaces ignored), or when the head's slices of their decoder rows have cosine
-      >= ``LINK_COSINE``; ``effective_groups`` = exp(entropy) of the groups' summed scores.
+      (case and spaces ignored; tokens in the cards of over 2% of the layer's features left
+      out), or when the head's slices of their decoder rows have cosine >= ``LINK_COSINE``; ``effective_groups`` = exp(entropy) of the groups' summed scores.
       1 suggests one role; close to ``top`` suggests unrelated features (polysemantic). A
       heuristic to read with the listed contexts, not a proof either way;
     - ``group_sizes`` / ``class`` / ``class_index``: the same groups among ``top_by_share`` and
@@ -189,6 +203,7 @@ def z_head_report(
     shares = head_loadings(sae.W_dec, n_heads=H, d_head=D).astype(np.float64)  # [F, H]
     slices = sae.W_dec.detach().double().numpy().reshape(F, H, D)  # [F, H, D]
     cards = load_cards(folder)
+    common = _common_keys(cards)
     dens_t = feature_densities(cards, F)
     density = np.ones(F) if dens_t is None else dens_t.numpy().astype(np.float64)  # [F]
     score = shares * density[:, None]  # [F, H]
@@ -222,7 +237,7 @@ def z_head_report(
         ranked = np.argsort(-score[:, h], kind="stable")[:top]
         order = [int(f) for f in ranked if score[f, h] > 0]
         tops = [entry(f, h) for f in order]
-        group_of, _ = _feature_groups(order, cards, slices[:, h])
+        group_of, _ = _feature_groups(order, cards, slices[:, h], common)
         group_w = np.zeros(max(group_of, default=-1) + 1)
         for f, g in zip(order, group_of, strict=True):
             group_w[g] += score[f, h]
@@ -230,7 +245,7 @@ def z_head_report(
             row["group"] = g
         ranked = np.argsort(-np.where(live, shares[:, h], -1.0), kind="stable")[:top]
         by_share = [int(f) for f in ranked if live[f] and shares[f, h] > 0]
-        share_group_of, sizes = _feature_groups(by_share, cards, slices[:, h])
+        share_group_of, sizes = _feature_groups(by_share, cards, slices[:, h], common)
         tops_by_share = [entry(f, h) for f in by_share]
         for row, g in zip(tops_by_share, share_group_of, strict=True):
             row["group"] = g

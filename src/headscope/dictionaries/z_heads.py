@@ -296,6 +296,7 @@ def format_text(result: ZHeadsResult) -> str:
     for h in result.heads:
         first = h.top_features[0] if h.top_features else None
         what = "" if first is None else f"#{first.feature} {first.context or ''}"
+        what = what.replace("\n", "↵").replace("\t", "⇥")
         lines.append(
             f"{h.head:<8} {h.semantic_class or '-':<20} "
             f"{'+'.join(map(str, h.group_sizes)) or '-':<14} "
