@@ -35,12 +35,13 @@ function sweepPanel(entry) {
 const LOG_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];
 
 /** Log-log chart of series [{name, x, y, color}] (all values > 0). */
-function logLogChart({ series, width = 300, height = 220, xLabel = '', yLabel = '' }) {
+function logLogChart({ series, width = 255, height = 220, xLabel = '', yLabel = '' }) {
   const xs0 = series.flatMap((d) => d.x);
   const ys0 = series.flatMap((d) => d.y);
   const lx = [Math.log10(Math.min(...xs0)) - 0.05, Math.log10(Math.max(...xs0, 2)) + 0.05];
   const ly = [Math.log10(Math.min(...ys0)) - 0.08, Math.log10(Math.max(...ys0)) + 0.08];
-  const legendH = 16 * Math.ceil(series.length / 4);
+  const perRow = Math.max(1, Math.floor((width - 48) / 64));
+  const legendH = 16 * Math.ceil(series.length / perRow);
   const area = { x0: 48, x1: width - 10, y0: 8 + legendH, y1: height - 40 };
   const xs = linear(lx, [area.x0, area.x1]);
   const ys = linear(ly, [area.y1, area.y0]);
@@ -57,8 +58,8 @@ function logLogChart({ series, width = 300, height = 220, xLabel = '', yLabel = 
   }
   const legend = s('g', {});
   series.forEach((d, i) => {
-    const x = area.x0 + (i % 4) * 62;
-    const y = 12 + 16 * Math.floor(i / 4);
+    const x = area.x0 + (i % perRow) * 64;
+    const y = 12 + 16 * Math.floor(i / perRow);
     legend.append(s('rect', { x, y: y - 7, width: 12, height: 4, fill: d.color }));
     legend.append(s('text', { x: x + 16, y: y - 1, 'font-size': 11 }, d.name));
   });
