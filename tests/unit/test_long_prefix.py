@@ -169,8 +169,11 @@ def test_served_for_chosen_heads_and_bounded(adapter) -> None:
         ({"heads": ["L9H0"], "seq_len": 24}, "L9H0"),
         ({"prefix_lengths": [0]}, "prefix_lengths"),
         ({"prefix_lengths": [12], "seq_len": 24}, "too short"),
-        ({"n_sequences": 2, "seq_len": 64}, "positions"),
+        ({"n_sequences": 2, "seq_len": 64}, "limit of 32 tokens"),  # the model's positions
     ):
         resp = client.post("/api/long-prefix", json=bad)
         assert resp.status_code == 422, (bad, resp.text)
         assert needle in resp.text and "Traceback" not in resp.text, resp.text
+    small = TestClient(create_app(None, Session(adapter, max_tokens=20)))
+    resp = small.post("/api/long-prefix", json={"seq_len": 24})
+    assert resp.status_code == 422 and "this server's limit of 20" in resp.json()["detail"]

@@ -156,6 +156,16 @@ BODIES = {
         },
         {"key": st.one_of(st.none(), position), "freeze_patterns": st.booleans()},
     ),
+    "/api/long-prefix": body(
+        {},
+        {
+            "heads": st.one_of(st.none(), heads),
+            "prefix_lengths": st.lists(st.integers(-2, 40), max_size=4),
+            "n_sequences": st.integers(-1, 300),
+            "seq_len": st.integers(-1, 3000),
+            "min_attention": st.one_of(st.floats(), st.integers()),
+        },
+    ),
 }
 
 

@@ -281,6 +281,10 @@ def _long_prefix(ctx: Context, r: Q.LongPrefixRequest) -> LongPrefixResult:
     from headscope.analysis.long_prefix import long_prefix_test
     from headscope.limits import MAX_LONG_PREFIX_TOKENS
 
+    if r.seq_len > ctx.session.max_tokens:
+        raise InputError(
+            f"seq_len {r.seq_len} exceeds this server's limit of {ctx.session.max_tokens} tokens"
+        )
     return long_prefix_test(
         ctx.session.adapter,
         r.prefix_lengths,
