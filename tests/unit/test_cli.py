@@ -50,6 +50,10 @@ def _args(root, model) -> dict[str, list[str]]:
             "--dictionaries", str(root / "d"), "--text", TEXT, "--layer", "0",
             "--source-feature", "1", "--source-pos", "4", "--target-feature", "2", "--target-pos", "12",
         ],
+        "edge-graph": [
+            "--dictionaries", str(root / "d"), "--text", TEXT, "--layer", "2", "--position", "12",
+            "--depth", "2", "--top", "3",
+        ],
         "describe-text": ["--text", TEXT, "--head", "L1H2", "--rules", "- {name: prev, distance: 1}"],
         "knockout": [
             "--text", TEXT, "--head", "L2H1", "--query", "12", "--keys", "4", "3", "--rule", "key: {text: c}",
@@ -79,6 +83,7 @@ TEXT_HAS = {
     "virtual-weights": "same side:",
     "feature": "read on the query side",
     "head-loadings": "share",
+    "edge-graph": "layer 0 -> 1:",
     "describe-text": "all rules",
     "knockout": "where the attention goes",
     "intervention-curve": "L2H1 attn",

@@ -66,7 +66,7 @@ def live_parser(sub, op: Operation) -> None:
     sp = parent.add_parser(words[-1], help=op.help, description=op.help, formatter_class=Help)
     model_args(sp, dtype=False)
     fields = op.request.model_fields
-    if "basis" in fields or op.name in ("virtual-weights", "head-loadings", "feature"):
+    if "basis" in fields or op.name in ("virtual-weights", "head-loadings", "edge-graph", "feature"):
         sp.add_argument(
             "--dictionaries", metavar="DIR", help="residual SAEs (train-sae output or SAELens)"
         )

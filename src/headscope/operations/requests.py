@@ -269,6 +269,29 @@ class HeadLoadingsRequest(Request):
     )
 
 
+class EdgeGraphRequest(Request):
+    text: Text
+    layer: int = Field(
+        ge=1, description="the target feature's layer L+1 (its sources are in layer L's dictionary)"
+    )
+    feature: int | None = Field(
+        None, ge=0, description="target feature index (default: the most active one there)"
+    )
+    position: Position = Field(-1, description="the target position")
+    top: int = Field(8, ge=1, le=50, description="edges to keep per layer pair")
+    depth: int = Field(1, ge=1, le=4, description="layer pairs to go back")
+    expand: int = Field(
+        3, ge=1, le=10, description="top sources of one pair that the next pair back explains"
+    )
+    rank_by: Literal["edge", "heads"] = Field(
+        "edge",
+        description="rank by the whole edge, or by its attention-mediated part (the heads' sum)",
+    )
+    target_vector: Literal["encoder", "decoder"] = Field(
+        "encoder", description="how a target feature reads the residual (see head-loadings)"
+    )
+
+
 RuleSetInput = Annotated[
     RuleSet,
     Field(

@@ -221,6 +221,24 @@ def _head_loadings(ctx: Context, r: Q.HeadLoadingsRequest) -> R.HeadLoadingsResu
     )
 
 
+def _edge_graph(ctx: Context, r: Q.EdgeGraphRequest) -> R.EdgeGraphResult:
+    from headscope.dictionaries.edges import edge_graph
+
+    return edge_graph(
+        ctx.session,
+        r.text,
+        ctx.dictionaries,
+        r.layer,
+        r.feature,
+        r.position,
+        top=r.top,
+        depth=r.depth,
+        expand=r.expand,
+        rank_by=r.rank_by,
+        target_vector=r.target_vector,
+    )
+
+
 def _describe_text(ctx: Context, r: Q.DescribeTextRequest) -> R.DescribeResult:
     from headscope.analysis.describe import describe_text
 
@@ -378,6 +396,13 @@ OPERATIONS: list[Operation] = [
         "each head's share of a feature-to-feature edge between adjacent layers",
         _head_loadings,
         T.head_loadings_text,
+    ),
+    Operation(
+        "edge-graph",
+        "the largest attention-mediated edges into a feature from features at earlier positions, "
+        "per layer pair, each split over heads plus the residual and MLP bypass",
+        _edge_graph,
+        T.edge_graph_text,
     ),
     Operation(
         "describe-text",

@@ -12,6 +12,7 @@ from headscope.analysis.results import (
     AttendResult,
     CompositionResult,
     DescribeResult,
+    EdgeGraphResult,
     FeaturePageResult,
     GeometryResult,
     HeadLoadingsResult,
@@ -231,6 +232,44 @@ def head_loadings_text(r: HeadLoadingsResult, _req: Any = None) -> str:
         lines.append(
             f"edge {r.edge:+.4g} = heads {heads:+.4g} + residual {r.residual:+.4g} "
             f"+ MLP {r.mlp:+.4g}  (target read by its {r.target_vector})"
+        )
+    return "\n".join(lines)
+
+
+def edge_graph_text(r: EdgeGraphResult, _req: Any = None) -> str:
+    nodes = {n.id: n for n in r.nodes}
+
+    def name(node_id: str) -> str:
+        n = nodes[node_id]
+        label = f"  [{n.label}]" if n.label else ""
+        return f"{n.feature}@{n.position} {n.token!r} (act {n.activation:.3f}){label}"
+
+    tgt = nodes[r.target]
+    if not r.edges:
+        lines = [
+            f"{name(r.target)}: no edges"
+            + (" (it does not fire here)" if not tgt.activation else "")
+        ]
+        if r.alternatives:
+            lines.append(
+                "features that fire there: "
+                + ", ".join(f"{a.feature} {a.activation:.3f}" for a in r.alternatives[:8])
+            )
+        return "\n".join(lines)
+    lines = [f"edges into {name(r.target)}, ranked by |{r.rank_by}|"]
+    layer = None
+    for e in r.edges:
+        src = nodes[e.source]
+        if src.layer != layer:
+            layer = src.layer
+            lines.append(f"layer {layer} -> {layer + 1}:")
+        heads = sum(h.loading for h in e.heads)
+        top = ", ".join(f"{h.head} {h.loading:+.3g}" for h in e.heads[:3])
+        lines.append(
+            f"  {e.edge:+9.4g}  {name(e.source)} -> {nodes[e.target].feature}@{nodes[e.target].position}"
+        )
+        lines.append(
+            f"             heads {heads:+.4g} ({top}) + residual {e.residual:+.3g} + MLP {e.mlp:+.3g}"
         )
     return "\n".join(lines)
 
