@@ -58,6 +58,10 @@ def _add_field(sp: argparse.ArgumentParser, op: Operation, name: str, f: FieldIn
     sp.add_argument(flag, **kw)
 
 
+# operations without a basis field that read the residual dictionaries
+READ_DICTIONARIES = ("virtual-weights", "head-loadings", "edge-graph", "feature")
+
+
 def live_parser(sub, op: Operation) -> None:
     words = op.name.split()
     parent = sub
@@ -66,7 +70,7 @@ def live_parser(sub, op: Operation) -> None:
     sp = parent.add_parser(words[-1], help=op.help, description=op.help, formatter_class=Help)
     model_args(sp, dtype=False)
     fields = op.request.model_fields
-    if "basis" in fields or op.name in ("virtual-weights", "head-loadings", "edge-graph", "feature"):
+    if "basis" in fields or op.name in READ_DICTIONARIES:
         sp.add_argument(
             "--dictionaries", metavar="DIR", help="residual SAEs (train-sae output or SAELens)"
         )
