@@ -249,6 +249,7 @@ export const api = {
   virtualWeights: (req) => post('api/virtual-weights', req),
   feature: (req) => post('api/feature', req),
   headLoadings: (req) => post('api/head-loadings', req),
+  edgeGraph: (req) => post('api/edge-graph', req),
   ablate: (req) => post('api/ablate', req),
   interventionCurve: (req) => post('api/intervention-curve', req),
   knockout: (req) => post('api/knockout', req),

@@ -14,6 +14,7 @@ import * as geometry from './views/geometry.js';
 import * as features from './views/features.js';
 import * as featureView from './views/feature.js';
 import * as ablate from './views/ablate.js';
+import * as edgeGraph from './views/edge_graph.js';
 
 /** Test and debugging hooks (read by tests/browser). */
 const hooks = {
@@ -34,6 +35,7 @@ const ROUTES = [
   { name: 'geometry', nav: 'geometry', match: (p) => p[0] === 'geometry', key: () => 'geometry', view: geometry },
   { name: 'features', nav: 'features', match: (p) => p[0] === 'features', key: () => 'features', view: features },
   { name: 'feature', nav: 'features', match: (p) => p[0] === 'feature', key: (p) => `feature/${p.slice(1).join('/')}`, view: featureView },
+  { name: 'edges', nav: 'features', match: (p) => p[0] === 'edges', key: () => 'edges', view: edgeGraph },
   { name: 'ablate', nav: 'ablate', match: (p) => p[0] === 'ablate', key: () => 'ablate', view: ablate },
 ];
 

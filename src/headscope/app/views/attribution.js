@@ -12,6 +12,7 @@ import { showTip, hideTip } from '../lib/tooltip.js';
 import { exportButtons } from '../lib/export.js';
 import { circuitDiagram } from './circuit.js';
 import { featureHref } from './feature.js';
+import { edgeGraphHref } from './edge_graph.js';
 import { curvePanel } from './intervention_curve.js';
 
 function bar(value, maxAbs) {
@@ -176,12 +177,14 @@ function ovBlock(ov, ctx, features, liveText = null) {
 
 /** Which heads carry the edge from a value feature (layer L, at the key) to an output feature
  * (layer L+1, at the query): head loadings, with the residual and MLP bypass (live server). */
-function loadingsPanel(panel, pair, ov, liveText) {
+function loadingsPanel(panel, pair, ov, liveText, ctx = null) {
   const a = parseComponent(pair.value_feature);
   const b = parseComponent(pair.output_feature);
   clear(panel).append(loading(`Head loadings of ${pair.value_feature} → ${pair.output_feature}…`));
+  let liveQuery = null;
   liveText().then(({ text, query, key }) => {
     if (query === null || key === null) throw new Error('the live server tokenises this example differently; paste its text into Custom text');
+    liveQuery = { text, query };
     return data.api.headLoadings({ text, layer: a.layer, source_feature: a.index, source_pos: key, target_feature: b.index, target_pos: query });
   }).then((r) => {
     const heads = r.heads.slice(0, 9);
@@ -190,6 +193,11 @@ function loadingsPanel(panel, pair, ov, liveText) {
       h('h4', {}, `Which heads carry ${r.source.feature} (key, position ${r.source.position}) → ${r.target.feature} (query, position ${r.target.position})`),
       h('p', { class: 'muted small loadings-sum' }, `edge ${fmt(r.edge, 4)} = heads ${fmt(sum, 4)} + residual ${fmt(r.residual, 4)} + MLP ${fmt(r.mlp, 4)} `,
         `(attention patterns and norm scales frozen, the MLP linearised; the target is read by its ${r.target_vector}, as “Tracing Attention Computation Through Feature Interactions” defines head loadings with the source’s decoder vector)`),
+      ctx && liveQuery ? h('p', { class: 'small' }, h('a', {
+        class: 'edge-graph-link',
+        href: edgeGraphHref(ctx, { text: liveQuery.text, layer: b.layer, feature: b.index, pos: liveQuery.query }),
+        title: 'every edge into this target feature, ranked, with the heads that carry each',
+      }, `Edge graph into ${r.target.feature} at position ${r.target.position} →`)) : null,
       h('table', { class: 'data compact' },
         h('thead', {}, h('tr', {}, h('th', {}, 'head'), h('th', { class: 'num' }, 'loading'), h('th', { class: 'num' }, 'share'), h('th', { class: 'num' }, 'attention'))),
         h('tbody', {}, heads.map((x) => h('tr', { class: x.head === ov.head ? 'current' : '' }, h('td', {}, x.head), h('td', { class: 'num' }, fmt(x.loading, 4)),
@@ -225,7 +233,7 @@ function ovPairsBlock(ov, ctx, features, liveText = null) {
           const tr = h('tr', { class: [a.kindClass, edge ? 'clickable' : ''].filter(Boolean).join(' ') }, h('td', { class: 'num muted' }, i + 1), a.cell, b.cell, h('td', { class: 'num' }, fixed(p.value, 4)), h('td', { class: 'barcell' }, bar(p.value, mx)));
           if (edge) {
             tr.title = 'click: which heads carry this edge (head loadings)';
-            tr.addEventListener('click', () => loadingsPanel(loadPanel, p, ov, liveText));
+            tr.addEventListener('click', () => loadingsPanel(loadPanel, p, ov, liveText, ctx));
           }
           return tr;
         }))))),

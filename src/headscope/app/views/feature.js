@@ -8,6 +8,7 @@ import * as data from '../data.js';
 import { h, clear, fmt, fixed, errorBox, loading, needsServer } from '../lib/dom.js';
 import { s, svgRoot } from '../lib/svg.js';
 import { labelToken } from '../lib/tokens.js';
+import { edgeGraphHref } from './edge_graph.js';
 
 /** '#/feature/L16/123' for a feature label 'sae:L16/123' (null for other labels). */
 export function featureHref(ctx, label) {
@@ -43,7 +44,7 @@ function histogram(hist) {
   return svgRoot(W, H, parts);
 }
 
-function contextRow(c, maxAct) {
+function contextRow(c, maxAct, edges = null) {
   const spans = c.tokens.map((t, i) => {
     const a = c.acts[i] || 0;
     const alpha = Math.min(1, a / (maxAct || 1));
@@ -53,7 +54,10 @@ function contextRow(c, maxAct) {
       style: { background: a > 0 ? `rgba(106, 81, 163, ${(0.15 + 0.7 * alpha).toFixed(2)})` : 'transparent' },
     }, labelToken(t));
   });
-  return h('tr', {}, h('td', { class: 'num' }, fixed(c.activation, 3)), h('td', { class: 'ctx' }, spans));
+  return h('tr', {}, h('td', { class: 'num' }, fixed(c.activation, 3)), h('td', { class: 'ctx' }, spans),
+    edges ? h('td', {}, h('a', {
+      class: 'small edge-graph-link', href: edges(c), title: 'the attention-mediated edges into this feature at this token (live)',
+    }, 'edges')) : null);
 }
 
 function headTable(rows, ctx, title, what, value) {
@@ -84,6 +88,8 @@ function firesOn(contexts, n = 5) {
 }
 
 function render(el, f, ctx) {
+  // the context up to the activating token, its last token the target
+  const edges = (c) => edgeGraphHref(ctx, { text: c.tokens.slice(0, c.at + 1).join(''), layer: f.layer, feature: f.index, pos: -1 });
   const maxAct = Math.max(1e-9, ...f.contexts.map((c) => c.activation));
   const card = f.card || {};
   clear(el).append(
@@ -97,7 +103,7 @@ function render(el, f, ctx) {
       `${f.n_features} features in layer ${f.layer}’s dictionary`),
     h('div', { class: 'attr-grid feature-top' },
       h('section', { class: 'panel feature-contexts' }, h('h3', {}, 'Top activating contexts'),
-        f.contexts.length ? h('table', { class: 'data compact' }, h('tbody', {}, f.contexts.map((c) => contextRow(c, maxAct))))
+        f.contexts.length ? h('table', { class: 'data compact' }, h('tbody', {}, f.contexts.map((c) => contextRow(c, maxAct, f.layer > 0 ? edges : null))))
           : h('p', { class: 'muted' }, 'it does not fire on this text')),
       h('section', { class: 'panel feature-hist' }, h('h3', {}, 'Activation histogram'), histogram(f.histogram),
         card.promoted && card.promoted.length ? [h('h4', {}, 'Promoted tokens'), h('div', {}, card.promoted.map((t) => h('span', { class: 'chip' }, labelToken(t))))] : null)),
