@@ -225,7 +225,9 @@ def ov_attribution(
         out, model_out = out * factor.to(f64), model_out * factor.to(f64)
     total = out.sum(0)
     norm = total.norm()
-    proj = out @ (total / norm) if norm > 0 else torch.zeros(len(labels), dtype=f64)
+    proj = (
+        out @ (total / norm) if norm > 0 else torch.zeros(len(labels), dtype=f64, device=out.device)
+    )
     logits = logit_readout(session, st, query, total.float())
     order = torch.argsort(proj.abs(), descending=True)[:top].tolist()
     comp_logits = logit_readout(session, st, query, out[order].float())  # [top, V]

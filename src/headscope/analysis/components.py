@@ -116,7 +116,7 @@ class ComponentBasis:
         if cap.pos_embed is not None:
             labels.append("pos_embed")
             rows.append(cap.pos_embed[0, pos][None])
-        bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype)
+        bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype, device=rows[0].device)
         for lay in range(layer):
             heads, mlp, b_o = _layer_parts(session, st, lay, pos)
             labels += [head_name(lay, h) for h in range(ad.spec.n_heads)]
@@ -126,7 +126,7 @@ class ComponentBasis:
         labels.append("bias")
         rows.append(bias[None])
         X = torch.cat(rows)
-        flag = torch.zeros(len(labels), dtype=X.dtype)
+        flag = torch.zeros(len(labels), dtype=X.dtype, device=X.device)
         flag[-1] = 1.0
         return labels, X, flag
 

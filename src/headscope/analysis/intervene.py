@@ -58,11 +58,11 @@ def _deltas(
     out: dict[int, dict[int, torch.Tensor]] = {}
     for layer, h in pairs:
         X = (basis or COMPONENTS).vector(session, st, component, layer)  # [T, d]
-        is_bias = torch.ones(T) if component == "bias" else None
+        is_bias = torch.ones(T, device=X.device) if component == "bias" else None
         vec = project_side(
             session, st, layer, h, "q" if side == "query" else "k", X, positions, is_bias
         )
-        out.setdefault(layer, {})[h] = (where[:, None] * vec).float()  # [T, D]
+        out.setdefault(layer, {})[h] = (where.to(vec.device)[:, None] * vec).float()  # [T, D]
     return out
 
 
@@ -97,7 +97,7 @@ def _scaled_passes(
             if layer in parts:
                 q, k = q.clone(), k.clone()
                 for h, d in parts[layer].items():
-                    delta = (factor[:, None, None] * d).to(q)  # [S, T, D]
+                    delta = (factor.to(d.device)[:, None, None] * d).to(q)  # [S, T, D]
                     if side == "query":
                         q[:, h] += delta
                     else:
@@ -124,7 +124,7 @@ def _scaled_passes(
         req = CaptureRequest(
             layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False
         )
-        ids = st.ids.expand(len(factor), -1)
+        ids = st.ids.expand(len(factor), -1).to(ad.device)
         with torch.no_grad(), capturing(req):
             hidden = ad.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             out = get_module(ad.model, ad.spec.layout.unembed)(hidden[:, query])  # [S, V]

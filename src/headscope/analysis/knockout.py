@@ -121,7 +121,7 @@ def knockout(
     if chosen.all():
         raise InputError(f"that knocks out every key of query {query}; nothing would be left")
     scores_all, pattern_all = session.pattern_rows(st, layer, query)  # [H, query + 1] each
-    scores, before = scores_all[h].float(), pattern_all[h].float()
+    scores, before = scores_all[h].float().cpu(), pattern_all[h].float().cpu()
     if torch.isinf(scores[~chosen]).all():
         raise InputError("every key left is outside this layer's sliding window")
     cheap = torch.softmax(scores.masked_fill(chosen, float("-inf")), -1)

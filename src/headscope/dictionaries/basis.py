@@ -84,6 +84,12 @@ class DictionarySet:
             )
         self.name = f"sae:{path}"
 
+    def to(self, device: torch.device | str) -> DictionarySet:
+        """Move every dictionary to ``device`` (the model's: they read its activations)."""
+        for d in (*self.by_layer.values(), *self.z_by_layer.values()):
+            d.sae.to(device)
+        return self
+
     def for_layer(self, layer: int) -> Dictionary:
         if layer not in self.by_layer:
             raise InputError(
@@ -109,7 +115,7 @@ class DictionarySet:
             f"sae:L{layer}/error",
             "bias",
         ]
-        flag = torch.zeros(len(labels), dtype=X.dtype)
+        flag = torch.zeros(len(labels), dtype=X.dtype, device=X.device)
         flag[-1] = 1.0
         return labels, X, flag
 

@@ -179,7 +179,8 @@ def label_layer(
     locs = locs[-cfg.label_tokens :]
     state = _TopK(sae.cfg.d_sae, 2 * top)
     for start in range(0, len(rows), 4096):
-        state.update(sae.encode(rows[start : start + 4096]).cpu(), locs[start : start + 4096])
+        part = rows[start : start + 4096].to(sae.W_dec.device)
+        state.update(sae.encode(part).cpu(), locs[start : start + 4096])
     promoted = promoted_tokens(adapter, output_directions(adapter, sae), n_promoted)
     cards = _cards(adapter, state, ids_all, len(rows), promoted, context, top)
     write_json(folder / FEATURES_FILENAME, cards)
@@ -349,7 +350,12 @@ def train_layers(
                     from headscope.dictionaries.basis import DictionarySet
 
                     share, worst = error_share(
-                        session, DictionarySet(folder), layer, texts, cfg.edges, cfg.seed
+                        session,
+                        DictionarySet(folder).to(adapter.device),
+                        layer,
+                        texts,
+                        cfg.edges,
+                        cfg.seed,
                     )
                 seconds = time.perf_counter() - tl
                 q = LayerQuality(

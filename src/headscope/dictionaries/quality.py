@@ -57,7 +57,7 @@ def error_share(
         key = rng.randrange(1, query + 1)
         q_labels, Q = side_vectors(session, st, layer, head, query, "q", basis)
         k_labels, K = side_vectors(session, st, layer, head, key, "k", basis)
-        terms = (s.attn_scale * (Q @ K.T)).abs()  # [Cq, Ck]
+        terms = (s.attn_scale * (Q @ K.T)).abs().cpu()  # [Cq, Ck]
         q_err = torch.tensor([lab.endswith("/error") for lab in q_labels])
         k_err = torch.tensor([lab.endswith("/error") for lab in k_labels])
         err = terms[q_err].sum() + terms[:, k_err].sum() - terms[q_err][:, k_err].sum()

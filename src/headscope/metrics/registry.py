@@ -322,8 +322,8 @@ class MetricAccumulator:
             raise ValueError(f"batch has {batch.n_heads} heads, accumulator {self.n_heads}")
         for i, name in enumerate(self.names):
             part: MetricPartial = METRICS[name].fn(batch)
-            self.total[i, batch.layer] += part.total
-            self.count[i, batch.layer] += part.count
+            self.total[i, batch.layer] += part.total.to(self.total.device)
+            self.count[i, batch.layer] += part.count.to(self.count.device)
 
     def merge(self, other: MetricAccumulator) -> None:
         """Add another accumulator's sums into this one (same layers, heads and metrics)."""

@@ -65,6 +65,8 @@ class Context:
             )
         if callable(self._dictionaries):
             self._dictionaries = self._dictionaries()
+            if self._session is not None:  # where the model's activations are
+                self._dictionaries.to(self.session.adapter.device)
         return self._dictionaries
 
     @property

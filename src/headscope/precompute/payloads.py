@@ -117,16 +117,17 @@ class ExamplePayloads:
         lengths: Tensor,  # [B] valid tokens of every sequence of the batch
         parts: tuple[Tensor, Tensor, Tensor, Tensor],  # top keys, weights [n, T, K]; mq, mk [n, T]
     ) -> None:
-        """Store payloads already computed for (layer, heads[i]) on sequence b[i]."""
-        k, w, mq, mk = parts
+        """Store payloads already computed for (layer, heads[i]) on sequence b[i] (kept on the
+        host: they outlive the batch)."""
+        k, w, mq, mk = (t.cpu() for t in parts)
         items = self.items.setdefault(layer, {})
         for i, (bb, h, s, n) in enumerate(
             zip(b.tolist(), heads.tolist(), seq_ids.tolist(), lengths[b].tolist(), strict=True)
         ):
             if s not in self.sequences:
                 self.sequences[s] = (
-                    batch.tokens[bb, :n].int().clone(),
-                    batch.doc_start[bb, :n].clone(),
+                    batch.tokens[bb, :n].int().cpu().clone(),
+                    batch.doc_start[bb, :n].cpu().clone(),
                 )
             if (h, s) not in items:
                 self._refs[s] = self._refs.get(s, 0) + 1

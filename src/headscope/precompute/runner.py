@@ -87,10 +87,24 @@ def process_batch(
     None: whole layers (:func:`query_block_for` picks a size)."""
     packed = stack(batch, adapter.tokens.bos_id)
     ids, valid = packed.ids, packed.valid
-    matches = TokenMatches.from_tokens(ids, valid)
     s = adapter.spec
     rep = s.n_heads // s.n_kv_heads
     per_layer: dict[str, torch.Tensor] = {}  # q, k, v_o of the layer whose blocks arrive
+    # The batch's tokens, masks and matches where each layer's patterns are (a model sharded
+    # over devices has its layers on several), so every reduction runs on that device.
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, TokenMatches]]
+    on_device = {}
+
+    def batch_on(device: torch.device):
+        if device not in on_device:
+            d_ids, d_valid = ids.to(device), valid.to(device)
+            on_device[device] = (
+                d_ids,
+                d_valid,
+                packed.doc_start.to(device),
+                TokenMatches.from_tokens(d_ids, d_valid),
+            )
+        return on_device[device]
 
     def on_layer(t: LayerTensors) -> None:
         if t.row_start == 0:
@@ -101,14 +115,15 @@ def process_batch(
             per_layer["k"], per_layer["q"] = k, t.q.float()
         pattern = t.weights().float()  # [B, H, r, S]
         rows = slice(t.row_start, t.row_start + pattern.shape[2])
+        d_ids, d_valid, d_doc_start, matches = batch_on(pattern.device)
         state.update(
             LayerBatch(
                 t.layer,
                 pattern,
-                ids,
-                packed.doc_start,
+                d_ids,
+                d_doc_start,
                 head_out_norm(adapter, t.z[:, rows], t.layer),
-                valid,
+                d_valid,
                 matches=matches,
                 seq_idx=packed.index,
                 q=per_layer["q"],

@@ -97,16 +97,19 @@ class TopTokens:
         received = batch.rows.received  # [B, H, S]: sum over the block's later valid q of A[q, k]
         query_mass = 1.0 - pattern[:, :, :, 0]  # [B, H, r]
 
-        q_slots = self._slots(tokens[:, s:S][query_ok])  # [Nq]
+        # The selections are made where the pattern is; the tables stay on the host.
+        host = self.query_sum.device
+        q_slots = self._slots(tokens[:, s:S][query_ok].to(host))  # [Nq]
         seen = key_ok[:, :S]  # keys the block's queries can see
-        k_slots = self._slots(tokens[:, :S][seen])  # [Nk]
-        q_mass = query_mass.transpose(0, 1)[:, query_ok].double()  # [H, Nq]
+        k_slots = self._slots(tokens[:, :S][seen].to(host))  # [Nk]
+        q_mass = query_mass.transpose(0, 1)[:, query_ok].double().to(host)  # [H, Nq]
+        k_mass = received.transpose(0, 1)[:, seen].double().to(host)  # [H, Nk]
         self.query_sum[layer].index_add_(1, q_slots, q_mass)
-        self.key_sum[layer].index_add_(1, k_slots, received.transpose(0, 1)[:, seen].double())
+        self.key_sum[layer].index_add_(1, k_slots, k_mass)
         self.query_count[layer].index_add_(0, q_slots, torch.ones_like(q_slots))
         if batch.is_last:
             if s:  # the layer came in blocks: count every key of the sequence once
-                k_slots = self._slots(tokens[key_ok])
+                k_slots = self._slots(tokens[key_ok].to(host))
             self.key_count[layer].index_add_(0, k_slots, torch.ones_like(k_slots))
 
     def merge(self, other: TopTokens) -> None:
