@@ -149,7 +149,8 @@ def test_explained_fractions_and_dfa_on_a_tiny_model(tmp_path) -> None:
         top = [t.feature for t in head.top_features]
         assert len(top) == 10 and all(h * D <= f % (H * D) < (h + 1) * D for f in top)
         recon = (acts[:, top] @ W[top])[:, h * D : (h + 1) * D]
-        expected = 1 - ((zh - recon) ** 2).sum() / var
+        res = zh - recon
+        expected = 1 - ((res - res.mean(0)) ** 2).sum() / var
         assert head.top_explained == pytest.approx(float(expected), abs=1e-6)
         assert head.top_explained < 1
         # each feature reads one head's slice: all of its pre-activation is this head's (null:

@@ -7,10 +7,12 @@ mostly mono-, bi- or polysemantic from how those features group
 (:func:`~headscope.dictionaries.reports.semantic_class`), and measures on text how much of the
 head's output its features explain:
 
-- ``explained``: 1 - Σ‖z_h - ẑ_h‖² / Σ‖z_h - mean z_h‖² with ẑ_h = b_dec[h] + Σ_f a_f W_dec[f, h],
-  every feature's direct contribution to the head's output (its activation times its decoder
-  slice for the head); the SAE's own explained variance, restricted to one head;
-- ``top_explained``: the same with only the head's top 10 features (and b_dec);
+- ``explained``: 1 - Var(z_h - ẑ_h) / Var(z_h) (variances summed over the head's D dimensions)
+  with ẑ_h = b_dec[h] + Σ_f a_f W_dec[f, h], every feature's direct contribution to the head's
+  output (its activation times its decoder slice for the head); the SAE's own explained
+  variance restricted to one head, a constant offset of the residual not counted against it;
+- ``top_explained``: the same with only the head's top 10 features (the others' mean
+  contribution is then such an offset);
 - per top feature, ``dfa_share``: the head's direct feature attribution, the part of the
   feature's pre-activation (less b_enc) that comes from this head's slice of z, summed over
   the tokens where the feature fires, over the same sum for every head.
@@ -126,6 +128,8 @@ class _Measure:
         self.sumsq = torch.zeros(n_heads, dtype=f64)
         self.sse = torch.zeros(n_heads, dtype=f64)
         self.sse_top = torch.zeros(n_heads, dtype=f64)
+        self.res = torch.zeros(n_heads, d_head, dtype=f64)  # Σ of the residuals (their mean
+        self.res_top = torch.zeros(n_heads, d_head, dtype=f64)  # is an offset, not variance)
         self.dfa_head = torch.zeros(n_heads, T, dtype=f64)
         self.dfa_all = torch.zeros(n_heads, T, dtype=f64)
 
@@ -149,6 +153,8 @@ class _Measure:
         self.sumsq += (zh**2).sum((0, 2))
         self.sse += ((zh - recon) ** 2).sum((0, 2))
         self.sse_top += ((zh - recon_top) ** 2).sum((0, 2))
+        self.res += (zh - recon).sum(0)
+        self.res_top += (zh - recon_top).sum(0)
         x = sae.scale_input(z)
         if sae.cfg.apply_b_dec_to_input:
             x = x - sae.b_dec.detach()
@@ -160,12 +166,15 @@ class _Measure:
         self.dfa_all += (full * fires).sum(0)
 
     def explained(self) -> tuple[list[float | None], list[float | None]]:
-        var = self.sumsq - (self.sum**2).sum(1) / max(self.n, 1)
+        """1 - Var(z_h - ẑ_h) / Var(z_h) per head, by all features and by the top ones."""
+        n = max(self.n, 1)
+        var = self.sumsq - (self.sum**2).sum(1) / n
 
-        def fve(sse: torch.Tensor) -> list[float | None]:
-            return [float(1 - s / v) if v > 0 else None for s, v in zip(sse, var, strict=True)]
+        def fve(sse: torch.Tensor, res: torch.Tensor) -> list[float | None]:
+            res_var = sse - (res**2).sum(1) / n
+            return [float(1 - r / v) if v > 0 else None for r, v in zip(res_var, var, strict=True)]
 
-        return fve(self.sse), fve(self.sse_top)
+        return fve(self.sse, self.res), fve(self.sse_top, self.res_top)
 
     def dfa(self) -> list[list[float | None]]:
         return [
@@ -344,10 +353,10 @@ def add_to_run(run_dir: str | Path, result: ZHeadsResult) -> list[str]:
         "in this head: the norm of the head's slice of the feature's decoder row over the sum "
         "over heads (1: the head writes the feature alone).",
         "zsae_explained": "Fraction of the head's output variance that its z dictionary's "
-        "features explain: each feature's activation times its decoder slice for the head, "
-        "summed (plus the decoder bias)." + measured,
+        "features explain: 1 - Var(output - each feature's activation times its decoder slice "
+        "for the head, summed) / Var(output)." + measured,
         "zsae_top10_explained": "The same as zsae explained with only the head's top 10 "
-        "features by decoder-norm share." + measured,
+        "features by decoder-norm share (often rare features, so a small fraction)." + measured,
     }
     levels = {CLASS_COLUMN: {str(i + 1): c for i, c in enumerate(result.classes)}}
     cols = add_head_columns(run_dir, values, docs, levels=levels)
