@@ -60,14 +60,18 @@ class TextSource:
 
     @classmethod
     def of_run(cls, run_dir: str | Path) -> TextSource | None:
-        """The data a precompute read, from its ``manifest.json`` (None: no manifest)."""
+        """The data a precompute read, from its ``manifest.json`` (None: no manifest, or a run
+        not made by a precompute, e.g. one imported from a HeadVis tree)."""
         from headscope.precompute.config import PrecomputeConfig
 
         manifest_path = Path(run_dir) / "manifest.json"
         if not manifest_path.is_file():
             return None
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        cfg = PrecomputeConfig.from_dict(manifest["config"])
+        try:
+            cfg = PrecomputeConfig.from_dict(manifest["config"])
+        except (KeyError, TypeError, ValueError):
+            return None
         path = (manifest.get("dataset") or {}).get("path") or cfg.data
         n = (manifest.get("tokens") or {}).get("sequences") or cfg.n_sequences
         return cls(
