@@ -49,7 +49,8 @@ def test_every_edge_is_the_one_edge_computation_and_sums(setup, rank_by):
     nodes = {n.id: n for n in g.nodes}
     assert g.target == f"L{n_layers - 1}/5@30"
     assert len(g.edges) == 12 and len(g.scored) == 2
-    assert 0.9 * 24 * 31 < g.scored[0] <= 24 * 31  # (nearly) every feature fires everywhere
+    assert 0.9 * 24 * 30 < g.scored[0] <= 24 * 30  # (nearly) every feature fires everywhere
+    assert all(n.position > 0 for n in g.nodes)  # BOS sources are left out by default
     worst_sum = worst_match = 0.0
     for e in g.edges:
         src, tgt = nodes[e.source], nodes[e.target]
@@ -99,10 +100,14 @@ def test_the_first_edge_is_the_largest_of_all_candidates(tmp_path):
     every = [
         edge_head_loadings(sess, text, dicts, 2, f, p, 3, t).edge or 0.0
         for f in range(12)
-        for p in range(t + 1)
+        for p in range(1, t + 1)
     ]
     best = sorted(every, key=abs, reverse=True)[:3]
     assert [e.edge for e in g.edges] == pytest.approx(best, rel=1e-4)
+    with_bos = edge_graph(sess, text, dicts, 3, 3, -1, top=3, include_bos=True)
+    every += [edge_head_loadings(sess, text, dicts, 2, f, 0, 3, t).edge or 0.0 for f in range(12)]
+    best = sorted(every, key=abs, reverse=True)[:3]
+    assert [e.edge for e in with_bos.edges] == pytest.approx(best, rel=1e-4)
 
 
 # ----- a planted edge: the hand-set induction model's previous-token head -------------------------

@@ -339,6 +339,7 @@ class EdgeGraphResult(Result):
     target: str = Field(description="node id of the feature the graph explains")
     target_vector: str = Field(description="how a target feature reads the residual")
     rank_by: str = Field(description="'edge': |whole edge|; 'heads': |sum of head loadings|")
+    include_bos: bool = Field(False, description="whether sources at position 0 (BOS) were scored")
     nodes: list[GraphNode]
     edges: list[GraphEdge] = Field(description="largest first within each layer pair")
     scored: list[int] = Field(description="candidate (source feature, position) edges per pair")

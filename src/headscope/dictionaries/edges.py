@@ -70,15 +70,17 @@ def _incoming(
     dictionaries: DictionarySet,
     tgt: _Target,
     target_vector: str,
+    first: int = 0,
 ) -> _Incoming:
-    """Every edge from a feature of layer ``tgt.layer - 1`` at positions ``0..tgt.position`` into
-    ``tgt``, vectorised over source positions and features (see the module docs)."""
+    """Every edge from a feature of layer ``tgt.layer - 1`` at positions ``first..tgt.position``
+    into ``tgt``, vectorised over source positions and features (see the module docs)."""
     ad, s = session.adapter, session.adapter.spec
     layer, t = tgt.layer - 1, tgt.position
     src, dst = dictionaries.for_layer(layer), dictionaries.for_layer(tgt.layer)
     x = st.cap.resid_pre[layer][0, : t + 1]  # [S, d] the residual the sources live in
     with torch.no_grad():
         acts = src.sae.encode(x.float())  # [S, F]
+    acts[:first] = 0
     pos, feat = acts.nonzero(as_tuple=True)  # [N], [N]
     a_s = acts[pos, feat].to(F64)  # [N]
     feats, inv = torch.unique(feat, return_inverse=True)  # [U], [N]
@@ -145,6 +147,7 @@ def edge_graph(
     expand: int = 3,
     rank_by: str = "edge",
     target_vector: str = "encoder",
+    include_bos: bool = False,
     n_alternatives: int = 12,
 ) -> EdgeGraphResult:
     """The largest edges from features of layer ``target_layer - 1`` (at positions up to
@@ -153,7 +156,9 @@ def edge_graph(
     pair explains the top ``expand`` sources of the one after it), ``top`` edges per pair.
 
     ``target_feature`` None: the most active feature there. ``rank_by``: ``"edge"`` ranks by the
-    whole edge, ``"heads"`` by its attention-mediated part (the sum of head loadings)."""
+    whole edge, ``"heads"`` by its attention-mediated part (the sum of head loadings).
+    ``include_bos``: also score sources at position 0, the BOS token, where most heads park their
+    attention (its features' edges are real but say little about the text)."""
     s = session.adapter.spec
     if rank_by not in ("edge", "heads"):
         raise InputError("rank_by must be 'edge' or 'heads'")
@@ -211,7 +216,8 @@ def edge_graph(
     for _ in range(depth):
         if not targets:
             break
-        parts = [_incoming(session, st, dictionaries, tg, target_vector) for tg in targets]
+        first = 0 if include_bos else 1
+        parts = [_incoming(session, st, dictionaries, tg, target_vector, first) for tg in targets]
         scored.append(sum(int(p.pos.numel()) for p in parts))
         scores = torch.cat(
             [(p.heads.sum(-1) if rank_by == "heads" else p.edge).abs() for p in parts]
@@ -254,6 +260,7 @@ def edge_graph(
         target=root_id,
         target_vector=target_vector,
         rank_by=rank_by,
+        include_bos=include_bos,
         nodes=list(nodes.values()),
         edges=edges,
         scored=scored,

@@ -290,6 +290,11 @@ class EdgeGraphRequest(Request):
     target_vector: Literal["encoder", "decoder"] = Field(
         "encoder", description="how a target feature reads the residual (see head-loadings)"
     )
+    include_bos: bool = Field(
+        False,
+        description="also score sources at position 0, the BOS token where most heads park "
+        "their attention",
+    )
 
 
 RuleSetInput = Annotated[

@@ -238,6 +238,7 @@ def _edge_graph(ctx: Context, r: Q.EdgeGraphRequest) -> R.EdgeGraphResult:
         expand=r.expand,
         rank_by=r.rank_by,
         target_vector=r.target_vector,
+        include_bos=r.include_bos,
     )
 
 

@@ -1,4 +1,4 @@
-// Edge graph (#/edges?text=…&layer=L&feature=F&pos=P[&depth=&top=&rank=]), live server: the largest
+// Edge graph (#/edges?text=…&layer=L&feature=F&pos=P[&depth=&top=&rank=&bos=1]), live server: the largest
 // attention-mediated edges into one dictionary feature (layer L, position P) from features of the
 // layer before at positions up to P, each split over that layer's heads (head loadings, as in
 // “Tracing Attention Computation Through Feature Interactions”) plus the residual and MLP bypass;
@@ -167,11 +167,13 @@ function form(ctx, q) {
       num('depth', q.depth, 'layer pairs', { min: 1, max: 4 }), ' ',
       num('top', q.top, 'edges per pair', { min: 1, max: 50 }), ' ',
       h('label', { class: 'small' }, 'rank by ', rank), ' ',
+      h('label', { class: 'small', title: 'also score sources at position 0, the BOS token where most heads park their attention' },
+        h('input', { type: 'checkbox', name: 'bos', checked: q.bos }), ' BOS sources'), ' ',
       h('button', { type: 'submit' }, 'Draw')));
   el.addEventListener('submit', (ev) => {
     ev.preventDefault();
     const f = new FormData(el);
-    ctx.set({ text: text.value, layer: f.get('layer'), feature: f.get('feature'), pos: f.get('pos'), depth: f.get('depth'), top: f.get('top'), rank: f.get('rank') });
+    ctx.set({ text: text.value, layer: f.get('layer'), feature: f.get('feature'), pos: f.get('pos'), depth: f.get('depth'), top: f.get('top'), rank: f.get('rank'), bos: f.get('bos') ? 1 : null });
   });
   return el;
 }
@@ -230,6 +232,7 @@ export function mount(root, ctx) {
     depth: intParam(ctx, 'depth', 1),
     top: intParam(ctx, 'top', 8),
     rank: ctx.get('rank') === 'heads' ? 'heads' : 'edge',
+    bos: ctx.get('bos') === '1',
   };
   data.liveStatus().then(async (st) => {
     if (!alive) return;
@@ -247,7 +250,7 @@ export function mount(root, ctx) {
     }
     clear(el).append(h('h1', {}, 'Edge graph'), loading('Scoring every edge…'));
     try {
-      const req = { text: q.text, layer: q.layer, position: q.pos, depth: q.depth, top: q.top, rank_by: q.rank };
+      const req = { text: q.text, layer: q.layer, position: q.pos, depth: q.depth, top: q.top, rank_by: q.rank, include_bos: q.bos };
       if (q.feature !== null) req.feature = q.feature;
       const r = await data.api.edgeGraph(req);
       if (!alive) return;
