@@ -150,12 +150,12 @@ function overview(p, m, name) {
   return h('aside', { class: 'head-overview' },
     section('Metrics', h('table', { class: 'data metrics' },
       h('thead', {}, h('tr', {}, h('th', {}, 'metric'), h('th', { class: 'num' }, 'value'), h('th', { title: 'percentile among all heads: the share of heads with a lower value' }, 'rank'))), h('tbody', {}, metricRows))),
-    zsaePanel(p.zsae),
     hist ? section('Max attention per sequence', hist(), exportButtons(`${name}_histogram`, { svg: hist })) : null,
     curves.map(([cname, ys]) => section(label(cname), curveSvg(cname, ys), exportButtons(`${name}_${cname}`, { svg: () => curveSvg(cname, ys) }))),
     section('Top tokens', h('div', {},
       h('h4', {}, 'as query'), tokTable(p.top_query_tokens, 'query token', 'mean attention the token pays to anything but the first position'),
-      h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token', 'mean total attention the token receives from later queries (can exceed 1)'))));
+      h('h4', {}, 'as key'), tokTable(p.top_key_tokens, 'key token', 'mean total attention the token receives from later queries (can exceed 1)'))),
+    zsaePanel(p.zsae));
 }
 
 // Examples longer than this many tokens (long-context runs) show only the spans around their

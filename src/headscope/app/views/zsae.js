@@ -10,14 +10,18 @@ import { labelToken } from '../lib/tokens.js';
 const GROUP_COLORS = ['#3182bd', '#e6550d', '#31a354', '#756bb1', '#636363', '#bdbdbd'];
 const pct = (v) => (v === null || v === undefined ? '–' : `${fmt(100 * v, 3)}%`);
 
-/** "…thou comest⟦,⟧ and what…" with the activating token highlighted. */
+/** "…thou comest⟦,⟧ and what…" on one line (newlines as ↵), the activating token highlighted. */
 function context(text) {
   if (!text) return h('span', { class: 'muted' }, 'no card');
+  const flat = (t) => t.replace(/\r?\n/g, '↵').replace(/\t/g, '⇥');
   const a = text.indexOf('⟦');
   const b = text.lastIndexOf('⟧');
-  if (a < 0 || b < a) return h('span', { class: 'zsae-ctx' }, text);
-  return h('span', { class: 'zsae-ctx' }, text.slice(0, a),
-    h('mark', { title: 'the token it fires on' }, text.slice(a + 1, b)), text.slice(b + 1));
+  if (a < 0 || b < a) return h('span', { class: 'zsae-ctx', title: text }, flat(text));
+  // the marked token stays in view: at most ~24 characters before it and ~16 after
+  const pre = flat(text.slice(0, a));
+  const post = flat(text.slice(b + 1));
+  return h('span', { class: 'zsae-ctx', title: text }, pre.length > 24 ? `…${pre.slice(-23)}` : pre,
+    h('mark', { title: 'the token it fires on' }, flat(text.slice(a + 1, b))), post.length > 16 ? `${post.slice(0, 15)}…` : post);
 }
 
 function tally(z) {
