@@ -299,7 +299,7 @@ def format_text(result: ZHeadsResult) -> str:
         + (
             f"on {result.n_tokens:,} tokens of {result.data}" if result.n_tokens else "not measured"
         ),
-        f"{'head':<8} {'class':<20} {'groups':<14} {'top share':>9} {'explained':>9} "
+        f"{'head':<8} {'class':<20} {'groups':<18} {'top share':>9} {'explained':>9} "
         f"{'top 10':>8}  top feature",
     ]
     for h in result.heads:
@@ -308,7 +308,7 @@ def format_text(result: ZHeadsResult) -> str:
         what = what.replace("\n", "↵").replace("\t", "⇥")
         lines.append(
             f"{h.head:<8} {h.semantic_class or '-':<20} "
-            f"{'+'.join(map(str, h.group_sizes)) or '-':<14} "
+            f"{'+'.join(map(str, h.group_sizes)) or '-':<18} "
             f"{'-' if h.top_feature_share is None else f'{h.top_feature_share:.2f}':>9} "
             f"{pct(h.explained):>9} {pct(h.top_explained):>8}  {what[:60]!s}"
         )
