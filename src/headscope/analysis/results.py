@@ -392,7 +392,7 @@ class FeaturePageResult(Result):
     data: str = Field(description="the text the contexts and histogram were measured on")
     data_name: str = Field(
         description="that text as the page names it, e.g. \"run smol's data (corpus.jsonl, 32 "
-        "sequences of 256 tokens)\""
+        'sequences of 256 tokens)"'
     )
     from_run: bool = Field(description="true: the served run's own data (its sequences)")
     skipped_sequences: int = Field(description="sequences skipped (the dictionary trained on them)")
