@@ -70,15 +70,17 @@ export function edgeGraphSVG(r, ctx = null) {
   const parts = layers.map((l, c) => s('text', {
     x: PAD + c * (BOX_W + COL_GAP) + BOX_W / 2, y: PAD + 6, 'text-anchor': 'middle', 'font-size': 12, 'font-weight': 600, fill: '#555b66',
   }, `layer ${l}`));
-  // widths relative to the largest edge of the same layer pair (pairs differ in scale)
+  // width: what the graph is ranked by (the whole edge, or the heads' part of it), relative to
+  // the largest of the same layer pair (pairs differ in scale)
+  const size = (e) => (r.rank_by === 'heads' ? headSum(e) : e.edge);
   const pairMax = new Map();
   for (const e of r.edges) {
     const l = r.nodes.find((n) => n.id === e.source).layer;
-    pairMax.set(l, Math.max(pairMax.get(l) || 1e-12, Math.abs(e.edge)));
+    pairMax.set(l, Math.max(pairMax.get(l) || 1e-12, Math.abs(size(e))));
   }
   const nodes = new Map(r.nodes.map((n) => [n.id, n]));
   const labels = [];
-  const edges = [...r.edges].sort((a, b) => Math.abs(a.edge) - Math.abs(b.edge)); // big ones on top
+  const edges = [...r.edges].sort((a, b) => Math.abs(size(a)) - Math.abs(size(b))); // big ones on top
   for (const e of edges) {
     const a = at.get(e.source);
     const b = at.get(e.target);
@@ -89,8 +91,8 @@ export function edgeGraphSVG(r, ctx = null) {
     const x2 = b.x;
     const y2 = b.y + BOX_H / 2;
     const mx = (x1 + x2) / 2;
-    const rel = Math.abs(e.edge) / pairMax.get(src.layer);
-    const color = e.edge >= 0 ? POS : NEG;
+    const rel = Math.abs(size(e)) / pairMax.get(src.layer);
+    const color = size(e) >= 0 ? POS : NEG;
     const tip = `${src.feature}@${src.position} → ${tgt.feature}@${tgt.position}\n`
       + `edge ${fmt(e.edge, 4)} = heads ${fmt(headSum(e), 4)} + residual ${fmt(e.residual, 4)} + MLP ${fmt(e.mlp, 4)}\n`
       + e.heads.slice(0, 5).map((x) => `${x.head}: loading ${fmt(x.loading, 4)} · share ${fixed(100 * x.share, 1)}% · attention ${fixed(x.attention, 3)}`).join('\n');
@@ -215,7 +217,8 @@ function render(el, r, ctx, q) {
         'An edge is what one source feature at its position adds to the target feature’s pre-activation (read by its ',
         `${r.target_vector}), times both activations, with attention patterns and norm scales frozen and the MLP linearised. `,
         'It splits exactly into one loading per head of the source layer (attention × OV in the feature basis), the residual connection (same position only) and the MLP. ',
-        'Width ∝ |edge| within a layer pair; red positive, blue negative; the label names the route carrying most of the edge: the head with the largest loading (its share of the heads), else “residual” or “MLP”. Hover an edge for its heads.'),
+        `Width ∝ |${r.rank_by === 'heads' ? 'the heads’ part of the edge' : 'edge'}| within a layer pair; red positive, blue negative; `,
+        'the label names the route carrying most of the edge: the head with the largest loading (its share of the heads), else “residual” or “MLP”. Hover an edge for its heads.'),
       graph ? h('div', { class: 'figure-scroll' }, graph) : null,
       r.edges.length ? edgeTable(r) : null));
 }
