@@ -151,3 +151,10 @@ def test_a_served_runs_data(setup, served_run):
     assert got["n_tokens"] == 5 * 19
     plain = feature_page(ad, dicts, 1, 0, n_tokens=256, data=setup[2], seq_len=24)
     assert not plain.from_run and plain.data_name == "data.jsonl (24-token sequences)"
+
+
+def test_a_run_without_a_precompute_config_falls_back(tmp_path):
+    """A run not made by a precompute (a HeadVis import) or without a manifest: the default text."""
+    assert TextSource.of_run(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    assert TextSource.of_run(tmp_path) is None
