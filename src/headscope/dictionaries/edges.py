@@ -119,7 +119,7 @@ def _incoming(
     return _Incoming(
         tgt,
         pos,
-        feats[inv],
+        feat,
         a_s,
         scale[:, None] * att * ov,
         att,
