@@ -94,15 +94,19 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
 
 
 # ----- ready-made sets -----------------------------------------------------------------------
+def _read_list(path: str | Path | None, shipped: str) -> str:
+    """The text of ``path``, or of the shipped ``data/prompt_sets/<shipped>``."""
+    if path is None:
+        return (resources.files("headscope") / "data/prompt_sets" / shipped).read_text()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+
+
 def load_countries(path: str | Path | None = None) -> dict[str, list[str]]:
     """``{country: [cities]}`` from ``path`` or the shipped list (edit a copy to change it)."""
-    if path is None:
-        text = (resources.files("headscope") / "data/prompt_sets/countries.json").read_text()
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise InputError(f"cannot read {path}: {err.strerror}") from None
+    text = _read_list(path, "countries.json")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -203,13 +207,7 @@ class YearSet(BaseModel):
 
 def load_years(path: str | Path | None = None) -> YearSet:
     """The year sweep's templates and years from ``path`` or the shipped file."""
-    if path is None:
-        text = (resources.files("headscope") / "data/prompt_sets/years.json").read_text()
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise InputError(f"cannot read {path}: {err.strerror}") from None
+    text = _read_list(path, "years.json")
     try:
         return YearSet.model_validate_json(text)
     except ValueError as err:
