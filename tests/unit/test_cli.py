@@ -178,3 +178,20 @@ def test_compare_prints_rank_correlations(tiny_run, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert main(["compare", str(run.path), str(tmp_path / "bad.json")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_feature_reads_a_runs_data(env, tmp_path, capsys):
+    """``headscope feature --run RUN``: the run's data, as the server does for the run it serves."""
+    root, model = env
+    data = tmp_path / "other.jsonl"
+    data.write_text("".join(json.dumps({"body": f"zz q{i} yy {i}."}) + "\n" for i in range(30)))
+    run = tmp_path / "myrun"
+    run.mkdir()
+    cfg = {"model": model, "data": str(data), "text_field": "body", "seq_len": 16, "sequences": 4}
+    (run / "manifest.json").write_text(json.dumps({"config": cfg}))
+    argv = ["feature", "--model", model, "--dictionaries", str(root / "d"), "--layer", "1"]
+    assert main([*argv, "--feature", "3", "--n-tokens", "256", "--run", str(run), "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert page["from_run"] and page["data_name"].startswith("run myrun's data (other.jsonl")
+    assert main([*argv, "--feature", "3", "--run", str(tmp_path / "nope")]) == 2
+    assert "no run folder" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def _add_field(sp: argparse.ArgumentParser, op: Operation, name: str, f: FieldIn
 
 # operations without a basis field that read the residual dictionaries
 READ_DICTIONARIES = ("virtual-weights", "head-loadings", "edge-graph", "feature")
+# operations that stream text (a served run's data, else the default text)
+READ_TEXT = ("feature",)
 
 
 def live_parser(sub, op: Operation) -> None:
@@ -73,6 +75,13 @@ def live_parser(sub, op: Operation) -> None:
     if "basis" in fields or op.name in READ_DICTIONARIES:
         sp.add_argument(
             "--dictionaries", metavar="DIR", help="residual SAEs (train-sae output or SAELens)"
+        )
+    if op.name in READ_TEXT:
+        sp.add_argument(
+            "--run",
+            metavar="RUN",
+            help="read the top contexts from this precompute run's data (default: the default "
+            "text after the dictionary's training sequences)",
         )
     for name, f in fields.items():
         _add_field(sp, op, name, f)
@@ -108,9 +117,19 @@ def _run_live(op: Operation, args: argparse.Namespace) -> None:
 
         return DictionarySet(args.dictionaries)
 
+    text = None
+    if getattr(args, "run", None):
+        from headscope.dictionaries.feature_page import TextSource
+
+        if not Path(args.run).is_dir():
+            raise InputError(f"no run folder {args.run}")
+        text = TextSource.of_run(args.run)
+        if text is None:
+            raise InputError(f"{args.run} has no precompute manifest naming its data")
     ctx = Context(
         lambda: Session(adapter(args)),
         dictionaries if getattr(args, "dictionaries", None) else None,
+        text,
     )
     result = op.run(ctx, req)
     emit(args, result, op.text(result, req))
