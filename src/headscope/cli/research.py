@@ -330,8 +330,7 @@ def add_research_commands(sub) -> None:
         ),
         (
             "value-clusters",
-            "k-means cluster sizes of value-SAE head loadings (one layer and two) beside an "
-            "MTC's",
+            "k-means cluster sizes of value-SAE head loadings (one layer and two) beside an MTC's",
         ),
     ):
         sp = dec.add_parser(name, help=help_, description=help_, formatter_class=Help)
