@@ -170,6 +170,7 @@ def test_served_for_chosen_heads_and_bounded(adapter) -> None:
         ({"prefix_lengths": [0]}, "prefix_lengths"),
         ({"prefix_lengths": [12], "seq_len": 24}, "too short"),
         ({"n_sequences": 2, "seq_len": 64}, "limit of 32 tokens"),  # the model's positions
+        ({"seed": 2**62, "seq_len": 24}, "seed"),  # seed * 1000 overflowed the generator: a 500
     ):
         resp = client.post("/api/long-prefix", json=bad)
         assert resp.status_code == 422, (bad, resp.text)

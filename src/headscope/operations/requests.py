@@ -81,6 +81,11 @@ _BASIS_HELP = (
 )
 
 
+# Seeds reach torch.Generator.manual_seed after small arithmetic (seed * 1000 + prefix length):
+# bounded so that never overflows its 64 bits.
+MAX_SEED = 2**32 - 1
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -348,7 +353,9 @@ class AblateRequest(Request):
     )
     n_sequences: int = Field(8, ge=1, le=256, description="repeated task: sequences")
     half_len: int = Field(20, ge=2, le=1000, description="repeated task: tokens before repeating")
-    seed: int = Field(0, ge=0, description="random tokens and the resample permutation")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="random tokens and the resample permutation"
+    )
 
 
 class InterventionCurveRequest(Request):
@@ -410,7 +417,7 @@ class LongPrefixRequest(Request):
     )
     n_sequences: int = Field(8, ge=1, le=256, description="random sequences per prefix length")
     seq_len: int = Field(64, ge=8, le=MAX_TOKENS, description="tokens per sequence")
-    seed: int = Field(0, ge=0, description="random tokens")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="random tokens")
     min_attention: float = Field(
         0.3, ge=0, le=1, description="an induction head reaches this attention at some m"
     )
