@@ -27,7 +27,7 @@ from headscope.analysis.head_stream import (
     head_patterns,
     sparse_patterns,
 )
-from headscope.analysis.results import (
+from headscope.analysis.rule_results import (
     Counterexample,
     DescribeResult,
     DistanceShare,

@@ -28,7 +28,7 @@ from torch import Tensor
 from headscope.analysis.describe import RuleEngine
 from headscope.analysis.head_stream import equal_length_batches, run_layers, run_to_layer
 from headscope.analysis.inputs import parse_heads
-from headscope.analysis.results import (
+from headscope.analysis.rule_results import (
     KeyMove,
     KnockoutResult,
     PriorityExample,

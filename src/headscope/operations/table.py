@@ -21,6 +21,7 @@ from headscope.analysis.intervene import InterventionCurve, curve_text
 from headscope.analysis.long_prefix import LongPrefixResult
 from headscope.analysis.long_prefix import format_text as long_prefix_text
 from headscope.analysis.prompt_sets import PromptSetResult, prompt_set_text
+from headscope.analysis.rule_results import DescribeResult, KnockoutResult
 from headscope.errors import InputError, NoModel
 from headscope.operations import requests as Q
 from headscope.operations import text as T
@@ -242,13 +243,13 @@ def _edge_graph(ctx: Context, r: Q.EdgeGraphRequest) -> R.EdgeGraphResult:
     )
 
 
-def _describe_text(ctx: Context, r: Q.DescribeTextRequest) -> R.DescribeResult:
+def _describe_text(ctx: Context, r: Q.DescribeTextRequest) -> DescribeResult:
     from headscope.analysis.describe import describe_text
 
     return describe_text(ctx.session, r.text, r.head, r.rules, counterexamples=r.counterexamples)
 
 
-def _knockout(ctx: Context, r: Q.KnockoutRequest) -> R.KnockoutResult:
+def _knockout(ctx: Context, r: Q.KnockoutRequest) -> KnockoutResult:
     from headscope.analysis.knockout import knockout
 
     return knockout(

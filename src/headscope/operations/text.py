@@ -11,13 +11,11 @@ from headscope.analysis.ablate import AblationResult, format_text
 from headscope.analysis.results import (
     AttendResult,
     CompositionResult,
-    DescribeResult,
     EdgeGraphResult,
     FeaturePageResult,
     GeometryResult,
     HeadLoadingsResult,
     InterveneResult,
-    KnockoutResult,
     OVResult,
     QKResult,
     RankHeadsResult,
@@ -25,6 +23,7 @@ from headscope.analysis.results import (
     TokenizeResult,
     VirtualWeightsResult,
 )
+from headscope.analysis.rule_results import DescribeResult, KnockoutResult
 
 
 def _edge(tokens: list[str], query: int, key: int) -> str:

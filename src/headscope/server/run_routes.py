@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from headscope.analysis.results import DescribeResult, PriorityResult
+from headscope.analysis.rule_results import DescribeResult, PriorityResult
 from headscope.analysis.rules import RuleSet
 from headscope.errors import InputError, NoModel, NotFound
 from headscope.operations.requests import HeadName, RuleSetInput
