@@ -68,6 +68,7 @@ export function curvePanel({ text, head, query, key, qk, basis = 'components' })
     clear(plot).append(loading('Sweeping the scale…'));
     try {
       curve = await data.api.interventionCurve({ ...req(), scales: SCALES });
+      draw(); // the curve first: 'ready' means drawn, not waiting on the chosen scale's readout
       section.dataset.ready = '1';
       await rerun();
     } catch (err) {
