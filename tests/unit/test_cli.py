@@ -37,6 +37,7 @@ def _args(root, model) -> dict[str, list[str]]:
     return {
         "tokenize": ["--text", "hi there"],
         "attend": ["--text", "hi there", "--head", "L1H2", "L0H0"],
+        "attend-summary": ["--text", TEXT, "--head", "L1H2", "--top", "2"],
         "rank-heads": [*pair, "--top", "3"],
         "attribute qk": [*pair, "--head", "L2H1"],
         "attribute ov": [*pair, "--head", "L2H1"],
@@ -73,6 +74,7 @@ def _args(root, model) -> dict[str, list[str]]:
 TEXT_HAS = {
     "tokenize": "'<bos>'  (id",
     "attend": "L1H2: the last token attends to",
+    "attend-summary": "L1H2 on ",
     "rank-heads": "query 12",
     "attribute qk": "score (model)",
     "attribute ov": "promotes:",

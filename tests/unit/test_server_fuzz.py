@@ -117,6 +117,10 @@ value_range = st.fixed_dictionaries(
 BODIES = {
     "/api/tokenize": body({"text": text}),
     "/api/attend": body({"text": text}, {"heads": st.one_of(st.none(), heads)}),
+    "/api/attend-summary": body(
+        {"text": text, "head": head},
+        {"top": st.integers(-1, 70), "threshold": st.floats(allow_nan=True)},
+    ),
     "/api/rank-heads": body(pair),
     "/api/attribute/qk": body(
         {**pair, "head": head},
@@ -216,6 +220,10 @@ VALID = {
             {"text": plain, "heads": st.lists(st.sampled_from(HEADS_OK), max_size=3)}
         ),
         S.AttendResult,
+    ),
+    "/api/attend-summary": (
+        st.fixed_dictionaries({"text": plain, "head": st.sampled_from(HEADS_OK)}),
+        S.AttendSummaryResult,
     ),
     "/api/rank-heads": (edge(with_head=False), S.RankHeadsResult),
     "/api/attribute/qk": (edge(), S.QKResult),

@@ -1,12 +1,23 @@
-"""Tokens and attention patterns of chosen heads on any text."""
+"""Tokens and attention patterns of chosen heads on any text; for long texts, one head's
+pattern summarised the way the app's token view shows it, without a ``T x T`` pattern."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
+
 from headscope.analysis.inputs import encode_text, parse_heads
-from headscope.analysis.results import AttendResult, TokenizeResult
+from headscope.analysis.results import AttendResult, AttendSummaryResult, TokenizeResult
 from headscope.errors import InputError
 from headscope.limits import MAX_ATTEND_VALUES, MAX_TOKENS
 from headscope.model import ModelAdapter, head_name
+from headscope.model.capture import eager_attention
+
+if TYPE_CHECKING:
+    from headscope.analysis.session import Session
+
+SUMMARY_BLOCK = 256  # query rows recomputed at a time by attend_summary
 
 
 def tokenize(adapter: ModelAdapter, text: str, *, max_tokens: int = MAX_TOKENS) -> TokenizeResult:
@@ -43,3 +54,61 @@ def attend(
         ]
     # built from trusted numbers: skip validating millions of floats one by one
     return AttendResult.model_construct(tokens=adapter.tokens.displays(ids[0]), patterns=patterns)
+
+
+def attend_summary(
+    session: Session,
+    text: str,
+    head: str,
+    *,
+    top: int = 8,
+    threshold: float = 0.02,
+    block: int = SUMMARY_BLOCK,
+) -> AttendSummaryResult:
+    """One head's attention on ``text`` as what a token view shows, for texts of any length.
+
+    Per position: its largest weight as a query (BOS key excluded) and as a key (its own query
+    excluded); per query, its ``top`` keys with weight ≥ ``threshold``, largest first. Rows are
+    recomputed ``block`` queries at a time from the session's captured q and k (the forward
+    pass's arithmetic, as :meth:`Session.pattern_rows`), so no ``T x T`` pattern is ever whole:
+    memory grows with ``T x block``. The text joins the session's cache, so rank-heads and
+    attributions on it that follow need no forward pass."""
+    ad = session.adapter
+    s = ad.spec
+    [(layer, h)] = parse_heads(ad, [head])
+    st = session.state(text, through=layer)
+    t = st.cap.layers[layer]
+    kv = h // (s.n_heads // s.n_kv_heads)
+    T = st.n_tokens
+    as_query = torch.zeros(T)
+    as_key = torch.zeros(T)
+    rows: list[tuple[int, int, float]] = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        _, pattern, _ = eager_attention(
+            t.q[:, h : h + 1, start:stop],
+            t.k[:, kv : kv + 1, :stop],
+            t.v[:, kv : kv + 1, :stop],
+            None,
+            s.attn_scale,
+            s.attn_softcap,
+            s.sliding_window[layer],
+        )
+        w = pattern[0, 0].cpu()  # [r, stop]: rows start..stop-1, keys 0..stop-1 (later: 0)
+        if stop > 1:
+            as_query[start:stop] = w[:, 1:].amax(-1).clamp_min(0)
+        off_diag = w.clone()
+        off_diag[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
+        as_key[:stop] = torch.maximum(as_key[:stop], off_diag.amax(0))
+        values, keys = w.topk(min(top, stop), dim=-1)
+        for i, (vs, ks) in enumerate(zip(values.tolist(), keys.tolist(), strict=True)):
+            q = start + i
+            kept = sorted((-v, k) for v, k in zip(vs, ks, strict=True) if v >= threshold and k <= q)
+            rows.extend((q, k, round(-nv, 4)) for nv, k in kept)
+    return AttendSummaryResult(
+        tokens=st.tokens,
+        head=head_name(layer, h),
+        max_as_query=[round(v, 4) for v in as_query.tolist()],
+        max_as_key=[round(v, 4) for v in as_key.tolist()],
+        top_keys=rows,
+    )

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from headscope.analysis.attribution import project_side
 from headscope.analysis.components import COMPONENTS, Basis
-from headscope.analysis.inputs import check_pair, parse_heads
+from headscope.analysis.inputs import check_pair, check_replay, parse_heads
 from headscope.analysis.results import InterveneResult
 from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
@@ -163,8 +163,9 @@ def intervene(
     ``component`` is a row label of ``basis`` (default: the model's components, e.g. ``L3H1``;
     with a dictionary, a feature ``sae:L5/123``). ``at``: the source positions where it is
     scaled (default: every position)."""
-    st = session.state(text)
     _check(side, heads)
+    check_replay(session.adapter, text, "an intervention", session.max_tokens)
+    st = session.state(text)
     query, key_ = check_pair(st.n_tokens, query, 0 if key is None else key)
     pairs = parse_heads(session.adapter, heads)
     parts = _deltas(session, st, pairs, component, side, at, basis)
@@ -272,6 +273,7 @@ def intervention_curve(
         raise InputError(f"give 1..{MAX_CURVE_SCALES} scales")
     if any(not math.isfinite(x) for x in scales):
         raise InputError("scales must be finite numbers")
+    check_replay(session.adapter, text, "an intervention curve", session.max_tokens)
     st = session.state(text)
     query, key = check_pair(st.n_tokens, query, key)
     if at is None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from headscope.analysis.describe import RuleEngine
 from headscope.analysis.head_stream import equal_length_batches, run_layers, run_to_layer
-from headscope.analysis.inputs import parse_heads
+from headscope.analysis.inputs import check_replay, parse_heads
 from headscope.analysis.rule_results import (
     KeyMove,
     KnockoutResult,
@@ -101,7 +101,10 @@ def knockout(
     ``query`` and show where its attention goes, cheap and (with ``exact``) exact."""
     ad = session.adapter
     layer, h = parse_heads(ad, [head])[0]
-    st = session.state(text)
+    if exact:
+        what = "an exact knockout (exact: false gives the softmax-only one)"
+        check_replay(ad, text, what, session.max_tokens)
+    st = session.state(text, through=layer)
     T = st.n_tokens
     if not -T <= query < T:
         raise InputError(f"query position {query} is outside the text ({T} tokens)")

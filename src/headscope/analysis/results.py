@@ -32,6 +32,21 @@ class AttendResult(Result):
     )
 
 
+class AttendSummaryResult(Result):
+    tokens: list[str] = Field(description="display string per position, BOS first")
+    head: str
+    max_as_query: list[float] = Field(
+        description="per position, its largest attention weight as a query (BOS key excluded)"
+    )
+    max_as_key: list[float] = Field(
+        description="per position, the largest weight any later query gives it as a key"
+    )
+    top_keys: list[tuple[int, int, float]] = Field(
+        description="[query, key, weight] triples: each query's largest weights above the "
+        "threshold, largest first"
+    )
+
+
 # ----- one attention edge -------------------------------------------------------------------------
 class RankedHead(Result):
     head: str

@@ -240,6 +240,8 @@ async function post(path, body) {
 export const api = {
   tokenize: (text) => post('api/tokenize', { text }),
   attend: (text, heads = null) => post('api/attend', { text, heads }),
+  // a tiny threshold: each query's top keys are listed even where attention is diffuse (long texts)
+  attendSummary: (text, head, threshold = 1e-4) => post('api/attend-summary', { text, head, threshold }),
   rankHeads: (text, query, key) => post('api/rank-heads', { text, query, key }),
   attributeQK: (req) => post('api/attribute/qk', req),
   attributeOV: (req) => post('api/attribute/ov', req),

@@ -139,7 +139,12 @@ async function header() {
   for (const a of document.querySelectorAll('[data-nav]')) a.setAttribute('href', hashFor([a.dataset.nav]));
   const runEl = document.getElementById('run-name');
   const statusEl = document.getElementById('server-status');
-  try {
+  const st = await data.liveStatus();
+  if (st.server && st.health && st.health.run === null) {
+    // `headscope serve --model M` without a run: the live views work, nothing to load
+    runEl.textContent = 'no run served: live views only';
+    runEl.classList.add('muted');
+  } else try {
     const [m, { name, source }] = await Promise.all([data.manifest(), data.runName()]);
     const model = m.model || {};
     runEl.textContent = '';
@@ -153,7 +158,6 @@ async function header() {
     runEl.textContent = `run not found at ${data.RUN_BASE}`;
     runEl.classList.add('error-text');
   }
-  const st = await data.liveStatus();
   hooks.live = st.live;
   statusEl.textContent = '';
   let badge = h('span', { class: 'badge', title: 'no live server: precomputed views only' }, 'static');

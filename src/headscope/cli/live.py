@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from headscope.cli.common import Help, adapter, emit, groups, model_args
+from headscope.cli.common import MAX_TOKENS_HELP, Help, adapter, emit, groups, model_args
 from headscope.errors import InputError
+from headscope.limits import MAX_TOKENS
 from headscope.operations import Context, Operation
 
 
@@ -71,6 +72,7 @@ def live_parser(sub, op: Operation) -> None:
         parent = groups(sub, word)
     sp = parent.add_parser(words[-1], help=op.help, description=op.help, formatter_class=Help)
     model_args(sp, dtype=False)
+    sp.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=MAX_TOKENS_HELP)
     fields = op.request.model_fields
     if "basis" in fields or op.name in READ_DICTIONARIES:
         sp.add_argument(
@@ -127,7 +129,7 @@ def _run_live(op: Operation, args: argparse.Namespace) -> None:
         if text is None:
             raise InputError(f"{args.run} has no precompute manifest naming its data")
     ctx = Context(
-        lambda: Session(adapter(args)),
+        lambda: Session(adapter(args), max_tokens=args.max_tokens),
         dictionaries if getattr(args, "dictionaries", None) else None,
         text,
     )

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headscope.cli.common import adapter, command, data_args, dtype_name, emit, model_args
+from headscope.cli.common import (
+    MAX_TOKENS_HELP,
+    adapter,
+    command,
+    data_args,
+    dtype_name,
+    emit,
+    model_args,
+)
 from headscope.errors import InputError
+from headscope.limits import MAX_TOKENS
 
 _POSITIONAL_HELP = {
     "run": "run folder",
@@ -84,6 +93,7 @@ def _serve(args):
         port=args.port,
         token=args.token,
         dictionaries=args.dictionaries,
+        max_tokens=args.max_tokens,
         block=True,
     )
 
@@ -224,6 +234,7 @@ def add_run_commands(sub) -> None:
     sp.add_argument(
         "--dictionaries", help="residual SAEs for the feature basis (default: RUN/dictionaries)"
     )
+    sp.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=MAX_TOKENS_HELP)
 
     sp = command(
         sub, "demo", _demo, "corpus + precompute + attributions on the default model, then serve"

@@ -101,6 +101,15 @@ class AttendRequest(Request):
     )
 
 
+class AttendSummaryRequest(Request):
+    text: Text
+    head: HeadName
+    top: int = Field(8, ge=1, le=64, description="keys listed per query")
+    threshold: float = Field(
+        0.02, gt=0.0, le=1.0, description="smallest weight listed among a query's keys"
+    )
+
+
 class PairRequest(Request):
     text: Text
     query: Position

@@ -123,6 +123,12 @@ def _attend(ctx: Context, r: Q.AttendRequest) -> R.AttendResult:
     return attend(ctx.session.adapter, r.text, r.heads, max_tokens=ctx.session.max_tokens)
 
 
+def _attend_summary(ctx: Context, r: Q.AttendSummaryRequest) -> R.AttendSummaryResult:
+    from headscope.analysis.attend import attend_summary
+
+    return attend_summary(ctx.session, r.text, r.head, top=r.top, threshold=r.threshold)
+
+
 def _rank_heads(ctx: Context, r: Q.RankHeadsRequest) -> R.RankHeadsResult:
     from headscope.analysis.attribution import rank_heads
 
@@ -333,6 +339,14 @@ OPERATIONS: list[Operation] = [
         _attend,
         T.attend_text,
         flags={"heads": "--head"},
+    ),
+    Operation(
+        "attend-summary",
+        "one head's attention on a text of any length (up to the server's token limit): each "
+        "token's largest weight as query and as key, and each query's top keys; no T x T "
+        "pattern is built",
+        _attend_summary,
+        T.attend_summary_text,
     ),
     Operation(
         "rank-heads",

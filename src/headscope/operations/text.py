@@ -10,6 +10,7 @@ from typing import Any
 from headscope.analysis.ablate import AblationResult, format_text
 from headscope.analysis.results import (
     AttendResult,
+    AttendSummaryResult,
     CompositionResult,
     EdgeGraphResult,
     FeaturePageResult,
@@ -47,6 +48,19 @@ def attend_text(r: AttendResult, _req: Any = None) -> str:
         top = sorted(range(len(last)), key=lambda k: -last[k])[:5]
         tops = ", ".join(f"{r.tokens[k]!r}@{k} {last[k]:.3f}" for k in top)
         lines.append(f"{name}: the last token attends to {tops}")
+    return "\n".join(lines)
+
+
+def attend_summary_text(r: AttendSummaryResult, _req: Any = None) -> str:
+    T = len(r.tokens)
+    by_query: dict[int, list[tuple[int, float]]] = {}
+    for q, k, w in r.top_keys:
+        by_query.setdefault(q, []).append((k, w))
+    lines = [f"{r.head} on {T} tokens; queries whose largest non-BOS weight is highest:"]
+    order = sorted(range(T), key=lambda q: -r.max_as_query[q])[:10]
+    for q in order:
+        keys = ", ".join(f"{r.tokens[k]!r}@{k} {w:.3f}" for k, w in by_query.get(q, [])[:4])
+        lines.append(f"{q:>6} {r.tokens[q]!r:<16} {r.max_as_query[q]:.3f}  keys: {keys}")
     return "\n".join(lines)
 
 

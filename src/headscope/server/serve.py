@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from headscope.limits import MAX_TOKENS
+
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
@@ -88,7 +90,7 @@ class ServerHandle:
         self.stop()
 
 
-def _session(model: str | ModelAdapter | Session | None) -> Session | None:
+def _session(model: str | ModelAdapter | Session | None, max_tokens: int) -> Session | None:
     if model is None:
         return None
     from headscope.analysis.session import Session
@@ -97,8 +99,8 @@ def _session(model: str | ModelAdapter | Session | None) -> Session | None:
     if isinstance(model, Session):
         return model
     if isinstance(model, ModelAdapter):
-        return Session(model)
-    return Session(ModelAdapter.load(str(model)))
+        return Session(model, max_tokens=max_tokens)
+    return Session(ModelAdapter.load(str(model)), max_tokens=max_tokens)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -147,12 +149,15 @@ def serve(
     queue_size: int = 8,
     log_level: str = "warning",
     dictionaries: str | Path | DictionarySet | None = None,
+    max_tokens: int = MAX_TOKENS,
 ) -> ServerHandle:
     """Serve the browser app, ``run_dir`` (under ``/run/``) and, with ``model``, the live API.
 
     ``model``: a model name (``"default"``, a HF directory, a ``.gguf``), a loaded
     :class:`ModelAdapter` or a :class:`Session`; None serves static files only.
     ``dictionaries``: residual SAEs for the feature basis, a folder or a loaded set.
+    ``max_tokens``: the longest text a live request takes (BOS included; at most the model's
+    context): a cached text costs ~390 kB per token on the default model.
     ``port=0`` picks a free port (see ``handle.url``). Returns once the server answers; with
     ``block=True`` serves until Ctrl-C and returns the stopped handle.
 
@@ -173,7 +178,7 @@ def serve(
             "machine can run the model and read the run; every request needs the access token.",
             file=sys.stderr,
         )
-    session = _session(model)
+    session = _session(model, max_tokens)
     dicts = None
     if isinstance(dictionaries, (str, Path)):
         from headscope.dictionaries.basis import DictionarySet

@@ -5,12 +5,13 @@
 import * as data from '../data.js';
 import { h, clear, fixed, errorBox, loading, needsServer, parseHead, typingTarget } from '../lib/dom.js';
 import { blues, oranges, gradient } from '../lib/color.js';
-import { TokenView, summarisePattern, labelToken } from '../lib/tokens.js';
+import { TokenView, labelToken } from '../lib/tokens.js';
 import { exportButtons } from '../lib/export.js';
 import { hideTip } from '../lib/tooltip.js';
 import { renderAttribution } from './attribution.js';
 import { s, svgRoot, fitText } from '../lib/svg.js';
 
+const LONG_TEXT = 600; // tokens beyond which the text scrolls in a box of its own
 const EXAMPLE_TEXT = 'Madrid, Barcelona, Seville, Lyon and Valencia are all cities in Spain.';
 
 function intParam(ctx, name) {
@@ -67,7 +68,7 @@ function build(container, ctx0, health) {
   } },
   h('label', { for: 'custom-text' }, 'Text'), textarea,
   h('div', { class: 'form-row' }, h('label', {}, 'Head ', headInput), h('button', { type: 'submit', class: 'primary' }, 'Run'), formMsg,
-    h('span', { class: 'muted small' }, `model: ${health.model} · ${health.n_layers} layers × ${health.n_heads} heads`)));
+    h('span', { class: 'muted small' }, `model: ${health.model} · ${health.n_layers} layers × ${health.n_heads} heads · texts up to ${(health.max_tokens ?? 0).toLocaleString()} tokens`)));
 
   const out = h('div', { class: 'custom-out' });
   container.replaceChildren(h('h1', {}, 'Custom text'), form, out);
@@ -81,6 +82,7 @@ function build(container, ctx0, health) {
   const pairEl = h('div', {});
   const rankEl = h('div', {});
   const panelEl = h('div', {});
+  const keysEl = h('div', {});
   const attendCache = new Map();
 
   function onKey(ev) {
@@ -92,14 +94,14 @@ function build(container, ctx0, health) {
 
   async function showText(text, head) {
     const cacheKey = `${head}\u0000${text}`;
-    if (!attendCache.has(cacheKey)) attendCache.set(cacheKey, data.api.attend(text, [head]));
+    // The server summarises the pattern (max weight as query / as key, each query's top keys)
+    // block by block, so a text of thousands of tokens never travels as a T x T pattern.
+    if (!attendCache.has(cacheKey)) attendCache.set(cacheKey, data.api.attendSummary(text, head));
     const res = await attendCache.get(cacheKey).catch((err) => { attendCache.delete(cacheKey); throw err; });
-    const pattern = res.patterns[head];
-    if (!pattern) throw new Error(`the server returned no pattern for ${head}`);
     tokens = res.tokens;
-    const sum = summarisePattern(pattern);
+    const long = tokens.length > LONG_TEXT;
     tv = new TokenView({
-      strs: res.tokens, maxAsQuery: sum.maxAsQuery, maxAsKey: sum.maxAsKey, sparse: sum.sparse,
+      strs: res.tokens, maxAsQuery: res.max_as_query, maxAsKey: res.max_as_key, sparse: res.top_keys,
       mode: ctx.get('color') === 'key' ? 'key' : 'query',
       onSelect: (q, k) => ctx.set({ q, k, panel: null }, { replace: k === null }),
     });
@@ -113,8 +115,31 @@ function build(container, ctx0, health) {
           h('a', { href: ctx.href(['head', head]), class: 'small' }, `open ${head}’s page`),
           exportButtons(`${head}_custom`, { svg: () => tv.toSVG(`${head} · custom text`) })),
         h('p', { class: 'muted small' }, 'Hover a token to see its keys. Click a query token, then an earlier (or the same) key token, to rank every head on that pair.'),
-        tv.el),
+        long ? h('p', { class: 'muted small' }, `${tokens.length.toLocaleString()} tokens: the text scrolls in its box; a chosen query's strongest keys are listed below it, each a click away however far back.`) : null,
+        long ? h('div', { class: 'tokens-scroll' }, tv.el) : tv.el,
+        keysEl),
       pairEl, rankEl, panelEl);
+  }
+
+  // A long text's chosen query: scroll it into its box, and list its strongest keys (from the
+  // summary) as buttons that pick the pair, since a far-back key is thousands of tokens away.
+  function showQueryKeys(q, k, head) {
+    clear(keysEl);
+    if (!tv || q === null) return;
+    const box = tv.el.parentElement;
+    if (box && box.classList.contains('tokens-scroll') && tv.spans[q]) {
+      const span = tv.spans[k ?? q];
+      box.scrollTop = Math.max(0, span.offsetTop - box.clientHeight / 2);
+    }
+    const keys = tv.sparse.byQuery.get(q) || [];
+    if (!keys.length) return;
+    keysEl.append(h('div', { class: 'toolbar query-keys' },
+      h('span', { class: 'small' }, `${head} at query ${q} “${labelToken(tokens[q])}” attends most to:`),
+      keys.map(([kk, w]) => h('button', {
+        type: 'button', class: kk === k ? 'primary' : '', 'data-key': kk,
+        title: `${q - kk} tokens back`,
+        onclick: () => ctx.set({ q, k: kk, panel: null }),
+      }, `${kk} “${labelToken(tokens[kk])}” ${fixed(w, 3)}`))));
   }
 
   function pairBar(q, k, text, head) {
@@ -226,6 +251,7 @@ function build(container, ctx0, health) {
     if (q !== null && (q < 0 || q >= tokens.length)) q = null;
     if (k !== null && (k < 0 || k > (q ?? -1))) k = null;
     tv.setSelection(q, k);
+    showQueryKeys(q, k, head);
     const pk = q !== null && k !== null ? `${q}:${k}` : null;
     if (pk !== pairKey) {
       pairKey = pk;

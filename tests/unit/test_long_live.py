@@ -1,0 +1,132 @@
+"""Live analysis of long texts: the blocked attention summary, the session's token limit, and
+the operations that re-run the model refusing texts too long for whole patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headscope.analysis.attend as attend_mod
+import headscope.analysis.inputs as inputs_mod
+from headscope.analysis.attend import attend, attend_summary
+from headscope.analysis.attribution import qk_attribution, rank_heads
+from headscope.analysis.session import Session
+from headscope.errors import InputError
+from tests.planted import induction_adapter
+from tests.tiny_models import tiny_adapter
+
+TEXT = "qwertyuiopqwertyuiop"  # the planted model's context is 32 positions
+
+
+def reference_summary(pattern: list[list[float]], top: int, threshold: float):
+    """The token view's summary, written plainly from a dense pattern (rows 0..q)."""
+    T = len(pattern)
+    as_query, as_key, triples = [0.0] * T, [0.0] * T, []
+    for q, row in enumerate(pattern):
+        for k, w in enumerate(row):
+            if k > 0:
+                as_query[q] = max(as_query[q], w)
+            if k != q:
+                as_key[k] = max(as_key[k], w)
+        kept = sorted((-w, k) for k, w in enumerate(row) if w >= threshold)[:top]
+        triples += [(q, k, -nw) for nw, k in kept]
+    return as_query, as_key, triples
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_summary_equals_the_dense_pattern_at_every_block_size(arch, block):
+    ad = tiny_adapter(arch)
+    session = Session(ad)
+    text = "the cat sat on the mat; the cat sat on the hat, said the cat"
+    head = "L1H1"
+    dense = attend(ad, text, [head]).patterns[head]
+    as_query, as_key, triples = reference_summary(dense, 3, 0.05)
+    got = attend_summary(session, text, head, top=3, threshold=0.05, block=block)
+    assert got.tokens == attend(ad, text, [head]).tokens
+    assert got.max_as_query == pytest.approx(as_query, abs=2e-4)
+    assert got.max_as_key == pytest.approx(as_key, abs=2e-4)
+    assert [(q, k) for q, k, _ in got.top_keys] == [(q, k) for q, k, _ in triples]
+    assert [w for _, _, w in got.top_keys] == pytest.approx([w for *_, w in triples], abs=2e-4)
+
+
+def test_summary_finds_the_planted_heads_keys():
+    """On the hand-set model, L0H0's top key is the previous token and L1H0's, in the repeat,
+    the token after the query token's first occurrence."""
+    session = Session(induction_adapter())
+    prev = attend_summary(session, TEXT, "L0H0", top=1)
+    assert [(q, k) for q, k, _ in prev.top_keys if q >= 2] == [(q, q - 1) for q in range(2, 21)]
+    induction = attend_summary(session, TEXT, "L1H0", top=1)
+    firsts = {q: k for q, k, _ in induction.top_keys}
+    # the second 'q' is at 11; its first occurrence at 1 is followed by 'w' at 2
+    assert all(firsts[q] == q - 9 for q in range(11, 21)), firsts
+    assert min(induction.max_as_query[11:]) > 0.5
+
+
+def test_summary_never_builds_a_whole_pattern(monkeypatch):
+    shapes = []
+    real = attend_mod.eager_attention
+
+    def spy(q, k, *args, **kw):
+        shapes.append((q.shape[2], k.shape[2]))
+        return real(q, k, *args, **kw)
+
+    monkeypatch.setattr(attend_mod, "eager_attention", spy)
+    session = Session(tiny_adapter("gpt2"))
+    text = "abcdefghij" * 9  # 91 tokens
+    attend_summary(session, text, "L0H0", block=16)
+    assert shapes and max(rows for rows, _ in shapes) == 16
+    assert sum(rows for rows, _ in shapes) == 91
+
+
+def test_a_long_text_runs_past_the_default_limit_and_stays_exact(monkeypatch):
+    """With the session's limit raised, a text longer than the replay bound is analysed from
+    the cache (attributions add up to the model's score); operations that re-run the model with
+    whole patterns refuse it in one line, before any forward pass."""
+    monkeypatch.setattr(inputs_mod, "MAX_REPLAY_TOKENS", 40)
+    ad = tiny_adapter("qwen3")
+    session = Session(ad, max_tokens=120)
+    text = "one two three four five six seven eight nine ten " * 2  # 99 tokens
+    qk = qk_attribution(session, text, "L1H0", -1, 60)
+    assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score))
+    assert rank_heads(session, text, -1, 60).heads
+    from headscope.analysis.intervene import intervene
+    from headscope.analysis.knockout import knockout
+
+    base = ad.model.base_model
+    calls = []
+    handle = base.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(InputError, match=r"texts up to 40 tokens; this one has 99"):
+            intervene(session, text, ["L1H0"], "embed", "key", 2.0, -1, 60)
+        with pytest.raises(InputError, match="exact: false"):
+            knockout(session, text, "L1H0", -1, keys=[60])
+    finally:
+        handle.remove()
+    assert not calls
+    cheap = knockout(session, text, "L1H0", -1, keys=[60], exact=False)
+    assert cheap.tokens[60] == session.cached(text).tokens[60]
+    with pytest.raises(InputError, match="limit is 120"):
+        session.state(text * 2)
+
+
+def test_cli_and_server_take_the_token_limit(tmp_path, capsys):
+    from headscope.cli import main
+    from tests.tiny_models import save_tiny
+
+    save_tiny("gpt2", tmp_path / "m")
+    args = ["attend-summary", "--model", str(tmp_path / "m"), "--head", "L0H0"]
+    assert main([*args, "--text", "abcdefghij", "--max-tokens", "5"]) != 0
+    assert "limit is 5" in capsys.readouterr().err
+    assert main([*args, "--text", "abcdefghij", "--json", "--max-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_as_query"' in out and '"top_keys"' in out
+
+
+def test_summary_rejects_what_it_cannot_answer():
+    session = Session(tiny_adapter("gpt2"))
+    with pytest.raises(InputError):
+        attend_summary(session, "abc", "L9H0")
+    got = attend_summary(session, "a", "L0H0")  # BOS and one token
+    assert len(got.max_as_query) == 2 and got.max_as_query[0] == 0.0
+    assert torch.tensor(got.max_as_key).le(1.0).all()
