@@ -72,6 +72,8 @@ def test_the_graph_draws_the_apis_edges_with_their_heads(page, dict_live_url, sh
 
 def test_a_bad_request_is_one_line(page, dict_live_url):  # noqa: F811
     open_view(page, dict_live_url, "#/edges?text=abc&layer=2&pos=40", "edges", timeout=LIVE_TIMEOUT)
+    nav = page.locator("nav.mainnav a[data-nav='edges']")  # the view has its own menu entry
+    assert nav.get_attribute("aria-current") == "page" and nav.get_attribute("href") == "#/edges"
     assert "out of range" in page.locator(".view-edges .note.error").inner_text()
     page.console_errors.clear()  # the server's 422 is logged by the browser
 

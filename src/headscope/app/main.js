@@ -35,7 +35,7 @@ const ROUTES = [
   { name: 'geometry', nav: 'geometry', match: (p) => p[0] === 'geometry', key: () => 'geometry', view: geometry },
   { name: 'features', nav: 'features', match: (p) => p[0] === 'features', key: () => 'features', view: features },
   { name: 'feature', nav: 'features', match: (p) => p[0] === 'feature', key: (p) => `feature/${p.slice(1).join('/')}`, view: featureView },
-  { name: 'edges', nav: 'features', match: (p) => p[0] === 'edges', key: () => 'edges', view: edgeGraph },
+  { name: 'edges', nav: 'edges', match: (p) => p[0] === 'edges', key: () => 'edges', view: edgeGraph },
   { name: 'ablate', nav: 'ablate', match: (p) => p[0] === 'ablate', key: () => 'ablate', view: ablate },
 ];
 
