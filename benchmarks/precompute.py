@@ -14,12 +14,18 @@ the ratios, overall and per quarter of the run: the first batches cost the preco
 (every head keeps every sequence until its example buckets and top-N pairs fill up).
 
     .venv/bin/python benchmarks/precompute.py --dtype bf16 --sequences 256
+
+``--command-only`` times only the whole command; ``--compare SRC`` first runs the same command
+on another checkout's ``src`` folder (the code before a change) and prints the two phase tables
+side by side; ``--cold-probes`` gives each command an empty probe cache (the first run of a
+model), the other cache folders shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -38,11 +44,28 @@ from headscope.precompute.sequences import batched, iter_sequences
 from headscope.precompute.state import StreamState
 
 
-def run_command(args: argparse.Namespace) -> dict:
-    """Run ``headscope precompute`` in a child process; wall time, peak RSS and the manifest's
-    timings."""
+def _cold_cache(tmp: Path) -> Path:
+    """A cache folder whose probe cache is empty; every other entry links to the real one."""
+    from headscope.model.loading import cache_dir
+
+    real, cold = cache_dir(), tmp / "cache"
+    cold.mkdir()
+    for entry in real.iterdir() if real.is_dir() else []:
+        if entry.name != "probes":
+            (cold / entry.name).symlink_to(entry)
+    return cold
+
+
+def run_command(args: argparse.Namespace, src: str | None = None) -> dict:
+    """Run ``headscope precompute`` in a child process (on the package in ``src``, else this
+    one); wall time, peak RSS and the manifest's timings."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
+        env = dict(os.environ)
+        if src is not None:
+            env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        if args.cold_probes:
+            env["HEADSCOPE_CACHE"] = str(_cold_cache(Path(tmp)))
         cmd = [
             sys.executable,
             *("-m", "headscope", "precompute"),
@@ -52,8 +75,9 @@ def run_command(args: argparse.Namespace) -> dict:
             *("--batch-size", str(args.batch_size), "--out", str(out)),
         ]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t0
+        # the largest child so far (with --compare: of both commands)
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         manifest = json.loads((out / "manifest.json").read_text())
     return {"wall_s": wall, "rss_mb": rss_mb, "timings": manifest["timings"]}
@@ -84,8 +108,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-command", action="store_true", help="skip timing the whole command")
+    p.add_argument(
+        "--command-only",
+        action="store_true",
+        help="only time the whole command (no per-batch part)",
+    )
+    p.add_argument("--compare", metavar="SRC", help="also run the command on this src folder")
+    p.add_argument("--cold-probes", action="store_true", help="an empty probe cache per command")
     args = p.parse_args()
+    before = run_command(args, args.compare) if args.compare and not args.no_command else None
     command = None if args.no_command else run_command(args)
+    if args.command_only:
+        if command is not None:
+            print_command(args, command, before)
+        return
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ad = ModelAdapter.load(args.model, device=args.device, dtype=dtype)
     seqs = list(
@@ -166,11 +202,25 @@ def main() -> None:
         f"peak RSS {command['rss_mb']:.0f} MB; ratio vs plain forward {t_full / wall:.3f}, "
         f"vs base forward {t_base / wall:.3f}"
     )
-    phases = phase_table(command, n)
-    after = sum(sec for name, sec in phases if name.startswith("after"))
-    for name, sec in phases:
-        print(f"  {name:<34} {sec:7.2f} s  {100 * sec / wall:5.1f}%")
-    print(f"  {'after the stream, in all':<34} {after:7.2f} s")
+    print_command(args, command, before)
+
+
+def print_command(args: argparse.Namespace, command: dict, before: dict | None) -> None:
+    """The whole command's phases (and, with ``--compare``, the other checkout's beside them)."""
+    n = args.sequences * args.seq_len
+    runs = [("before", before), ("this", command)] if before else [("this", command)]
+    tables = [(label, dict(phase_table(c, n)), c["wall_s"]) for label, c in runs]
+    print(
+        f"\nwhole command, {args.sequences} x {args.seq_len} tokens, {args.dtype}, probes "
+        f"{'cold' if args.cold_probes else 'as cached'}; load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
+    print(f"  {'phase':<34}" + "".join(f"{label:>10}" for label, _, _ in tables))
+    for name in tables[0][1]:
+        print(f"  {name:<34}" + "".join(f"{t[name]:9.2f}s" for _, t, _ in tables))
+    after = [sum(v for k, v in t.items() if k.startswith("after")) for _, t, _ in tables]
+    print(f"  {'after the stream, in all':<34}" + "".join(f"{a:9.2f}s" for a in after))
+    print(f"  {'whole command':<34}" + "".join(f"{w:9.2f}s" for _, _, w in tables))
 
 
 if __name__ == "__main__":

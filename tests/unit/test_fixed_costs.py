@@ -3,6 +3,7 @@ computations they replace."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from headscope.model import ModelAdapter
@@ -96,3 +97,110 @@ def test_probe_metrics_are_read_back_for_the_same_weights_and_recomputed_for_oth
     assert calls
     assert len(list((tmp_path / "cache" / "probes").iterdir())) == 2
     assert not torch.equal(changed["copying_score"], table["copying_score"])
+
+
+def _example_with_torch(payloads, layer, head, seq):
+    """ExamplePayloads.example as first written, in torch."""
+    k, w, mq, mk = payloads.items[layer][(head, seq)]
+    keep = w.float() >= payloads.threshold
+    q = torch.arange(k.shape[0])[:, None].expand_as(k)[keep]
+    wr = (w.float()[keep].double() * 1000).round() / 1000
+    sparse = [[a, b, c] for a, b, c in zip(q.tolist(), k[keep].tolist(), wr.tolist(), strict=True)]
+    return {
+        "max_as_query": [round(v, 2) for v in mq.float().tolist()],
+        "max_as_key": [round(v, 2) for v in mk.float().tolist()],
+        "sparse": sparse,
+    }
+
+
+def test_example_payload_in_numpy_equals_the_torch_version():
+    from headscope.precompute.payloads import ExamplePayloads
+
+    gen = torch.Generator().manual_seed(0)
+    payloads = ExamplePayloads(top_k=2, threshold=0.15)
+    T = 64
+    w = torch.rand(T, 2, generator=gen).half()
+    w[:8] = torch.tensor([0.15, 0.1499, 0.1501, 0.15005, 1.0, 0.0, 0.0005, 0.9995]).half()[:, None]
+    k = torch.randint(0, T, (T, 2), generator=gen).short()
+    mq, mk = torch.rand(T, generator=gen).half(), torch.rand(T, generator=gen).half()
+    payloads.items[3] = {(1, 17): (k, w, mq, mk)}
+    got = payloads.example(3, 1, 17)
+    assert got == _example_with_torch(payloads, 3, 1, 17)
+    assert got["sparse"] and all(type(c) is float for _, _, c in got["sparse"])
+
+
+def _round_every_float(x):
+    """The PCA rounding as first written: every float anywhere, 4 significant digits."""
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    if isinstance(x, list):
+        return [_round_every_float(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round_every_float(v) for k, v in x.items()}
+    return x
+
+
+def test_pca_rounding_of_the_float_fields_equals_rounding_every_float():
+    from headscope.precompute.finalize import _round_pca
+    from headscope.precompute.pca import PairCollector
+
+    gen = torch.Generator().manual_seed(1)
+    L, H, N, D = 2, 3, 5, 4
+    pairs = PairCollector(L, H, D, D, n_pairs=N, dtype=torch.float32)
+    pairs.norm = torch.rand(L, H, N, generator=gen) * 1e-3
+    meta = torch.randint(0, 50, (L, H, N, 5), generator=gen)
+    meta[..., 1] = meta[..., 2] + 20  # q_pos after k_pos
+    meta[1, 2, 3:] = -1  # empty slots
+    pairs.meta = meta
+    pairs.window = torch.randint(-1, 100, pairs.window.shape, generator=gen)
+    for name in ("q_vec", "k_vec", "o_vec"):
+        setattr(pairs, name, torch.randn(L, H, N, D, generator=gen) * 1e-5)
+    fit = pairs.fit(n_components=3)
+    assert fit[(1, 2)]["points"] and fit[(0, 0)]["q"]["coords"]
+    for key, entry in fit.items():
+        assert _round_pca(entry) == _round_every_float(entry), key
+
+
+def test_head_files_encode_as_compact_json_with_non_finite_as_null():
+    import json
+    import math
+
+    from headscope.precompute.finalize import head_file_bytes
+
+    payload = {
+        "head": "L0H1",
+        "token": 'é中 "q"',
+        "values": [0.15, 1.0, 0.0, -2.5, 123.456, 1e16, None, True, [1, 2, 3]],
+        "nested": {"a": [{"b": 0.001}]},
+    }
+    compact = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    assert head_file_bytes(payload) == compact.encode("utf-8")
+    small = head_file_bytes({"x": [1e-05, 2.5e-07]})
+    assert json.loads(small) == {"x": [1e-05, 2.5e-07]}
+    assert json.loads(head_file_bytes({"x": [math.nan, math.inf]})) == {"x": [None, None]}
+
+
+def test_weights_digest_hashes_tied_weights_once_and_sees_every_change():
+    from headscope.precompute.probe_cache import _weights_digest
+
+    def model(tied: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.embed = torch.nn.Embedding(10, 4)
+        m.unembed = torch.nn.Linear(4, 10, bias=False)
+        if tied:
+            m.unembed.weight = m.embed.weight
+        else:
+            m.unembed.weight.data.copy_(m.embed.weight.data)
+        return m
+
+    tied, untied = model(True), model(False)
+    assert _weights_digest(tied) == _weights_digest(model(True))
+    assert _weights_digest(tied) != _weights_digest(untied)  # the same numbers, not shared
+    before = _weights_digest(tied)
+    with torch.no_grad():
+        tied.unembed.weight[3, 1] += 1.0
+    assert _weights_digest(tied) != before
+    meta = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(NotImplementedError):
+        _weights_digest(meta)

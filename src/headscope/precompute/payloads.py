@@ -64,7 +64,7 @@ def _round2_table() -> np.ndarray:
 def _round2(x: Tensor) -> list[float]:
     """``[round(v, 2) for v in x.tolist()]`` of a float16 tensor, by table lookup (the same
     floats, without a Python call per value)."""
-    bits = x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    bits = x.numpy().view(np.uint16)
     return _round2_table()[bits].tolist()
 
 
@@ -149,13 +149,18 @@ class ExamplePayloads:
                 del self._refs[s], self.sequences[s]
 
     def example(self, layer: int, head: int, seq: int) -> dict:
+        """What the head file shows of one example: ``max_as_query``, ``max_as_key`` (rounded
+        to 2 decimals) and ``sparse``: ``[query, key, weight]`` of every kept weight at or
+        above the threshold, row by row, the weight rounded to 3 decimals."""
         k, w, mq, mk = self.items[layer][(head, seq)]
-        T = k.shape[0]
-        keep = w.float() >= self.threshold
-        q = torch.arange(T)[:, None].expand_as(k)[keep]
-        wr = (w.float()[keep].double() * 1000).round() / 1000
+        # NumPy, not torch: on these few thousand numbers torch's per-call cost dominates, and
+        # each torch call releases the GIL, so the head files' writer threads stall it.
+        kn, wn = k.numpy(), w.numpy().astype(np.float32)  # [T, K]
+        keep = wn >= np.float32(self.threshold)  # compared in float32, as torch does
+        q = np.nonzero(keep)[0]  # row-major: the query of each kept weight, in order
+        wr = np.round(wn[keep].astype(np.float64) * 1000) / 1000
         sparse = [
-            [a, b, c] for a, b, c in zip(q.tolist(), k[keep].tolist(), wr.tolist(), strict=True)
+            [a, b, c] for a, b, c in zip(q.tolist(), kn[keep].tolist(), wr.tolist(), strict=True)
         ]
         return {"max_as_query": _round2(mq), "max_as_key": _round2(mk), "sparse": sparse}
 
