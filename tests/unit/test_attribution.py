@@ -113,3 +113,55 @@ def test_a_component_at_every_position_is_its_row_of_the_decomposition(arch):
 def test_bad_component_labels_are_one_input_error(label):
     with pytest.raises(InputError, match="unknown component"):
         Component.parse(label)
+
+
+def _decompose_one_position(sess, st, layer, pos):
+    """The decomposition as first written: one position, one layer's heads at a time."""
+    from headscope.analysis.components import _layer_parts
+    from headscope.model.spec import head_name
+
+    ad, cap = sess.adapter, st.cap
+    labels, rows = ["embed"], [cap.get("embed")[0, pos][None]]
+    if cap.pos_embed is not None:
+        labels.append("pos_embed")
+        rows.append(cap.pos_embed[0, pos][None])
+    bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype)
+    for lay in range(layer):
+        heads, mlp, b_o = _layer_parts(sess, st, lay, pos)
+        labels += [head_name(lay, h) for h in range(ad.spec.n_heads)] + [f"L{lay}.mlp"]
+        rows += [heads, mlp[None]]
+        bias = bias + b_o
+    return [*labels, "bias"], torch.cat([*rows, bias[None]])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decomposing_query_and_key_together_gives_the_rows_of_each_alone_bit_for_bit(arch):
+    from headscope.analysis.components import decompose_at
+
+    sess = Session(tiny_adapter(arch))
+    st = sess.state(TEXT)
+    n = st.n_tokens
+    for layer in (0, 1, sess.adapter.spec.n_layers):
+        for positions in ([n - 1, 3], [5, 5], [0]):
+            together = decompose_at(COMPONENTS, sess, st, layer, positions)
+            for pos, (labels, X, flag) in zip(positions, together, strict=True):
+                want_labels, want_X = _decompose_one_position(sess, st, layer, pos)
+                assert labels == want_labels
+                assert torch.equal(X, want_X), (arch, layer, pos)
+                assert flag.tolist() == [0.0] * (len(labels) - 1) + [1.0]
+
+
+def test_qk_attribution_runs_its_tiny_ops_on_one_thread_and_restores_the_count():
+    sess = Session(tiny_adapter("llama"))
+    before = torch.get_num_threads()
+    seen = []
+    real = sess.pattern_rows
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    sess.pattern_rows = spy  # type: ignore[method-assign]
+    qk_attribution(sess, TEXT, "L1H0", 9, 4)
+    assert seen == [1]
+    assert torch.get_num_threads() == before

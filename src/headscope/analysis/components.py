@@ -13,6 +13,7 @@ parsed in one place, :meth:`Component.parse`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -90,8 +91,19 @@ class Basis(Protocol):
         ...
 
 
+def decompose_at(
+    basis: Basis, session: Session, st: TextState, layer: int, positions: list[int]
+) -> list[Decomposition]:
+    """``basis.decompose`` at each of ``positions``, in one pass where the basis can
+    (``decompose_at``, as :class:`ComponentBasis` does)."""
+    many = getattr(basis, "decompose_at", None)
+    if many is not None:
+        return many(session, st, layer, positions)
+    return [basis.decompose(session, st, layer, pos) for pos in positions]
+
+
 def _layer_parts(
-    session: Session, st: TextState, lay: int, pos: int | slice
+    session: Session, st: TextState, lay: int, pos: int | slice | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What layer ``lay`` wrote at ``pos``: heads ``[..., H, d]``, MLP ``[..., d]`` and the
     attention output bias ``[..., d]`` (through Gemma's frozen post-attention norm)."""
@@ -104,31 +116,46 @@ def _layer_parts(
     return heads, cap.mlp_contrib[lay][0, pos], b_o
 
 
+@functools.cache
+def _component_labels(n_heads: int, layer: int, pos_embed: bool) -> tuple[str, ...]:
+    """The labels of :meth:`ComponentBasis.decompose`'s rows for ``layer``, in order."""
+    labels = ["embed", *(["pos_embed"] if pos_embed else [])]
+    for lay in range(layer):
+        labels += [head_name(lay, h) for h in range(n_heads)]
+        labels.append(f"L{lay}.mlp")
+    return (*labels, "bias")
+
+
 class ComponentBasis:
     """The residual as the outputs of the model's own parts (see the module docstring)."""
 
     name = "components"
 
     def decompose(self, session: Session, st: TextState, layer: int, pos: int) -> Decomposition:
+        return self.decompose_at(session, st, layer, [pos])[0]
+
+    def decompose_at(
+        self, session: Session, st: TextState, layer: int, positions: list[int]
+    ) -> list[Decomposition]:
+        """:meth:`decompose` at several positions (a QK edge's query and key) in one pass:
+        reading each earlier layer's ``W_O`` is most of the work, and is done once for all of
+        them. The same rows, bit for bit, as one position at a time."""
         ad, cap = session.adapter, st.cap
-        labels: list[str] = ["embed"]
-        rows: list[torch.Tensor] = [cap.get("embed")[0, pos][None]]
+        idx = torch.tensor(positions, dtype=torch.long)
+        rows: list[torch.Tensor] = [cap.get("embed")[0, idx][:, None]]  # each [P, n, d]
         if cap.pos_embed is not None:
-            labels.append("pos_embed")
-            rows.append(cap.pos_embed[0, pos][None])
-        bias = torch.zeros(ad.spec.d_model, dtype=rows[0].dtype, device=rows[0].device)
+            rows.append(cap.pos_embed[0, idx][:, None])
+        bias = rows[0].new_zeros(len(positions), ad.spec.d_model)  # [P, d]
         for lay in range(layer):
-            heads, mlp, b_o = _layer_parts(session, st, lay, pos)
-            labels += [head_name(lay, h) for h in range(ad.spec.n_heads)]
-            labels.append(f"L{lay}.mlp")
-            rows += [heads, mlp[None]]
+            heads, mlp, b_o = _layer_parts(session, st, lay, idx)  # [P, H, d], [P, d], [P, d]
+            rows += [heads, mlp[:, None]]
             bias = bias + b_o
-        labels.append("bias")
-        rows.append(bias[None])
-        X = torch.cat(rows)
+        rows.append(bias[:, None])
+        X = torch.cat(rows, dim=1)  # [P, C, d]
+        labels = _component_labels(ad.spec.n_heads, layer, cap.pos_embed is not None)
         flag = torch.zeros(len(labels), dtype=X.dtype, device=X.device)
         flag[-1] = 1.0
-        return labels, X, flag
+        return [(list(labels), X[i], flag) for i in range(len(positions))]
 
     def vector(self, session: Session, st: TextState, label: str, layer: int) -> torch.Tensor:
         c = Component.parse(label)
