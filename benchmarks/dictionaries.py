@@ -7,7 +7,7 @@ shares, and the same for the options that change them (model dtype, SAE batch si
 Both wall and CPU time: the process's CPU time is the steadier measure on a shared machine.
 
     .venv/bin/python benchmarks/dictionaries.py                      # 8 x 256 tokens, all layers
-    .venv/bin/python benchmarks/dictionaries.py --threads 1 --dtypes fp32 --sae-batch 1024
+    .venv/bin/python benchmarks/dictionaries.py --threads 1 --dtypes fp32 --sae-batch 256
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="default: every layer")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--sae-batch", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--sae-batch", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--n-features", type=int, default=2048)
     p.add_argument("--k", type=int, default=32)
     p.add_argument(

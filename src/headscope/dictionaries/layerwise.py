@@ -67,7 +67,11 @@ class LayerwiseConfig:
 
     n_tokens: training rows captured (BOS positions left out), after ``n_eval`` held-out rows;
     epochs: passes over them per layer. seq_len / batch_size: packed sequences per forward pass.
-    sae_batch_size: rows per optimiser step. lr: Adam's (None: ``default_lr(n_features)``).
+    sae_batch_size: rows per optimiser step (256: at ~100k row-passes per layer the SAE is
+    short of steps; 4x the steps of batches of 1,024 add 0.006-0.043 held-out explained
+    variance on each layer of the default model for ~1.5x the SAE's CPU time,
+    docs/dictionaries.md).
+    lr: Adam's (None: ``default_lr(n_features)``).
     label_tokens: the last training rows the feature cards are read from (0: no cards).
     edges: random (head, query, key) edges per layer for the error share (0: not measured).
     """
@@ -82,7 +86,7 @@ class LayerwiseConfig:
     n_eval: int = 4096
     seq_len: int = 256
     batch_size: int = 8
-    sae_batch_size: int = 1024
+    sae_batch_size: int = 256
     lr: float | None = None
     label_tokens: int = 20_000
     edges: int = 16
@@ -210,10 +214,11 @@ def layers_done(out: Path, cfg: LayerwiseConfig, layers: Sequence[int]) -> list[
     return [layer for layer in layers if _done(out / site_key("resid", (layer,)), cfg)]
 
 
-# One epoch of SAE steps for every layer costs about one forward pass over the same tokens
-# (default model, one CPU thread: 3.8 vs 3.9 ms per token, benchmarks/dictionaries.py): the ETA's
-# guess for the training until a layer has been timed.
-SAE_EPOCH_PER_FORWARD = 1.0
+# One epoch of every layer's training (SAE steps in batches of 256, then its share of the labels
+# and the error share) costs about 1.8 forward passes over the same tokens (default model, one
+# CPU thread: capture 211 s, layers 759 s for 2 epochs, docs/dictionaries.md): the ETA's guess
+# for the training until a layer has been timed.
+SAE_EPOCH_PER_FORWARD = 1.8
 
 
 class _Status:
@@ -317,7 +322,8 @@ def train_layers(
         say(
             f"dictionaries: {len(todo)} of {len(layers)} layers of {adapter.name} to train "
             f"({cfg.n_features} features, k={cfg.k}, {cfg.n_tokens:,} tokens x {cfg.epochs} "
-            f"epochs), load average {os.getloadavg()[0]:.1f}; {len(done)} cached in {out}"
+            f"epochs in batches of {cfg.sae_batch_size}), load average {os.getloadavg()[0]:.1f}; "
+            f"{len(done)} cached in {out}"
         )
         with bar(cfg.n_tokens, "dictionaries: forward pass", "tok", enabled=progress) as b:
 
