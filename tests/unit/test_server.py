@@ -632,3 +632,24 @@ def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     assert not is_loopback("example.com")
+
+
+def test_results_are_serialised_by_pydantic_with_non_finite_floats_as_null():
+    import json as _json
+
+    from headscope.server.responses import JSON, result_response
+
+    ranked = S.RankHeadsResult.model_construct(
+        tokens=["a"], query=0, key=0, heads=[S.RankedHead(head="L0H0", attention=1.0, score=None)]
+    )
+    fast = result_response(ranked)
+    assert fast.media_type == "application/json"
+    assert _json.loads(fast.body) == _json.loads(JSON(ranked.model_dump()).body)
+    odd = S.TokenizeResult(tokens=["\ud800", "x"], ids=[1, 2])  # pydantic cannot encode this
+    assert _json.loads(result_response(odd).body)["tokens"] == ["\ud800", "x"]
+    inf = S.RankedHead(head="L0H0", attention=float("nan"), score=float("-inf"))
+    assert _json.loads(result_response(inf).body) == {
+        "head": "L0H0",
+        "attention": None,
+        "score": None,
+    }

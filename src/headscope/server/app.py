@@ -37,7 +37,7 @@ from headscope.analysis.session import NeedsModel, cached_only
 from headscope.errors import Busy, HeadscopeError
 from headscope.operations import OPERATIONS, Context, Operation
 from headscope.server.guard import Guard
-from headscope.server.responses import JSON, error_response, readable_errors
+from headscope.server.responses import JSON, error_response, readable_errors, result_response
 from headscope.server.run_routes import add_run_routes
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _add_route(
             result = await fast.run(lambda: _from_cache(ctx, op, req))
         except NeedsModel:
             result = await queue.run(lambda: op.run(ctx, req))
-        return JSON(result.model_dump())
+        return result_response(result)
 
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("req", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=op.request)]

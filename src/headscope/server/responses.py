@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 
 def _finite(obj: Any) -> Any:
@@ -35,6 +36,15 @@ class JSON(JSONResponse):
             return text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: escape everything instead
             return json.dumps(json.loads(text), allow_nan=False).encode("ascii")
+
+
+def result_response(result: BaseModel) -> Response:
+    """A result model as compact JSON, serialised by pydantic in one step (non-finite floats
+    become null, as in :class:`JSON`); :class:`JSON` where pydantic cannot (a lone surrogate)."""
+    try:
+        return Response(result.model_dump_json(), media_type="application/json")
+    except ValueError:
+        return JSON(result.model_dump())
 
 
 def error_response(status: int, detail: str, headers: dict | None = None, **extra) -> JSON:
