@@ -16,7 +16,6 @@ capped score is reported beside it. OV is linear in the key-side components in t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -32,19 +31,7 @@ from headscope.analysis.results import (
 from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
 from headscope.model.spec import head_name, norm_factor, parse_head
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread (this thread only) inside the block: an attribution on a cached
-    text is a few hundred tiny ops, and on a busy 2-core machine waking a second OpenMP thread
-    for each cost more than the op (seen-text QK p50 10.0 ms on two threads, 7.2 ms on one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from headscope.threads import single_threaded
 
 
 def _head(session: Session, head: str) -> tuple[int, int]:
@@ -138,7 +125,7 @@ def qk_attribution(
     query, key = check_pair(st.n_tokens, query, key)
     s = session.adapter.spec
     # Components: a few hundred rows, tiny ops (a dictionary's encoder can be large).
-    with _one_thread() if basis is None else contextlib.nullcontext():
+    with single_threaded() if basis is None else contextlib.nullcontext():
         # both sides decomposed in one pass (each earlier layer's W_O read once for the two)
         (q_labels, Xq, fq), (k_labels, Xk, fk) = decompose_at(
             basis or COMPONENTS, session, st, layer, [query, key]

@@ -53,7 +53,8 @@ from torch import Tensor
 
 from headscope.files import write_tensors
 from headscope.metrics.registry import LayerBatch
-from headscope.precompute.pca import orient_components, single_threaded
+from headscope.precompute.pca import orient_components
+from headscope.threads import single_threaded
 
 MOTIF_BLOCK = 128
 _GRAM_STRIDE = 2

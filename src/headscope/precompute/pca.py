@@ -23,14 +23,12 @@ the O table shrinks by ``d_model / d_head`` (9x for SmolLM2: 53 MB instead of 19
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
 
 from headscope.metrics.registry import LayerBatch
 from headscope.metrics.rows import KEY_GROUP
+from headscope.threads import single_threaded
 
 _META = ("sequence", "q_pos", "k_pos", "query_token", "key_token")
 CONTEXT_BEFORE, CONTEXT_AFTER = 6, 2  # tokens kept around each pair's query and key
@@ -43,22 +41,6 @@ _EXACT_MAX_DIM = 128
 _OVERSAMPLE = 8
 _FIT_CHUNK = 32  # heads per batched PCA in fit()
 _POWER_ITERS = 4
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one thread inside the block.
-
-    Batched small decompositions (eigh / qr / svd of many 64x64 or 512x11 matrices) nest
-    MKL threads inside torch's batch threads; on 2 busy cores that made eigh ~80x slower
-    (3.6 s instead of 0.04 s for 32 matrices), and one thread is never slower for them.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def orient_components(components: Tensor) -> Tensor:
