@@ -56,6 +56,11 @@ def attend(
     return AttendResult.model_construct(tokens=adapter.tokens.displays(ids[0]), patterns=patterns)
 
 
+def _rounded(x: torch.Tensor) -> list[float]:
+    """Weights to 4 decimals, as float64 so each prints as its short decimal."""
+    return ((x.double() * 1e4).round() / 1e4).tolist()
+
+
 def attend_summary(
     session: Session,
     text: str,
@@ -100,15 +105,21 @@ def attend_summary(
         off_diag = w.clone()
         off_diag[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
         as_key[:stop] = torch.maximum(as_key[:stop], off_diag.amax(0))
-        values, keys = w.topk(min(top, stop), dim=-1)
-        for i, (vs, ks) in enumerate(zip(values.tolist(), keys.tolist(), strict=True)):
-            q = start + i
-            kept = sorted((-v, k) for v, k in zip(vs, ks, strict=True) if v >= threshold and k <= q)
-            rows.extend((q, k, round(-nv, 4)) for nv, k in kept)
+        values, keys = w.topk(min(top, stop), dim=-1)  # [r, top]
+        # largest first, ties by key position: a stable sort by key, then by weight
+        by_key = keys.argsort(dim=-1, stable=True)
+        values, keys = values.gather(-1, by_key), keys.gather(-1, by_key)
+        by_weight = values.argsort(dim=-1, descending=True, stable=True)
+        values, keys = values.gather(-1, by_weight), keys.gather(-1, by_weight)
+        queries = torch.arange(start, stop)[:, None].expand_as(keys)
+        kept = (values >= threshold) & (keys <= queries)  # [r, top]
+        rows.extend(
+            zip(queries[kept].tolist(), keys[kept].tolist(), _rounded(values[kept]), strict=True)
+        )
     return AttendSummaryResult(
         tokens=st.tokens,
         head=head_name(layer, h),
-        max_as_query=[round(v, 4) for v in as_query.tolist()],
-        max_as_key=[round(v, 4) for v in as_key.tolist()],
+        max_as_query=_rounded(as_query),
+        max_as_key=_rounded(as_key),
         top_keys=rows,
     )
