@@ -136,14 +136,12 @@ def _decompose_one_position(sess, st, layer, pos):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decomposing_query_and_key_together_gives_the_rows_of_each_alone_bit_for_bit(arch):
-    from headscope.analysis.components import decompose_at
-
     sess = Session(tiny_adapter(arch))
     st = sess.state(TEXT)
     n = st.n_tokens
     for layer in (0, 1, sess.adapter.spec.n_layers):
         for positions in ([n - 1, 3], [5, 5], [0]):
-            together = decompose_at(COMPONENTS, sess, st, layer, positions)
+            together = COMPONENTS.decompose_at(sess, st, layer, positions)
             for pos, (labels, X, flag) in zip(positions, together, strict=True):
                 want_labels, want_X = _decompose_one_position(sess, st, layer, pos)
                 assert labels == want_labels

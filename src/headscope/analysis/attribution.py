@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from headscope.analysis.components import COMPONENTS, Basis, Component, decompose_at
+from headscope.analysis.components import COMPONENTS, Basis, Component
 from headscope.analysis.inputs import check_pair
 from headscope.analysis.results import (
     CompositionResult,
@@ -127,8 +127,8 @@ def qk_attribution(
     # Components: a few hundred rows, tiny ops (a dictionary's encoder can be large).
     with single_threaded() if basis is None else contextlib.nullcontext():
         # both sides decomposed in one pass (each earlier layer's W_O read once for the two)
-        (q_labels, Xq, fq), (k_labels, Xk, fk) = decompose_at(
-            basis or COMPONENTS, session, st, layer, [query, key]
+        (q_labels, Xq, fq), (k_labels, Xk, fk) = (basis or COMPONENTS).decompose_at(
+            session, st, layer, [query, key]
         )
         Q = project_side(session, st, layer, h, "q", Xq, torch.full((len(q_labels),), query), fq)
         K = project_side(session, st, layer, h, "k", Xk, torch.full((len(k_labels),), key), fk)

@@ -82,6 +82,13 @@ class Basis(Protocol):
         """The residual entering ``layer`` at ``pos`` as rows (see :data:`Decomposition`)."""
         ...
 
+    def decompose_at(
+        self, session: Session, st: TextState, layer: int, positions: list[int]
+    ) -> list[Decomposition]:
+        """:meth:`decompose` at each of ``positions`` (a QK edge's query and key), the same rows
+        as one at a time; a basis shares what the positions have in common here."""
+        ...
+
     def vector(self, session: Session, st: TextState, label: str, layer: int) -> torch.Tensor:
         """Row ``label`` of the residual entering ``layer``, at every position: ``[T, d]``."""
         ...
@@ -89,17 +96,6 @@ class Basis(Protocol):
     def cards(self, labels: set[str]) -> dict[str, dict]:
         """Hover cards of the labels that have one (features)."""
         ...
-
-
-def decompose_at(
-    basis: Basis, session: Session, st: TextState, layer: int, positions: list[int]
-) -> list[Decomposition]:
-    """``basis.decompose`` at each of ``positions``, in one pass where the basis can
-    (``decompose_at``, as :class:`ComponentBasis` does)."""
-    many = getattr(basis, "decompose_at", None)
-    if many is not None:
-        return many(session, st, layer, positions)
-    return [basis.decompose(session, st, layer, pos) for pos in positions]
 
 
 def _layer_parts(

@@ -119,6 +119,10 @@ class DictionarySet:
         flag[-1] = 1.0
         return labels, X, flag
 
+    def decompose_at(self, session, st, layer: int, positions: list[int]) -> list[Decomposition]:
+        """:meth:`decompose` at each position (each has its own active features)."""
+        return [self.decompose(session, st, layer, pos) for pos in positions]
+
     def vector(self, session, st, label: str, layer: int) -> torch.Tensor:
         """Row ``label`` (a feature, ``b_dec`` or ``error``) of the residual entering ``layer``
         at every position ``[T, d]``: a feature's activation there times its decoder vector."""
