@@ -102,10 +102,9 @@ def attend_summary(
         w = pattern[0, 0].cpu()  # [r, stop]: rows start..stop-1, keys 0..stop-1 (later: 0)
         if stop > 1:
             as_query[start:stop] = w[:, 1:].amax(-1).clamp_min(0)
-        off_diag = w.clone()
-        off_diag[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
-        as_key[:stop] = torch.maximum(as_key[:stop], off_diag.amax(0))
         values, keys = w.topk(min(top, stop), dim=-1)  # [r, top]
+        w[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # a key's own query
+        as_key[:stop] = torch.maximum(as_key[:stop], w.amax(0))
         # largest first, ties by key position: a stable sort by key, then by weight
         by_key = keys.argsort(dim=-1, stable=True)
         values, keys = values.gather(-1, by_key), keys.gather(-1, by_key)

@@ -84,27 +84,6 @@ export function indexSparse(sparse) {
   return { byQuery, byKey };
 }
 
-/** Per-position max attention as query/key and sparse triples from a dense pattern [T][T]. */
-export function summarisePattern(pattern, threshold = 0.02, topK = 8) {
-  const T = pattern.length;
-  const maxAsQuery = new Array(T).fill(0);
-  const maxAsKey = new Array(T).fill(0);
-  const sparse = [];
-  for (let q = 0; q < T; q++) {
-    const row = pattern[q];
-    const cand = [];
-    for (let k = 0; k <= q && k < row.length; k++) {
-      const w = row[k];
-      if (k > 0 && w > maxAsQuery[q]) maxAsQuery[q] = w;
-      if (k !== q && w > maxAsKey[k]) maxAsKey[k] = w;
-      if (w >= threshold) cand.push([k, w]);
-    }
-    cand.sort((a, b) => b[1] - a[1]);
-    for (const [k, w] of cand.slice(0, topK)) sparse.push([q, k, Math.round(w * 1000) / 1000]);
-  }
-  return { maxAsQuery, maxAsKey, sparse };
-}
-
 /**
  * Interactive token view. Colours each token by its max attention as a query (blue) or as a
  * key (orange); hovering a token outlines the keys it attends to (query mode) or the queries

@@ -121,8 +121,8 @@ function build(container, ctx0, health) {
       pairEl, rankEl, panelEl);
   }
 
-  // A long text's chosen query: scroll it into its box, and list its strongest keys (from the
-  // summary) as buttons that pick the pair, since a far-back key is thousands of tokens away.
+  // The chosen query's strongest keys (from the summary) as buttons that pick the pair: in a
+  // long text a far-back key is thousands of tokens away; its box scrolls to the key (or query).
   function showQueryKeys(q, k, head) {
     clear(keysEl);
     if (!tv || q === null) return;
