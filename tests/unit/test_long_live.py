@@ -118,6 +118,8 @@ def test_cli_and_server_take_the_token_limit(tmp_path, capsys):
     args = ["attend-summary", "--model", str(tmp_path / "m"), "--head", "L0H0"]
     assert main([*args, "--text", "abcdefghij", "--max-tokens", "5"]) != 0
     assert "limit is 5" in capsys.readouterr().err
+    assert main([*args, "--text", "abcdefghij", "--max-tokens", "0"]) != 0
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
     assert main([*args, "--text", "abcdefghij", "--json", "--max-tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert '"max_as_query"' in out and '"top_keys"' in out

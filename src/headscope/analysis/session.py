@@ -15,7 +15,7 @@ for the model), and :func:`cached_only` lets a server answer what the cache alre
 other threads while the model runs: inside it, any forward pass raises :class:`NeedsModel`.
 
 Memory: a cached text costs about ``(2 * H + 2 * KV) * D + 3 * d_model`` floats per token and
-layer (~390 kB per token on SmolLM2-135M-Instruct: 100 MB for 256 tokens, 800 MB for 2048), so
+layer (~400 kB per token on SmolLM2-135M-Instruct: 100 MB for 256 tokens, 800 MB for 2048), so
 the cache is bounded in bytes (:data:`CACHE_BYTES`); texts are evicted before a new one runs, and
 what a forward pass freed goes back to the operating system after it.
 """
@@ -132,6 +132,10 @@ class Session:
     ):
         if adapter.dtype != torch.float32:
             raise ValueError("live analysis needs the model in float32 (exact attributions)")
+        if max_tokens < 2:
+            raise InputError(
+                f"the token limit must be at least 2 (BOS and a token), got {max_tokens}"
+            )
         self.adapter = adapter
         limit = adapter.spec.max_positions
         self.max_tokens = min(max_tokens, limit) if limit else max_tokens

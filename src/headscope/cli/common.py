@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 MAX_TOKENS_HELP = (
     "longest text a live request takes, BOS included, up to the model's context (default "
-    "model: 8192); a cached text costs ~390 kB per token there (3.2 GB at 8192)"
+    "model: 8192); a cached text costs ~400 kB per token there (3.2 GB at 8192)"
 )
 MODEL_HELP = "default (SmolLM2-135M-Instruct) | gemma-3-270m | a HF model folder | a .gguf file"
 

@@ -157,7 +157,7 @@ def serve(
     :class:`ModelAdapter` or a :class:`Session`; None serves static files only.
     ``dictionaries``: residual SAEs for the feature basis, a folder or a loaded set.
     ``max_tokens``: the longest text a live request takes (BOS included; at most the model's
-    context): a cached text costs ~390 kB per token on the default model.
+    context): a cached text costs ~400 kB per token on the default model.
     ``port=0`` picks a free port (see ``handle.url``). Returns once the server answers; with
     ``block=True`` serves until Ctrl-C and returns the stopped handle.
 
