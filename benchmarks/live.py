@@ -3,7 +3,9 @@
     python benchmarks/live.py [--model default] [--reps 20] [--tokens 256]
 
 Prints p50/p95 of: QK attribution on a new text for a head drawn uniformly from all layers (the
-forward pass runs up to that head's layer, then the attribution), QK attribution on an
+forward pass runs up to that head's layer, then the attribution; the layers are drawn without
+replacement, every layer once per ``n_layers`` texts, so the p50 is that of a uniform draw and
+not of whichever layers 20 random draws happened to hit), QK attribution on an
 already-seen text (another head of a layer already run, another pair: no forward pass), head
 ranking on a seen text (continues the text's pass to the last layer the first time), and, in
 the same process on the same texts, the model's own full fp32 forward pass (logits included,
@@ -147,7 +149,12 @@ def model_forward(session, text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=30,
+        help="texts (default: 30, one per layer of the default model)",
+    )
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -177,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             n = args.tokens
             texts = [make_text(client, rng, n) for _ in range(args.reps + 3)]
             new, seen, rank, forward, layers = [], [], [], [], []
-            n_heads = health["n_heads"]
+            n_heads, n_layers = health["n_heads"], health["n_layers"]
+            # the warm-up texts, then every layer once per n_layers texts, in a shuffled order
+            draw = [rng.randrange(n_layers) for _ in range(3)]
+            while len(draw) < len(texts):
+                draw += rng.sample(range(n_layers), n_layers)
             for i, text in enumerate(texts):
-                head = rng.choice(heads)
-                layer = heads.index(head) // n_heads
+                layer = draw[i]
+                head = heads[layer * n_heads + rng.randrange(n_heads)]
                 q = rng.randrange(n // 2, n)
                 body = {"text": text, "head": head, "query": q, "key": rng.randrange(0, q + 1)}
                 t_new = timed(client, "/api/attribute/qk", body)
