@@ -10,7 +10,8 @@ import headscope.analysis.attend as attend_mod
 import headscope.analysis.inputs as inputs_mod
 from headscope.analysis.attend import attend, attend_summary
 from headscope.analysis.attribution import qk_attribution, rank_heads
-from headscope.analysis.session import Session
+from headscope.analysis.inputs import encode_text
+from headscope.analysis.session import Session, cached_only
 from headscope.errors import InputError
 from tests.planted import induction_adapter
 from tests.tiny_models import tiny_adapter
@@ -33,6 +34,14 @@ def reference_summary(pattern: list[list[float]], top: int, threshold: float):
     return as_query, as_key, triples
 
 
+def eager_pattern(ad, text: str, layer: int, h: int) -> list[list[float]]:
+    """Head ``h`` of ``layer`` on ``text`` from a plain eager forward pass, rows 0..q."""
+    ids = encode_text(ad, text)
+    with torch.no_grad():
+        pat = ad.run(ids, layers=[layer], patterns=True, logits=False).layers[layer].weights()
+    return [row[: q + 1] for q, row in enumerate(pat[0, h].tolist())]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma2"])
 @pytest.mark.parametrize("block", [1, 5, 64])
 def test_summary_equals_the_dense_pattern_at_every_block_size(arch, block):
@@ -40,14 +49,36 @@ def test_summary_equals_the_dense_pattern_at_every_block_size(arch, block):
     session = Session(ad)
     text = "the cat sat on the mat; the cat sat on the hat, said the cat"
     head = "L1H1"
-    dense = attend(ad, text, [head]).patterns[head]
+    dense = eager_pattern(ad, text, 1, 1)
     as_query, as_key, triples = reference_summary(dense, 3, 0.05)
     got = attend_summary(session, text, head, top=3, threshold=0.05, block=block)
-    assert got.tokens == attend(ad, text, [head]).tokens
+    assert got.tokens == ad.tokens.displays(encode_text(ad, text)[0])
     assert got.max_as_query == pytest.approx(as_query, abs=2e-4)
     assert got.max_as_key == pytest.approx(as_key, abs=2e-4)
     assert [(q, k) for q, k, _ in got.top_keys] == [(q, k) for q, k, _ in triples]
     assert [w for _, _, w in got.top_keys] == pytest.approx([w for *_, w in triples], abs=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "gemma2"])
+def test_attend_equals_an_eager_pass_and_answers_a_seen_text_from_the_cache(arch):
+    """attend recomputes patterns from the session's cached q and k: the eager pass's weights
+    (to float error), and a second call on the same text runs no forward pass."""
+    ad = tiny_adapter(arch)
+    session = Session(ad)
+    text = "the cat sat on the mat; the cat sat on the hat"
+    heads = ["L0H0", "L1H1", f"L{ad.spec.n_layers - 1}H{ad.spec.n_heads - 1}"]
+    got = attend(session, text, heads)
+    assert got.tokens == ad.tokens.displays(encode_text(ad, text)[0])
+    for name in heads:
+        layer, h = (int(x) for x in name[1:].split("H"))
+        want = eager_pattern(ad, text, layer, h)
+        assert [len(r) for r in got.patterns[name]] == [len(r) for r in want]
+        assert [w for r in got.patterns[name] for w in r] == pytest.approx(
+            [w for r in want for w in r], abs=2e-6
+        )
+    with cached_only():  # any forward pass would raise NeedsModel here
+        again = attend(session, text, heads[:1])
+    assert again.patterns[heads[0]] == got.patterns[heads[0]]
 
 
 def test_summary_finds_the_planted_heads_keys():

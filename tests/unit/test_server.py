@@ -76,7 +76,7 @@ def test_tokenize(client, session):
 
 def test_attend_matches_library(client, session):
     r = ok(post(client, "/api/attend", {"text": TEXT, "heads": ["L0H1", "L2H3"]}), S.AttendResult)
-    ref = attend(session.adapter, TEXT, ["L0H1", "L2H3"])
+    ref = attend(session, TEXT, ["L0H1", "L2H3"])
     assert r.tokens == ref.tokens and r.patterns == ref.patterns
     rows = r.patterns["L2H3"]
     assert [len(row) for row in rows] == list(range(1, len(r.tokens) + 1))
@@ -163,7 +163,7 @@ def test_sweep(client, session):
     assert set(r.attention) == {"L1H0", "L2H2"} and all(len(v) == 4 for v in r.attention.values())
     # Each point is the attention of the substituted text itself.
     for i, value in enumerate(r.values):
-        pat = attend(session.adapter, f"In the year {value} the", ["L2H2"]).patterns["L2H2"]
+        pat = attend(session, f"In the year {value} the", ["L2H2"]).patterns["L2H2"]
         pos = r.positions[i]
         assert abs(pat[pos.query][pos.key] - r.attention["L2H2"][i]) < 1e-5
     listed = post(client, "/api/sweep", {**body, "values": ["cat", "dog"]})

@@ -15,7 +15,7 @@ from headscope.model import ModelAdapter, head_name
 from headscope.model.capture import eager_attention
 
 if TYPE_CHECKING:
-    from headscope.analysis.session import Session
+    from headscope.analysis.session import Session, TextState
 
 SUMMARY_BLOCK = 256  # query rows recomputed at a time by attend_summary
 
@@ -26,34 +26,53 @@ def tokenize(adapter: ModelAdapter, text: str, *, max_tokens: int = MAX_TOKENS) 
     return TokenizeResult(tokens=adapter.tokens.displays(ids), ids=ids.tolist())
 
 
-def attend(
-    adapter: ModelAdapter,
-    text: str,
-    heads: list[str] | None = None,
-    *,
-    max_tokens: int = MAX_TOKENS,
-) -> AttendResult:
+def attend(session: Session, text: str, heads: list[str] | None = None) -> AttendResult:
     """Tokens of ``text`` (BOS first) and the attention pattern of each head in ``heads``
-    (every head when None). Rows are truncated at the diagonal: row q lists keys 0..q."""
-    ids = encode_text(adapter, text, max_tokens)
-    pairs = parse_heads(adapter, heads)
-    n = ids.shape[1]
+    (every head when None). Rows are truncated at the diagonal: row q lists keys 0..q.
+
+    The patterns are recomputed from the session's captured q and k (the forward pass's
+    arithmetic, as :meth:`Session.pattern_rows`), so a text already in the session's cache
+    needs no forward pass, and one that is not joins it (the pass runs up to the deepest head
+    asked for): rank-heads and attributions on it that follow need none either."""
+    ad = session.adapter
+    n = encode_text(ad, text, session.max_tokens).shape[1]
+    pairs = parse_heads(ad, heads)
     n_values = len(pairs) * n * (n + 1) // 2
     if n_values > MAX_ATTEND_VALUES:
         raise InputError(
             f"{len(pairs)} heads x {n} tokens is {n_values:,} attention weights; the limit is "
             f"{MAX_ATTEND_VALUES:,}: ask for fewer heads or a shorter text"
         )
-    layers = sorted({layer for layer, _ in pairs})
-    cap = adapter.run(ids, layers=layers, patterns=True, logits=False)
+    st = session.state(text, through=max(layer for layer, _ in pairs))
     patterns = {}
     for layer, h in pairs:
-        pat = cap.layers[layer].weights()[0, h]  # [T, T]
+        pat = _head_rows(session, st, layer, h, 0, n)  # [T, T]
         patterns[head_name(layer, h)] = [
-            [round(float(w), 6) for w in row[: q + 1]] for q, row in enumerate(pat.tolist())
+            [round(w, 6) for w in row[: q + 1]] for q, row in enumerate(pat.tolist())
         ]
     # built from trusted numbers: skip validating millions of floats one by one
-    return AttendResult.model_construct(tokens=adapter.tokens.displays(ids[0]), patterns=patterns)
+    return AttendResult.model_construct(tokens=st.tokens, patterns=patterns)
+
+
+def _head_rows(
+    session: Session, st: TextState, layer: int, h: int, start: int, stop: int
+) -> torch.Tensor:
+    """Head ``h`` of ``layer``: its pattern's query rows ``start..stop-1`` over keys
+    ``0..stop-1`` (later keys are masked: 0), ``[stop - start, stop]`` on the CPU, recomputed
+    from the text state's q and k with the forward pass's arithmetic."""
+    s = session.adapter.spec
+    t = st.cap.layers[layer]
+    kv = h // (s.n_heads // s.n_kv_heads)
+    _, pattern, _ = eager_attention(
+        t.q[:, h : h + 1, start:stop],
+        t.k[:, kv : kv + 1, :stop],
+        t.v[:, kv : kv + 1, :stop],
+        None,
+        s.attn_scale,
+        s.attn_softcap,
+        s.sliding_window[layer],
+    )
+    return pattern[0, 0].cpu()
 
 
 def _rounded(x: torch.Tensor) -> list[float]:
@@ -78,28 +97,15 @@ def attend_summary(
     pass's arithmetic, as :meth:`Session.pattern_rows`), so no ``T x T`` pattern is ever whole:
     memory grows with ``T x block``. The text joins the session's cache, so rank-heads and
     attributions on it that follow need no forward pass."""
-    ad = session.adapter
-    s = ad.spec
-    [(layer, h)] = parse_heads(ad, [head])
+    [(layer, h)] = parse_heads(session.adapter, [head])
     st = session.state(text, through=layer)
-    t = st.cap.layers[layer]
-    kv = h // (s.n_heads // s.n_kv_heads)
     T = st.n_tokens
     as_query = torch.zeros(T)
     as_key = torch.zeros(T)
     rows: list[tuple[int, int, float]] = []
     for start in range(0, T, block):
         stop = min(start + block, T)
-        _, pattern, _ = eager_attention(
-            t.q[:, h : h + 1, start:stop],
-            t.k[:, kv : kv + 1, :stop],
-            t.v[:, kv : kv + 1, :stop],
-            None,
-            s.attn_scale,
-            s.attn_softcap,
-            s.sliding_window[layer],
-        )
-        w = pattern[0, 0].cpu()  # [r, stop]: rows start..stop-1, keys 0..stop-1 (later: 0)
+        w = _head_rows(session, st, layer, h, start, stop)  # [r, stop]: keys >= a row's query: 0
         if stop > 1:
             as_query[start:stop] = w[:, 1:].amax(-1).clamp_min(0)
         values, keys = w.topk(min(top, stop), dim=-1)  # [r, top]

@@ -120,7 +120,7 @@ def _tokenize(ctx: Context, r: Q.TokenizeRequest) -> R.TokenizeResult:
 def _attend(ctx: Context, r: Q.AttendRequest) -> R.AttendResult:
     from headscope.analysis.attend import attend
 
-    return attend(ctx.session.adapter, r.text, r.heads, max_tokens=ctx.session.max_tokens)
+    return attend(ctx.session, r.text, r.heads)
 
 
 def _attend_summary(ctx: Context, r: Q.AttendSummaryRequest) -> R.AttendSummaryResult:
