@@ -8,7 +8,9 @@ in order and on the same text: the model's own forward pass (fused attention, lo
 kept), the session's analysed state (every layer's q, k, v, z and residual decomposition
 captured), the head's attention summary (blocked rows: no T x T pattern), ranking every head
 on a long-range (query, key) pair, a QK attribution of that pair and the same on the cached
-text, each with the process's resident memory after it and its peak.
+text, and an intervention that removes ``--source`` from the head's keys (the edited layer
+re-run in blocks of query rows), each with the process's resident memory after it and its
+peak.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--head", default="L18H6")
+    ap.add_argument(
+        "--source", default="L16H0", help="the component removed from --head's keys (scale 0)"
+    )
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args()
 
@@ -60,6 +65,7 @@ def main() -> None:
 
     from headscope.analysis.attend import attend_summary
     from headscope.analysis.attribution import qk_attribution, rank_heads
+    from headscope.analysis.intervene import intervene
     from headscope.analysis.session import Session
     from headscope.model import ModelAdapter
 
@@ -100,6 +106,16 @@ def main() -> None:
     timed(
         f"QK attribution of {args.head} on ({q - 1}, {k - 1}), cached",
         lambda: qk_attribution(session, key_list, args.head, q - 1, k - 1),
+    )
+    edit = timed(
+        f"intervention: {args.source} out of {args.head}'s keys",
+        lambda: intervene(session, key_list, [args.head], args.source, "key", 0.0, q, k),
+    )
+    change = edit.heads[0]
+    print(
+        f"  {args.head} on ({q}, {k}): attention {change.attention_before:.3f} -> "
+        f"{change.attention_after:.3f}, score {change.score_before:.3f} -> "
+        f"{change.score_after:.3f}; next-token KL {edit.kl_divergence:.4f}"
     )
     far = [(qq, kk) for qq, kk, _ in summary.top_keys if qq - kk > T // 4]
     second = [qq for qq, _, _ in summary.top_keys if qq > T // 2]

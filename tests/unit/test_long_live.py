@@ -112,8 +112,9 @@ def test_summary_never_builds_a_whole_pattern(monkeypatch):
 
 def test_a_long_text_runs_past_the_default_limit_and_stays_exact(monkeypatch):
     """With the session's limit raised, a text longer than the replay bound is analysed from
-    the cache (attributions add up to the model's score); operations that re-run the model with
-    whole patterns refuse it in one line, before any forward pass."""
+    the cache (attributions add up to the model's score); interventions re-run it (in blocks of
+    query rows when whole patterns would not fit); an exact knockout, which edits whole
+    patterns, refuses it in one line, before any forward pass."""
     monkeypatch.setattr(inputs_mod, "MAX_REPLAY_TOKENS", 40)
     ad = tiny_adapter("qwen3")
     session = Session(ad, max_tokens=120)
@@ -128,13 +129,12 @@ def test_a_long_text_runs_past_the_default_limit_and_stays_exact(monkeypatch):
     calls = []
     handle = base.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(InputError, match=r"texts up to 40 tokens; this one has 99"):
-            intervene(session, text, ["L1H0"], "embed", "key", 2.0, -1, 60)
         with pytest.raises(InputError, match="exact: false"):
             knockout(session, text, "L1H0", -1, keys=[60])
     finally:
         handle.remove()
     assert not calls
+    assert intervene(session, text, ["L1H0"], "embed", "key", 2.0, -1, 60).heads
     cheap = knockout(session, text, "L1H0", -1, keys=[60], exact=False)
     assert cheap.tokens[60] == session.cached(text).tokens[60]
     with pytest.raises(InputError, match="limit is 120"):
@@ -163,3 +163,45 @@ def test_summary_rejects_what_it_cannot_answer():
     got = attend_summary(session, "a", "L0H0")  # BOS and one token
     assert len(got.max_as_query) == 2 and got.max_as_query[0] == 0.0
     assert torch.tensor(got.max_as_key).le(1.0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("freeze", [False, True])
+@pytest.mark.parametrize("side", ["query", "key"])
+def test_interventions_in_blocks_of_query_rows_equal_whole_patterns(
+    monkeypatch, arch, freeze, side
+):
+    """Long texts re-run the edited layers in blocks of query rows (no T x T pattern): the
+    same attention rows, scores, logits and curve as whole patterns, at blocks of 7 rows."""
+    import headscope.analysis.intervene as intervene_mod
+
+    ad = tiny_adapter(arch)
+    text = "one two three four five six seven eight nine ten eleven twelve " * 2
+    heads = ["L1H0", "L2H1"] if ad.spec.n_layers > 2 else ["L1H0"]
+    args = (heads, "embed", side)
+
+    def run(session):
+        one = intervene_mod.intervene(session, text, *args, 4.0, -2, 9, freeze_patterns=freeze)
+        curve = intervene_mod.intervention_curve(
+            session, text, *args, [0.0, 0.5, 4.0], -2, 9, freeze_patterns=freeze
+        )
+        return one, curve
+
+    whole = run(Session(ad))
+    blocks = []
+    real = intervene_mod.query_block_for
+    monkeypatch.setattr(intervene_mod, "query_block_for", lambda *a: blocks.append(a) or 7)
+    blocked = run(Session(ad))
+    monkeypatch.setattr(intervene_mod, "query_block_for", real)
+    assert blocks  # the blocked path ran
+    (w, wc), (b, bc) = whole, blocked
+    moved = [abs(x - y) for x, y in zip(w.heads[0].row_after, w.heads[0].row_before, strict=True)]
+    assert max(moved) > 2e-5  # 20x the tolerance below: the comparison is not vacuous
+    for hw, hb in zip(w.heads, b.heads, strict=True):
+        assert hb.row_after == pytest.approx(hw.row_after, abs=1e-6)
+        assert hb.score_after == pytest.approx(hw.score_after, abs=1e-5)
+    assert b.kl_divergence == pytest.approx(w.kl_divergence, abs=1e-6)
+    assert [t.token for t in b.next_token_after] == [t.token for t in w.next_token_after]
+    for cw, cb in zip(wc.heads, bc.heads, strict=True):
+        assert cb.attention == pytest.approx(cw.attention, abs=1e-6)
+        assert cb.score == pytest.approx(cw.score, abs=1e-5)

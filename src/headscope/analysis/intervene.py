@@ -16,11 +16,17 @@ from pydantic import BaseModel, Field
 
 from headscope.analysis.attribution import project_side
 from headscope.analysis.components import COMPONENTS, Basis
-from headscope.analysis.inputs import check_pair, check_replay, parse_heads
+from headscope.analysis.inputs import check_pair, parse_heads
 from headscope.analysis.results import InterveneResult
 from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
-from headscope.model.capture import CaptureRequest, capturing, eager_attention
+from headscope.model.capture import (
+    CaptureRequest,
+    blocked_attention,
+    capturing,
+    eager_attention,
+    query_block_for,
+)
 from headscope.model.spec import get_module, head_name
 
 _ROWS_TOKENS = 1 << 14  # tokens (scales x text length) per batched forward pass
@@ -91,39 +97,45 @@ def _scaled_passes(
         factor = torch.tensor(scales[a : a + step], dtype=torch.float32) - 1.0  # [S]
 
         def override(layer, q, k, v, mask, scaling, softcap, window, factor=factor):
-            H = q.shape[1]
+            B, H, T_, _ = q.shape
             k = k.repeat_interleave(H // k.shape[1], dim=1)
             v = v.repeat_interleave(H // v.shape[1], dim=1)
-            if layer in parts:
-                q, k = q.clone(), k.clone()
-                for h, d in parts[layer].items():
-                    delta = (factor.to(d.device)[:, None, None] * d).to(q)  # [S, T, D]
-                    if side == "query":
-                        q[:, h] += delta
-                    else:
-                        k[:, h] += delta
-            scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
-            if layer in parts:
-                score_rows[layer].append(scores[:, :, query, : query + 1].float().clone())
-            if freeze_patterns:
+            here = edited.get(layer, [])
+            if freeze_patterns:  # every head not edited attends with its clean q and k
                 clean = st.cap.layers[layer]
-                _, clean_pattern, _ = eager_attention(
-                    clean.q, clean.k, clean.v, mask, scaling, softcap, window
-                )
-                keep = torch.zeros(H, dtype=torch.bool, device=pattern.device)
-                keep[edited.get(layer, [])] = True
-                pattern = torch.where(keep[None, :, None, None], pattern, clean_pattern)
-                out = torch.matmul(pattern, v).transpose(1, 2)
-            return out, pattern
+                fresh = torch.zeros(H, 1, 1, dtype=torch.bool, device=q.device)
+                fresh[here] = True
+                clean_k = clean.k.repeat_interleave(H // clean.k.shape[1], dim=1)
+                q, k = torch.where(fresh, q, clean.q), torch.where(fresh, k, clean_k)
+            elif here:
+                q, k = q.clone(), k.clone()
+            for h in here:
+                delta = (factor.to(q.device)[:, None, None] * parts[layer][h]).to(q)  # [S, T, D]
+                if side == "query":
+                    q[:, h] += delta
+                else:
+                    k[:, h] += delta
 
-        def keep_rows(t):  # only the edited layers' rows at the query are kept, not T^2 patterns
-            if t.layer in parts:
-                rows[t.layer].append(t.pattern[:, :, query, : query + 1].float().clone())
+            def keep(start: int, scores: torch.Tensor, pattern: torch.Tensor, *_):
+                r = query - start  # the query's row in this block of rows
+                if here and 0 <= r < scores.shape[2]:
+                    score_rows[layer].append(scores[:, :, r, : query + 1].float().clone())
+                    rows[layer].append(pattern[:, :, r, : query + 1].float().clone())
 
+            # whole patterns while [S, H, T, T] fits the budget, else blocks of query rows: no
+            # T x T array is ever whole on long texts
+            block = query_block_for(B, H, T_)
+            if block is None:
+                scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
+                keep(0, scores, pattern)
+                return out, None
+            out = blocked_attention(q, k, v, mask, scaling, softcap, window, None, block, keep)
+            return out, None
+
+        # the edited layers (every layer when other heads' patterns are frozen) run the
+        # override, which keeps the edited heads' rows at the query itself
         needed = None if freeze_patterns else frozenset(parts)
-        req = CaptureRequest(
-            layers=needed, patterns=True, override=override, on_layer=keep_rows, store=False
-        )
+        req = CaptureRequest(layers=needed, patterns=False, override=override, store=False)
         ids = st.ids.expand(len(factor), -1).to(ad.device)
         with torch.no_grad(), capturing(req):
             hidden = ad.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
@@ -164,7 +176,6 @@ def intervene(
     with a dictionary, a feature ``sae:L5/123``). ``at``: the source positions where it is
     scaled (default: every position)."""
     _check(side, heads)
-    check_replay(session.adapter, text, "an intervention", session.max_tokens)
     st = session.state(text)
     query, key_ = check_pair(st.n_tokens, query, 0 if key is None else key)
     pairs = parse_heads(session.adapter, heads)
@@ -273,7 +284,6 @@ def intervention_curve(
         raise InputError(f"give 1..{MAX_CURVE_SCALES} scales")
     if any(not math.isfinite(x) for x in scales):
         raise InputError("scales must be finite numbers")
-    check_replay(session.adapter, text, "an intervention curve", session.max_tokens)
     st = session.state(text)
     query, key = check_pair(st.n_tokens, query, key)
     if at is None:

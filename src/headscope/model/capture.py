@@ -116,8 +116,9 @@ class CaptureRequest:
     on_layer: Callable[[LayerTensors], None] | None = None
     store: bool = True
     # Replaces the attention computation of a layer (interventions): called as
-    # override(layer, query, key, value, mask, scaling, softcap, window) -> (out [B,T,H,D], pattern)
-    override: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # override(layer, query, key, value, mask, scaling, softcap, window) -> (out [B,T,H,D],
+    # pattern [B,H,T,S], or None when the override keeps what it needs of it itself)
+    override: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
     results: dict[int, LayerTensors] = field(default_factory=dict)
     workspace: Workspace | None = None  # created on first use when store=False
 
@@ -250,6 +251,21 @@ def eager_attention(
         weights.copy_(pattern)
     out = torch.matmul(weights.view(B, groups, rep * T, S), value)  # [B, groups, rep*T, D]
     return scores, pattern, out.view(B, H, T, -1).transpose(1, 2)
+
+
+# Patterns of one batch and layer up to this size (float32) are computed whole; longer
+# sequences in blocks of query rows that keep each block's pattern about this size.
+PATTERN_BUDGET_BYTES = 256 << 20
+
+
+def query_block_for(batch_size: int, n_heads: int, seq_len: int) -> int | None:
+    """Query rows per block for a batch: None (whole layers) when ``[B, H, T, T]`` float32 fits
+    :data:`PATTERN_BUDGET_BYTES`, else a multiple of 32 rows (at least 32) whose ``[B, H, rows,
+    T]`` block does."""
+    per_row = batch_size * n_heads * seq_len * 4
+    if per_row * seq_len <= PATTERN_BUDGET_BYTES:
+        return None
+    return max(32, PATTERN_BUDGET_BYTES // per_row // 32 * 32)
 
 
 def blocked_attention(

@@ -23,7 +23,7 @@ from headscope.data.readers import ReadReport, check_readable
 from headscope.files import read_json, read_tensors, write_json, write_tensors
 from headscope.metrics.registry import LayerBatch, TokenMatches
 from headscope.model import ModelAdapter
-from headscope.model.capture import LayerTensors, query_blocks
+from headscope.model.capture import LayerTensors, query_block_for, query_blocks
 from headscope.precompute.config import PrecomputeConfig
 from headscope.precompute.sequences import Sequence, batched, iter_sequences, stack
 from headscope.precompute.state import StreamState
@@ -144,21 +144,6 @@ def process_batch(
             stop_after=max(layers),
         )
     state.finish_batch(len(batch), int(valid.sum()))
-
-
-# Patterns of one batch and layer up to this size (float32) are computed whole; longer
-# sequences in blocks of query rows that keep each block's pattern about this size.
-PATTERN_BUDGET_BYTES = 256 << 20
-
-
-def query_block_for(batch_size: int, n_heads: int, seq_len: int) -> int | None:
-    """Query rows per block for a batch: None (whole layers) when ``[B, H, T, T]`` float32 fits
-    :data:`PATTERN_BUDGET_BYTES`, else a multiple of 32 rows (at least 32) whose ``[B, H, rows,
-    T]`` block does."""
-    per_row = batch_size * n_heads * seq_len * 4
-    if per_row * seq_len <= PATTERN_BUDGET_BYTES:
-        return None
-    return max(32, PATTERN_BUDGET_BYTES // per_row // 32 * 32)
 
 
 def _check_existing(out: Path, cfg: PrecomputeConfig) -> bool:
