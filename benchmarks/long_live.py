@@ -8,8 +8,9 @@ in order and on the same text: the model's own forward pass (fused attention, lo
 kept), the session's analysed state (every layer's q, k, v, z and residual decomposition
 captured), the head's attention summary (blocked rows: no T x T pattern), ranking every head
 on a long-range (query, key) pair, a QK attribution of that pair and the same on the cached
-text, and an intervention that removes ``--source`` from the head's keys (the edited layer
-re-run in blocks of query rows), each with the process's resident memory after it and its
+text, an intervention that removes ``--source`` from the head's keys (the edited layer re-run
+in blocks of query rows) and an exact knockout of the head's strongest key at the query (layers
+0..the head's re-run in blocks), each with the process's resident memory after it and its
 peak.
 """
 
@@ -66,6 +67,7 @@ def main() -> None:
     from headscope.analysis.attend import attend_summary
     from headscope.analysis.attribution import qk_attribution, rank_heads
     from headscope.analysis.intervene import intervene
+    from headscope.analysis.knockout import knockout
     from headscope.analysis.session import Session
     from headscope.model import ModelAdapter
 
@@ -107,6 +109,9 @@ def main() -> None:
         f"QK attribution of {args.head} on ({q - 1}, {k - 1}), cached",
         lambda: qk_attribution(session, key_list, args.head, q - 1, k - 1),
     )
+    ranked_row = session.pattern_rows(st, int(args.head[1:].split("H")[0]), q)[1][
+        int(args.head.split("H")[1])
+    ]
     edit = timed(
         f"intervention: {args.source} out of {args.head}'s keys",
         lambda: intervene(session, key_list, [args.head], args.source, "key", 0.0, q, k),
@@ -116,6 +121,15 @@ def main() -> None:
         f"  {args.head} on ({q}, {k}): attention {change.attention_before:.3f} -> "
         f"{change.attention_after:.3f}, score {change.score_before:.3f} -> "
         f"{change.score_after:.3f}; next-token KL {edit.kl_divergence:.4f}"
+    )
+    top_key = max(range(1, q + 1), key=lambda j: float(ranked_row[j]))
+    ko = timed(
+        f"exact knockout of {args.head}'s top key at {q} ({top_key})",
+        lambda: knockout(session, key_list, args.head, q, keys=[top_key]),
+    )
+    print(
+        f"  {args.head} at {q}: knocked {ko.knocked_mass:.3f}; largest moves "
+        + ", ".join(f"{m.key} {m.before:.3f}->{m.exact:.3f}" for m in ko.moves[:3])
     )
     far = [(qq, kk) for qq, kk, _ in summary.top_keys if qq - kk > T // 4]
     second = [qq for qq, _, _ in summary.top_keys if qq > T // 2]

@@ -7,11 +7,6 @@ messages all read it from here.
 from __future__ import annotations
 
 MAX_TOKENS = 2048  # longest text a live analysis takes, BOS included
-# Longest text an exact key knockout re-runs the model on: its edited layer holds heads x T x T
-# scores and weights at once (2.4 GB per array for the default model at 8,192 tokens).
-# Interventions compute long texts' attention in blocks of query rows, and analyses that read a
-# cached text have no such bound below the session's own limit.
-MAX_REPLAY_TOKENS = 2048
 MAX_TEXT_CHARS = 100_000  # only stops a multi-megabyte body from being tokenised first
 MAX_HEADS = 4096  # heads named in one request
 MAX_SWEEP_VALUES = 1000  # values one sweep substitutes

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import headscope.analysis.attend as attend_mod
-import headscope.analysis.inputs as inputs_mod
 from headscope.analysis.attend import attend, attend_summary
 from headscope.analysis.attribution import qk_attribution, rank_heads
 from headscope.analysis.inputs import encode_text
@@ -111,32 +110,30 @@ def test_summary_never_builds_a_whole_pattern(monkeypatch):
 
 
 def test_a_long_text_runs_past_the_default_limit_and_stays_exact(monkeypatch):
-    """With the session's limit raised, a text longer than the replay bound is analysed from
-    the cache (attributions add up to the model's score); interventions re-run it (in blocks of
-    query rows when whole patterns would not fit); an exact knockout, which edits whole
-    patterns, refuses it in one line, before any forward pass."""
-    monkeypatch.setattr(inputs_mod, "MAX_REPLAY_TOKENS", 40)
+    """With the session's limit raised, a long text is analysed from the cache (attributions
+    add up to the model's score), and the operations that re-run the model with edited
+    attention compute it in blocks of query rows once whole patterns pass the budget (here
+    shrunk so a 99-token text needs blocks): an exact knockout equals the whole-pattern one."""
+    import headscope.analysis.knockout as knockout_mod
+    from headscope.analysis.intervene import intervene
+
     ad = tiny_adapter("qwen3")
     session = Session(ad, max_tokens=120)
     text = "one two three four five six seven eight nine ten " * 2  # 99 tokens
     qk = qk_attribution(session, text, "L1H0", -1, 60)
     assert abs(qk.total - qk.score) <= 1e-4 * max(1.0, abs(qk.score))
     assert rank_heads(session, text, -1, 60).heads
-    from headscope.analysis.intervene import intervene
-    from headscope.analysis.knockout import knockout
-
-    base = ad.model.base_model
-    calls = []
-    handle = base.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(InputError, match="exact: false"):
-            knockout(session, text, "L1H0", -1, keys=[60])
-    finally:
-        handle.remove()
-    assert not calls
+    whole = knockout_mod.knockout(session, text, "L1H0", -1, keys=[60, 61])
+    blocks = []
+    real = knockout_mod.query_block_for
+    monkeypatch.setattr(knockout_mod, "query_block_for", lambda *a: blocks.append(a) or 16)
+    blocked = knockout_mod.knockout(session, text, "L1H0", -1, keys=[60, 61])
+    monkeypatch.setattr(knockout_mod, "query_block_for", real)
+    assert blocks and real(1, ad.spec.n_heads, 99) is None
+    assert blocked.exact == pytest.approx(whole.exact, abs=1e-6)
+    assert blocked.exact_scores == pytest.approx(whole.exact_scores, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(whole.exact, whole.before, strict=True)) > 1e-4
     assert intervene(session, text, ["L1H0"], "embed", "key", 2.0, -1, 60).heads
-    cheap = knockout(session, text, "L1H0", -1, keys=[60], exact=False)
-    assert cheap.tokens[60] == session.cached(text).tokens[60]
     with pytest.raises(InputError, match="limit is 120"):
         session.state(text * 2)
 

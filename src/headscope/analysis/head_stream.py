@@ -28,7 +28,7 @@ def run_layers(
     layers: Collection[int],
     on_layer: Callable[[LayerTensors], None],
     *,
-    override: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    override: Callable[..., tuple[Tensor, Tensor | None]] | None = None,
 ) -> None:
     """One forward pass over ``ids`` that calls ``on_layer`` with each of ``layers``' tensors
     (patterns included, kept only for the call) and stops once the last of them has run.
@@ -60,7 +60,7 @@ def run_to_layer(
     layer: int,
     take: Callable[[LayerTensors], Any],
     *,
-    override: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    override: Callable[..., tuple[Tensor, Tensor | None]] | None = None,
 ) -> Any:
     """``take(layer's tensors)`` from one forward pass that stops after ``layer``."""
     taken: list[Any] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from headscope.errors import InputError
-from headscope.limits import MAX_REPLAY_TOKENS, MAX_TOKENS
+from headscope.limits import MAX_TOKENS
 from headscope.model import ModelAdapter
 from headscope.model.spec import parse_head
 
@@ -54,14 +54,3 @@ def check_pair(n_tokens: int, query: int, key: int) -> tuple[int, int]:
     if key > query:
         raise InputError(f"key position {key} is after query position {query}: attention is causal")
     return query, key
-
-
-def check_replay(adapter: ModelAdapter, text: str, what: str, max_tokens: int) -> None:
-    """Refuse, before any forward pass, a text too long for ``what`` to re-run the model on
-    with explicit ``T x T`` attention patterns (:data:`MAX_REPLAY_TOKENS`)."""
-    n = encode_text(adapter, text, max_tokens).shape[1]
-    if n > MAX_REPLAY_TOKENS:
-        raise InputError(
-            f"{what} re-runs the model with whole attention patterns (heads x T x T per layer): "
-            f"texts up to {MAX_REPLAY_TOKENS} tokens; this one has {n}"
-        )

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from headscope.analysis.describe import RuleEngine
 from headscope.analysis.head_stream import equal_length_batches, run_layers, run_to_layer
-from headscope.analysis.inputs import check_replay, parse_heads
+from headscope.analysis.inputs import parse_heads
 from headscope.analysis.rule_results import (
     KeyMove,
     KnockoutResult,
@@ -39,16 +39,24 @@ from headscope.analysis.rule_results import (
 from headscope.analysis.rules import Rule
 from headscope.errors import InputError
 from headscope.model import ModelAdapter, head_name
-from headscope.model.capture import causal_keep, eager_attention
+from headscope.model.capture import (
+    blocked_attention,
+    causal_keep,
+    eager_attention,
+    query_block_for,
+)
 
 
-def _hiding(knocked: list[int], query: int, scores_out: dict[int, Tensor], layer: int, h: int):
+def _hiding(knocked: list[int], query: int, kept: dict[str, Tensor], layer: int, h: int):
     """An attention override hiding ``knocked`` keys from every later query and from ``query``
-    itself, in every layer it is applied to; keeps ``layer``'s scores of head ``h`` at ``query``."""
+    itself, in every layer it is applied to; keeps ``layer``'s scores and weights of head ``h``
+    at ``query`` in ``kept`` (``"scores"``, ``"weights"``). Whole patterns while they fit
+    :data:`~headscope.model.capture.PATTERN_BUDGET_BYTES`, else blocks of query rows."""
     kn = torch.tensor(knocked, dtype=torch.long)
 
     def override(lay, q, k, v, mask, scaling, softcap, window):
-        T, S = q.shape[2], k.shape[2]
+        B, H, T, _ = q.shape
+        S = k.shape[2]
         dev = q.device
         q_pos = torch.arange(S - T, S, device=dev)[:, None]  # [T, 1]
         hide = torch.zeros(T, S, dtype=torch.bool, device=dev)
@@ -62,10 +70,21 @@ def _hiding(knocked: list[int], query: int, scores_out: dict[int, Tensor], layer
             mask = mask & ~hide
         else:
             mask = mask.masked_fill(hide, float("-inf"))
-        scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
-        if lay == layer:
-            scores_out[lay] = scores[0, h, query - (S - T), : query + 1].float().clone()
-        return out, pattern
+
+        def keep_row(start: int, scores: Tensor, pattern: Tensor, *_) -> None:
+            r = query - (S - T) - start  # the query's row in this block of rows
+            if lay == layer and 0 <= r < scores.shape[2]:
+                kept["scores"] = scores[0, h, r, : query + 1].float().cpu().clone()
+                kept["weights"] = pattern[0, h, r, : query + 1].float().cpu().clone()
+
+        block = query_block_for(B, H, T)
+        if block is None:
+            scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
+            keep_row(0, scores, pattern)
+            return out, None
+        return blocked_attention(
+            q, k, v, mask, scaling, softcap, window, None, block, keep_row
+        ), None
 
     return override
 
@@ -75,15 +94,11 @@ def exact_knockout(
 ) -> tuple[Tensor, Tensor]:
     """Scores and attention ``[query + 1]`` of head ``(layer, h)`` at ``query`` after a forward
     pass over ``ids [1, T]`` in which no head of layers ``0..layer`` attends to ``knocked``."""
-    scores: dict[int, Tensor] = {}
-    row = run_to_layer(
-        adapter,
-        ids,
-        layer,
-        lambda t: t.weights()[0, h, query, : query + 1].float().cpu().clone(),
-        override=_hiding(knocked, query, scores, layer, h),
+    kept: dict[str, Tensor] = {}
+    run_to_layer(
+        adapter, ids, layer, lambda t: None, override=_hiding(knocked, query, kept, layer, h)
     )
-    return scores[layer].cpu(), row
+    return kept["scores"], kept["weights"]
 
 
 def knockout(
@@ -101,9 +116,6 @@ def knockout(
     ``query`` and show where its attention goes, cheap and (with ``exact``) exact."""
     ad = session.adapter
     layer, h = parse_heads(ad, [head])[0]
-    if exact:
-        what = "an exact knockout (exact: false gives the softmax-only one)"
-        check_replay(ad, text, what, session.max_tokens)
     st = session.state(text, through=layer)
     T = st.n_tokens
     if not -T <= query < T:
