@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import headscope.analysis.attend as attend_mod
+import headscope.analysis.session as session_mod
 from headscope.analysis.attend import attend, attend_summary
 from headscope.analysis.attribution import qk_attribution, rank_heads
 from headscope.analysis.inputs import encode_text
@@ -95,13 +95,13 @@ def test_summary_finds_the_planted_heads_keys():
 
 def test_summary_never_builds_a_whole_pattern(monkeypatch):
     shapes = []
-    real = attend_mod.eager_attention
+    real = session_mod.eager_attention
 
     def spy(q, k, *args, **kw):
         shapes.append((q.shape[2], k.shape[2]))
         return real(q, k, *args, **kw)
 
-    monkeypatch.setattr(attend_mod, "eager_attention", spy)
+    monkeypatch.setattr(session_mod, "eager_attention", spy)
     session = Session(tiny_adapter("gpt2"))
     text = "abcdefghij" * 9  # 91 tokens
     attend_summary(session, text, "L0H0", block=16)

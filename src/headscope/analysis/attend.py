@@ -12,10 +12,9 @@ from headscope.analysis.results import AttendResult, AttendSummaryResult, Tokeni
 from headscope.errors import InputError
 from headscope.limits import MAX_ATTEND_VALUES, MAX_TOKENS
 from headscope.model import ModelAdapter, head_name
-from headscope.model.capture import eager_attention
 
 if TYPE_CHECKING:
-    from headscope.analysis.session import Session, TextState
+    from headscope.analysis.session import Session
 
 SUMMARY_BLOCK = 256  # query rows recomputed at a time by attend_summary
 
@@ -46,33 +45,12 @@ def attend(session: Session, text: str, heads: list[str] | None = None) -> Atten
     st = session.state(text, through=max(layer for layer, _ in pairs))
     patterns = {}
     for layer, h in pairs:
-        pat = _head_rows(session, st, layer, h, 0, n)  # [T, T]
+        pat = session.head_rows(st, layer, h)  # [T, T]
         patterns[head_name(layer, h)] = [
             [round(w, 6) for w in row[: q + 1]] for q, row in enumerate(pat.tolist())
         ]
     # built from trusted numbers: skip validating millions of floats one by one
     return AttendResult.model_construct(tokens=st.tokens, patterns=patterns)
-
-
-def _head_rows(
-    session: Session, st: TextState, layer: int, h: int, start: int, stop: int
-) -> torch.Tensor:
-    """Head ``h`` of ``layer``: its pattern's query rows ``start..stop-1`` over keys
-    ``0..stop-1`` (later keys are masked: 0), ``[stop - start, stop]`` on the CPU, recomputed
-    from the text state's q and k with the forward pass's arithmetic."""
-    s = session.adapter.spec
-    t = st.cap.layers[layer]
-    kv = h // (s.n_heads // s.n_kv_heads)
-    _, pattern, _ = eager_attention(
-        t.q[:, h : h + 1, start:stop],
-        t.k[:, kv : kv + 1, :stop],
-        t.v[:, kv : kv + 1, :stop],
-        None,
-        s.attn_scale,
-        s.attn_softcap,
-        s.sliding_window[layer],
-    )
-    return pattern[0, 0].cpu()
 
 
 def _rounded(x: torch.Tensor) -> list[float]:
@@ -105,7 +83,7 @@ def attend_summary(
     rows: list[tuple[int, int, float]] = []
     for start in range(0, T, block):
         stop = min(start + block, T)
-        w = _head_rows(session, st, layer, h, start, stop)  # [r, stop]: keys >= a row's query: 0
+        w = session.head_rows(st, layer, h, start, stop)  # [r, stop]: later keys 0
         if stop > 1:
             as_query[start:stop] = w[:, 1:].amax(-1).clamp_min(0)
         values, keys = w.topk(min(top, stop), dim=-1)  # [r, top]

@@ -422,24 +422,9 @@ def describe(
 def head_pattern(session: Any, text: str, head: str) -> tuple[Any, Tensor]:
     """The analysed state of ``text`` and one head's full pattern on it, ``[T, T]`` float32,
     recomputed from the captured q and k with the forward pass's own arithmetic."""
-    from headscope.model.capture import eager_attention
-
-    ad = session.adapter
-    layer, h = _parse(ad, head)
+    layer, h = _parse(session.adapter, head)
     st = session.state(text)
-    t = st.cap.layers[layer]
-    s = ad.spec
-    kv = h // (s.n_heads // s.n_kv_heads)
-    _, pattern, _ = eager_attention(
-        t.q[:, h : h + 1],
-        t.k[:, kv : kv + 1],
-        t.v[:, kv : kv + 1],
-        None,
-        s.attn_scale,
-        s.attn_softcap,
-        s.sliding_window[layer],
-    )
-    return st, pattern[0, 0]
+    return st, session.head_rows(st, layer, h)
 
 
 def describe_text(

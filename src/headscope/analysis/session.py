@@ -271,6 +271,27 @@ class Session:
         )
         return scores[0, :, 0], pattern[0, :, 0]
 
+    def head_rows(
+        self, st: TextState, layer: int, h: int, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Head ``h`` of ``layer``: its pattern's query rows ``start..stop-1`` (default: every
+        row) over keys ``0..stop-1`` (keys after a row's query: 0), ``[stop - start, stop]``
+        float32 on the CPU, recomputed from the captured q and k like :meth:`pattern_rows`."""
+        s = self.adapter.spec
+        t = st.cap.layers[layer]
+        stop = st.n_tokens if stop is None else stop
+        kv = h // (s.n_heads // s.n_kv_heads)
+        _, pattern, _ = eager_attention(
+            t.q[:, h : h + 1, start:stop],
+            t.k[:, kv : kv + 1, :stop],
+            t.v[:, kv : kv + 1, :stop],
+            None,
+            s.attn_scale,
+            s.attn_softcap,
+            s.sliding_window[layer],
+        )
+        return pattern[0, 0].cpu()
+
     # ----- residual decomposition ---------------------------------------------------------------
     def resid(self, st: TextState, layer: int, pos: int) -> torch.Tensor:
         """The actual residual entering ``layer`` (``n_layers``: the final norm's input) ``[d]``."""
