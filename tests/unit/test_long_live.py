@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import headscope.analysis.session as session_mod
+import headscope.model.capture as capture_mod
 from headscope.analysis.attend import attend, attend_summary
 from headscope.analysis.attribution import qk_attribution, rank_heads
 from headscope.analysis.inputs import encode_text
@@ -125,10 +126,10 @@ def test_a_long_text_runs_past_the_default_limit_and_stays_exact(monkeypatch):
     assert rank_heads(session, text, -1, 60).heads
     whole = knockout_mod.knockout(session, text, "L1H0", -1, keys=[60, 61])
     blocks = []
-    real = knockout_mod.query_block_for
-    monkeypatch.setattr(knockout_mod, "query_block_for", lambda *a: blocks.append(a) or 16)
+    real = capture_mod.query_block_for
+    monkeypatch.setattr(capture_mod, "query_block_for", lambda *a: blocks.append(a) or 16)
     blocked = knockout_mod.knockout(session, text, "L1H0", -1, keys=[60, 61])
-    monkeypatch.setattr(knockout_mod, "query_block_for", real)
+    monkeypatch.setattr(capture_mod, "query_block_for", real)
     assert blocks and real(1, ad.spec.n_heads, 99) is None
     assert blocked.exact == pytest.approx(whole.exact, abs=1e-6)
     assert blocked.exact_scores == pytest.approx(whole.exact_scores, abs=1e-5)
@@ -186,10 +187,10 @@ def test_interventions_in_blocks_of_query_rows_equal_whole_patterns(
 
     whole = run(Session(ad))
     blocks = []
-    real = intervene_mod.query_block_for
-    monkeypatch.setattr(intervene_mod, "query_block_for", lambda *a: blocks.append(a) or 7)
+    real = capture_mod.query_block_for
+    monkeypatch.setattr(capture_mod, "query_block_for", lambda *a: blocks.append(a) or 7)
     blocked = run(Session(ad))
-    monkeypatch.setattr(intervene_mod, "query_block_for", real)
+    monkeypatch.setattr(capture_mod, "query_block_for", real)
     assert blocks  # the blocked path ran
     (w, wc), (b, bc) = whole, blocked
     moved = [abs(x - y) for x, y in zip(w.heads[0].row_after, w.heads[0].row_before, strict=True)]

@@ -20,13 +20,7 @@ from headscope.analysis.inputs import check_pair, parse_heads
 from headscope.analysis.results import InterveneResult
 from headscope.analysis.session import Session, TextState
 from headscope.errors import InputError
-from headscope.model.capture import (
-    CaptureRequest,
-    blocked_attention,
-    capturing,
-    eager_attention,
-    query_block_for,
-)
+from headscope.model.capture import CaptureRequest, attention_in_rows, capturing
 from headscope.model.spec import get_module, head_name
 
 _ROWS_TOKENS = 1 << 14  # tokens (scales x text length) per batched forward pass
@@ -97,7 +91,7 @@ def _scaled_passes(
         factor = torch.tensor(scales[a : a + step], dtype=torch.float32) - 1.0  # [S]
 
         def override(layer, q, k, v, mask, scaling, softcap, window, factor=factor):
-            B, H, T_, _ = q.shape
+            H = q.shape[1]
             k = k.repeat_interleave(H // k.shape[1], dim=1)
             v = v.repeat_interleave(H // v.shape[1], dim=1)
             here = edited.get(layer, [])
@@ -122,15 +116,8 @@ def _scaled_passes(
                     score_rows[layer].append(scores[:, :, r, : query + 1].float().clone())
                     rows[layer].append(pattern[:, :, r, : query + 1].float().clone())
 
-            # whole patterns while [S, H, T, T] fits the budget, else blocks of query rows: no
-            # T x T array is ever whole on long texts
-            block = query_block_for(B, H, T_)
-            if block is None:
-                scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
-                keep(0, scores, pattern)
-                return out, None
-            out = blocked_attention(q, k, v, mask, scaling, softcap, window, None, block, keep)
-            return out, None
+            # whole patterns while [S, H, T, T] fits the budget, else blocks of query rows
+            return attention_in_rows(q, k, v, mask, scaling, softcap, window, keep), None
 
         # the edited layers (every layer when other heads' patterns are frozen) run the
         # override, which keeps the edited heads' rows at the query itself

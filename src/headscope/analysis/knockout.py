@@ -39,24 +39,18 @@ from headscope.analysis.rule_results import (
 from headscope.analysis.rules import Rule
 from headscope.errors import InputError
 from headscope.model import ModelAdapter, head_name
-from headscope.model.capture import (
-    blocked_attention,
-    causal_keep,
-    eager_attention,
-    query_block_for,
-)
+from headscope.model.capture import attention_in_rows, causal_keep
 
 
 def _hiding(knocked: list[int], query: int, kept: dict[str, Tensor], layer: int, h: int):
     """An attention override hiding ``knocked`` keys from every later query and from ``query``
     itself, in every layer it is applied to; keeps ``layer``'s scores and weights of head ``h``
     at ``query`` in ``kept`` (``"scores"``, ``"weights"``). Whole patterns while they fit
-    :data:`~headscope.model.capture.PATTERN_BUDGET_BYTES`, else blocks of query rows."""
+    ``PATTERN_BUDGET_BYTES``, else blocks of query rows (:func:`attention_in_rows`)."""
     kn = torch.tensor(knocked, dtype=torch.long)
 
     def override(lay, q, k, v, mask, scaling, softcap, window):
-        B, H, T, _ = q.shape
-        S = k.shape[2]
+        T, S = q.shape[2], k.shape[2]
         dev = q.device
         q_pos = torch.arange(S - T, S, device=dev)[:, None]  # [T, 1]
         hide = torch.zeros(T, S, dtype=torch.bool, device=dev)
@@ -77,14 +71,7 @@ def _hiding(knocked: list[int], query: int, kept: dict[str, Tensor], layer: int,
                 kept["scores"] = scores[0, h, r, : query + 1].float().cpu().clone()
                 kept["weights"] = pattern[0, h, r, : query + 1].float().cpu().clone()
 
-        block = query_block_for(B, H, T)
-        if block is None:
-            scores, pattern, out = eager_attention(q, k, v, mask, scaling, softcap, window)
-            keep_row(0, scores, pattern)
-            return out, None
-        return blocked_attention(
-            q, k, v, mask, scaling, softcap, window, None, block, keep_row
-        ), None
+        return attention_in_rows(q, k, v, mask, scaling, softcap, window, keep_row), None
 
     return override
 

@@ -337,6 +337,32 @@ def blocked_attention(
     return out
 
 
+def attention_in_rows(
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,  # [B, KV, S, D]
+    value: torch.Tensor,  # [B, KV, S, Dv]
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    window: int | None,
+    emit: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+) -> torch.Tensor:
+    """The attention output ``[B, T, H, Dv]``, computed whole by :func:`eager_attention` while
+    ``[B, H, T, T]`` fits :data:`PATTERN_BUDGET_BYTES`, else :func:`blocked_attention` in blocks
+    of query rows (:func:`query_block_for`); ``emit(row_start, scores, pattern, out)`` sees
+    each block (one, starting at row 0, when whole). For overrides that keep a few rows of a
+    pattern and must not hold a ``T x T`` one on long texts."""
+    B, H, T, _ = query.shape
+    block = query_block_for(B, H, T)
+    if block is not None:
+        return blocked_attention(
+            query, key, value, mask, scaling, softcap, window, None, block, emit
+        )
+    scores, pattern, out = eager_attention(query, key, value, mask, scaling, softcap, window)
+    emit(0, scores, pattern, out)
+    return out
+
+
 def _scratch_flat(
     workspace: Workspace | None,
     name: str,
